@@ -1,0 +1,123 @@
+//! CQRS and event sourcing for Rust.
+//!
+//! Domain code is plain Rust: an [`Aggregate`] decides which [`Event`]s a [`Command`] produces
+//! and evolves its state from them; a [`Repository`] loads, decides and appends with optimistic
+//! concurrency through any [`EventStore`] backend — the [`InMemoryStore`] here, PostgreSQL with
+//! `factum-postgres`.
+//!
+//! ```
+//! use factum::{Aggregate, Command, DecodeError, EncodeError, Event, InMemoryStore, Repository};
+//! use serde_json::value::RawValue;
+//!
+//! // The state, rebuilt from events.
+//! #[derive(Default)]
+//! struct Counter { value: u64 }
+//!
+//! struct Increment { counter: String, by: u64 }
+//!
+//! #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+//! struct Incremented { by: u64 }
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! #[error("a counter only goes up by 1 to 10 at a time")]
+//! struct TooBig;
+//!
+//! impl Command for Increment {
+//!     fn command_name(&self) -> &'static str { "Increment" }
+//!     fn aggregate_id(&self) -> String { self.counter.clone() }
+//! }
+//!
+//! impl Event for Incremented {
+//!     fn event_type(&self) -> &'static str { "counter.incremented" }
+//!     fn schema_version(&self) -> u32 { 1 }
+//!     fn event_types() -> &'static [&'static str] { &["counter.incremented"] }
+//!     fn encode(&self) -> Result<Box<RawValue>, EncodeError> { factum::encode_json(self) }
+//!     fn decode(name: &str, version: u32, payload: &RawValue) -> Result<Self, DecodeError> {
+//!         match (name, version) {
+//!             ("counter.incremented", 1) => factum::decode_json(payload),
+//!             _ => Err(DecodeError::unknown(name, version)),
+//!         }
+//!     }
+//! }
+//!
+//! impl Aggregate for Counter {
+//!     const TYPE: &'static str = "counter";
+//!     type Command = Increment;
+//!     type Event = Incremented;
+//!     type Error = TooBig;
+//!
+//!     fn decide(&self, command: &Increment) -> Result<Vec<Incremented>, TooBig> {
+//!         if !(1..=10).contains(&command.by) { return Err(TooBig); }
+//!         Ok(vec![Incremented { by: command.by }])
+//!     }
+//!
+//!     fn evolve(&mut self, event: &Incremented) {
+//!         self.value += event.by;
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let counters = Repository::<Counter, _>::new(InMemoryStore::new());
+//! counters.execute(Increment { counter: "c1".into(), by: 2 }).await?;
+//! let done = counters.execute(Increment { counter: "c1".into(), by: 3 }).await?;
+//! assert_eq!(done.state.value, 5);
+//! assert_eq!(done.version.get(), 2);
+//!
+//! // A rejected command stores nothing and hands back the typed domain error.
+//! let err = counters.execute(Increment { counter: "c1".into(), by: 99 }).await.unwrap_err();
+//! assert!(matches!(err.rejection(), Some(TooBig)));
+//! assert_eq!(counters.load("c1").await?.version.get(), 2);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! # The pieces
+//! * **Domain model**: [`Aggregate`], [`Command`], [`Event`] (stable wire names, schema
+//!   versions, upcasting in [`Event::decode`]), [`Snapshot`] for aggregates that opt into
+//!   snapshots.
+//! * **Identity**: [`StreamId`], [`EventId`], [`StreamVersion`], [`GlobalPosition`],
+//!   [`LogPosition`], [`CorrelationId`], [`CausationId`], [`CommandId`].
+//! * **Envelopes**: [`NewEvent`] (to append), [`RecordedEvent`] (as stored), [`Envelope`]
+//!   (decoded, with its metadata).
+//! * **Backends**: [`EventStore`] and [`SnapshotStore`], with the dyn-compatible
+//!   [`DynEventStore`] and [`DynSnapshotStore`]; [`InMemoryStore`].
+//! * **Execution**: [`Repository`], [`CommandContext`], [`SnapshotPolicy`].
+//! * **Errors**: [`Error`] with [`ErrorKind`], and [`CommandError`] for command execution.
+
+mod aggregate;
+mod error;
+mod event;
+mod ids;
+mod memory;
+mod projection;
+mod repository;
+mod store;
+
+pub use aggregate::{Aggregate, Command, Snapshot};
+pub use error::{BoxError, CommandError, Error, ErrorKind};
+pub use event::{
+    DecodeError, EncodeError, Envelope, Event, EventMetadata, Metadata, NewEvent, RecordedEvent,
+    decode_json, encode_json,
+};
+pub use ids::{
+    CATEGORY_SEPARATOR, CausationId, CommandId, CorrelationId, EventId, GlobalPosition,
+    InvalidStreamId, LogPosition, StreamId, StreamVersion,
+};
+pub use memory::{InMemoryStore, validate_batch};
+pub use projection::Projection;
+pub use repository::{CommandContext, Committed, Loaded, Repository, SnapshotPolicy};
+pub use store::{
+    AppendResult, BoxFuture, DynEventStore, DynSnapshotStore, EventFilter, EventStore,
+    EventStream, ExpectedVersion, SnapshotStore, StoredSnapshot,
+};
+
+/// A JSON payload kept as text: how events and snapshots are stored and handed to
+/// [`Event::decode`].
+pub use serde_json::value::RawValue;
+
+/// Not public API: what the derive macros' generated code refers to.
+#[doc(hidden)]
+pub mod __private {
+    pub use serde;
+    pub use serde_json;
+}

@@ -1,0 +1,284 @@
+//! The in-memory backend: the embedded default.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use chrono::Utc;
+
+use crate::error::Error;
+use crate::event::{NewEvent, RecordedEvent};
+use crate::ids::{EventId, GlobalPosition, LogPosition, StreamId, StreamVersion};
+use crate::store::{
+    AppendResult, EventFilter, EventStore, EventStream, ExpectedVersion, SnapshotStore,
+    StoredSnapshot,
+};
+
+/// A complete event store in memory: examples, unit tests and single-process tools run on it with
+/// no database.
+///
+/// It is a real backend, not a test double: it keeps every guarantee of [`EventStore`] (atomic
+/// batches, optimistic concurrency, idempotent re-append, one global order) and passes the same
+/// conformance suite as PostgreSQL. Clones share the same data, so it can be handed to many tasks.
+/// Nothing survives the process.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use factum::{EventStore, ExpectedVersion, InMemoryStore, NewEvent, StreamId, StreamVersion};
+/// use futures_util::TryStreamExt;
+///
+/// let store = InMemoryStore::new();
+/// let stream = StreamId::new("account-1").unwrap();
+/// let event = NewEvent {
+///     event_id: factum::EventId::new(),
+///     event_type: "account.opened".into(),
+///     schema_version: 1,
+///     payload: serde_json::value::to_raw_value(&serde_json::json!({"owner": "Ada"})).unwrap(),
+///     metadata: Default::default(),
+/// };
+/// store.append(&stream, ExpectedVersion::NoStream, vec![event]).await.unwrap();
+/// let events: Vec<_> = store.read_stream(&stream, StreamVersion::INITIAL).try_collect().await.unwrap();
+/// assert_eq!(events.len(), 1);
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct InMemoryStore {
+    inner: Arc<RwLock<Inner>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The global log, in log order (appends are serialised by the write lock).
+    log: Vec<RecordedEvent>,
+    /// Each stream's events as indexes into `log`, in version order.
+    streams: HashMap<StreamId, Vec<usize>>,
+    /// Every stored event id and its index in `log`.
+    ids: HashMap<EventId, usize>,
+    commits: u64,
+    snapshots: HashMap<StreamId, StoredSnapshot>,
+}
+
+impl std::fmt::Debug for InMemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.read();
+        f.debug_struct("InMemoryStore")
+            .field("events", &inner.log.len())
+            .field("streams", &inner.streams.len())
+            .finish()
+    }
+}
+
+impl InMemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number of events stored.
+    pub fn len(&self) -> usize {
+        self.read().log.len()
+    }
+
+    /// True when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The position of the last stored event ([`LogPosition::START`] when empty).
+    pub fn head(&self) -> LogPosition {
+        self.read()
+            .log
+            .last()
+            .map_or(LogPosition::START, |e| e.position)
+    }
+
+    // A panic while holding the lock cannot leave the data half-written (appends validate first,
+    // then push), so a poisoned lock is still consistent.
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    fn version(&self, stream: &StreamId) -> StreamVersion {
+        StreamVersion::new(self.streams.get(stream).map_or(0, |s| s.len() as u64))
+    }
+
+    /// `Some(result)` when the whole batch is already stored as consecutive events of `stream`;
+    /// an error when it is partly stored; `None` when none of it is.
+    fn existing(
+        &self,
+        stream: &StreamId,
+        events: &[NewEvent],
+    ) -> Result<Option<AppendResult>, Error> {
+        let found: Vec<Option<&RecordedEvent>> = events
+            .iter()
+            .map(|e| self.ids.get(&e.event_id).map(|&i| &self.log[i]))
+            .collect();
+        if found.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let first = found.iter().flatten().next().map(|e| e.stream_version);
+        let exact = found.iter().enumerate().all(|(i, e)| {
+            e.is_some_and(|e| {
+                &e.stream_id == stream
+                    && first.map(|f| f.get() + i as u64) == Some(e.stream_version.get())
+            })
+        });
+        if exact {
+            let stored: Vec<&RecordedEvent> = found.into_iter().flatten().collect();
+            return Ok(Some(AppendResult {
+                stream_version: stored.last().map_or(StreamVersion::INITIAL, |e| e.stream_version),
+                positions: stored.iter().map(|e| e.position.global).collect(),
+                duplicate: true,
+            }));
+        }
+        let (event, existing) = events
+            .iter()
+            .zip(&found)
+            .find_map(|(e, f)| f.map(|f| (e, f)))
+            .expect("at least one event id was found above");
+        Err(Error::DuplicateEventId {
+            stream: stream.clone(),
+            event_id: event.event_id,
+            existing_stream: existing.stream_id.clone(),
+        })
+    }
+}
+
+impl EventStore for InMemoryStore {
+    fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
+        let result = (|| {
+            validate_batch(stream, &events)?;
+            let mut inner = self.write();
+            if let Some(result) = inner.existing(stream, &events)? {
+                return Ok(result);
+            }
+            let actual = inner.version(stream);
+            if !expected.matches(actual) {
+                return Err(Error::Conflict {
+                    stream: stream.clone(),
+                    expected,
+                    actual,
+                });
+            }
+            inner.commits += 1;
+            let commit = inner.commits;
+            let recorded_at = Utc::now();
+            let mut version = actual;
+            let mut positions = Vec::with_capacity(events.len());
+            for event in events {
+                version = version.next();
+                let index = inner.log.len();
+                let global = GlobalPosition::new(index as u64 + 1);
+                positions.push(global);
+                inner.ids.insert(event.event_id, index);
+                inner.streams.entry(stream.clone()).or_default().push(index);
+                inner.log.push(RecordedEvent {
+                    event_id: event.event_id,
+                    stream_id: stream.clone(),
+                    stream_version: version,
+                    position: LogPosition::new(commit, global),
+                    event_type: event.event_type,
+                    schema_version: event.schema_version,
+                    payload: event.payload,
+                    metadata: event.metadata,
+                    recorded_at,
+                });
+            }
+            Ok(AppendResult {
+                stream_version: version,
+                positions,
+                duplicate: false,
+            })
+        })();
+        std::future::ready(result)
+    }
+
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
+        let events: Vec<Result<RecordedEvent, Error>> = {
+            let inner = self.read();
+            inner.streams.get(stream).map_or_else(Vec::new, |indexes| {
+                indexes
+                    .iter()
+                    .skip(usize::try_from(after.get()).unwrap_or(usize::MAX))
+                    .map(|&i| Ok(inner.log[i].clone()))
+                    .collect()
+            })
+        };
+        Box::pin(futures_util::stream::iter(events))
+    }
+
+    fn read_all(
+        &self,
+        after: LogPosition,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>, Error>> + Send {
+        let inner = self.read();
+        let start = inner.log.partition_point(|e| e.position <= after);
+        let events = inner.log[start..]
+            .iter()
+            .filter(|e| filter.matches(e))
+            .take(limit)
+            .cloned()
+            .collect();
+        std::future::ready(Ok(events))
+    }
+}
+
+impl SnapshotStore for InMemoryStore {
+    fn save_snapshot(
+        &self,
+        snapshot: StoredSnapshot,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        let mut inner = self.write();
+        let newer_stored = inner
+            .snapshots
+            .get(&snapshot.stream_id)
+            .is_some_and(|s| s.stream_version > snapshot.stream_version);
+        if !newer_stored {
+            inner
+                .snapshots
+                .insert(snapshot.stream_id.clone(), snapshot);
+        }
+        std::future::ready(Ok(()))
+    }
+
+    fn load_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<Option<StoredSnapshot>, Error>> + Send {
+        std::future::ready(Ok(self.read().snapshots.get(stream).cloned()))
+    }
+}
+
+/// Checks what every backend rejects before touching storage: an empty batch, or one that repeats
+/// an event id.
+pub fn validate_batch(stream: &StreamId, events: &[NewEvent]) -> Result<(), Error> {
+    if events.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "append to stream `{stream}` has no events"
+        )));
+    }
+    let mut seen = HashSet::with_capacity(events.len());
+    if let Some(dup) = events.iter().find(|e| !seen.insert(e.event_id)) {
+        return Err(Error::InvalidArgument(format!(
+            "append to stream `{stream}` contains event id {} twice",
+            dup.event_id
+        )));
+    }
+    Ok(())
+}

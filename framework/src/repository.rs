@@ -1,0 +1,438 @@
+//! The command executor: load, decide, append, retry on conflict.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures_util::TryStreamExt;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tracing::Instrument;
+
+use crate::aggregate::{Aggregate, Command, Snapshot};
+use crate::error::{CommandError, Error};
+use crate::event::{EventMetadata, Metadata, NewEvent};
+use crate::ids::{CausationId, CommandId, CorrelationId, GlobalPosition, StreamId, StreamVersion};
+use crate::store::{DynSnapshotStore, EventStore, ExpectedVersion, SnapshotStore, StoredSnapshot};
+
+/// Where a command comes from: its id, the workflow it belongs to, and metadata to stamp on every
+/// event it produces.
+///
+/// Every event a command produces carries the context's correlation id and, as its causation id,
+/// the command's id. A process manager reacting to an event builds the context of its next command
+/// with [`CommandContext::caused_by`], so the correlation id flows through the whole workflow.
+#[derive(Clone, Debug)]
+pub struct CommandContext {
+    /// This command's id; the causation id of the events it produces.
+    pub command_id: CommandId,
+    /// The workflow this command belongs to.
+    pub correlation_id: CorrelationId,
+    /// What caused this command (an event, another command), if anything.
+    pub causation_id: Option<CausationId>,
+    /// Metadata copied onto every event the command produces.
+    pub metadata: Metadata,
+}
+
+impl Default for CommandContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CommandContext {
+    /// A context that starts a new workflow: a fresh command id, and a fresh correlation id.
+    pub fn new() -> Self {
+        let command_id = CommandId::new();
+        Self {
+            command_id,
+            correlation_id: CorrelationId::from_uuid(command_id.as_uuid()),
+            causation_id: None,
+            metadata: Metadata::new(),
+        }
+    }
+
+    /// A context for a command issued in reaction to a stored event: same correlation id, caused
+    /// by that event.
+    pub fn caused_by<E>(event: &crate::Envelope<E>) -> Self {
+        Self {
+            command_id: CommandId::new(),
+            correlation_id: event
+                .metadata
+                .correlation_id
+                .unwrap_or_else(|| CorrelationId::from_uuid(event.event_id.as_uuid())),
+            causation_id: Some(event.event_id.into()),
+            metadata: Metadata::new(),
+        }
+    }
+
+    /// Sets the correlation id (e.g. from an incoming request's id).
+    #[must_use]
+    pub fn with_correlation_id(mut self, correlation_id: CorrelationId) -> Self {
+        self.correlation_id = correlation_id;
+        self
+    }
+
+    /// Adds a metadata entry copied onto every event.
+    pub fn with_metadata<T: Serialize + ?Sized>(
+        mut self,
+        key: impl Into<String>,
+        value: &T,
+    ) -> Result<Self, serde_json::Error> {
+        self.metadata.insert(key, value)?;
+        Ok(self)
+    }
+
+    fn event_metadata(&self) -> EventMetadata {
+        EventMetadata {
+            correlation_id: Some(self.correlation_id),
+            causation_id: Some(self.command_id.into()),
+            user: self.metadata.clone(),
+        }
+    }
+}
+
+/// An aggregate's state rebuilt from its stream.
+#[derive(Clone, Debug)]
+pub struct Loaded<A> {
+    /// The aggregate's stream.
+    pub stream_id: StreamId,
+    /// The state.
+    pub state: A,
+    /// The stream version the state includes ([`StreamVersion::INITIAL`] for a new aggregate).
+    pub version: StreamVersion,
+}
+
+/// What a successfully executed command did.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Committed<A: Aggregate> {
+    /// The aggregate's stream.
+    pub stream_id: StreamId,
+    /// The events recorded (empty when the command decided nothing needs to change).
+    pub events: Vec<A::Event>,
+    /// Their global positions.
+    pub positions: Vec<GlobalPosition>,
+    /// The stream's version afterwards.
+    pub version: StreamVersion,
+    /// The state afterwards.
+    pub state: A,
+    /// How many times the command was decided (1 unless it met concurrency conflicts).
+    pub attempts: u32,
+}
+
+/// When the repository takes a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    every: u64,
+}
+
+impl SnapshotPolicy {
+    /// A snapshot each time the stream's version crosses a multiple of `events` (minimum 1).
+    pub fn every(events: u64) -> Self {
+        Self {
+            every: events.max(1),
+        }
+    }
+
+    fn due(self, before: StreamVersion, after: StreamVersion) -> bool {
+        before.get() / self.every != after.get() / self.every
+    }
+}
+
+struct Snapshots<A> {
+    store: Arc<dyn DynSnapshotStore>,
+    policy: SnapshotPolicy,
+    schema_version: u32,
+    encode: fn(&A) -> Result<Box<RawValue>, serde_json::Error>,
+    decode: fn(&RawValue) -> Result<A, serde_json::Error>,
+}
+
+/// Executes commands against one aggregate type: loads the stream (from the latest usable
+/// snapshot, then the events after it), decides, and appends with optimistic concurrency.
+///
+/// On a concurrency conflict it catches up with the events written meanwhile and decides again,
+/// up to [`with_conflict_retries`](Self::with_conflict_retries) times (default 3), then returns
+/// the conflict. A rejected command stores nothing. Each command runs in a `factum.command`
+/// tracing span with the aggregate type, stream, command name and correlation id (never payloads).
+///
+/// ```
+/// # use factum::{Aggregate, Command, Event, Repository, InMemoryStore};
+/// # async fn run<A: Aggregate>(command: A::Command) -> Result<(), Box<dyn std::error::Error>> {
+/// let repository = Repository::<A, _>::new(InMemoryStore::new());
+/// let committed = repository.execute(command).await?;
+/// println!("stream {} is now at version {}", committed.stream_id, committed.version);
+/// # Ok(()) }
+/// ```
+pub struct Repository<A: Aggregate, S> {
+    store: S,
+    max_conflict_retries: u32,
+    snapshots: Option<Snapshots<A>>,
+}
+
+impl<A: Aggregate, S: std::fmt::Debug> std::fmt::Debug for Repository<A, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("aggregate", &A::TYPE)
+            .field("store", &self.store)
+            .field("max_conflict_retries", &self.max_conflict_retries)
+            .field("snapshots", &self.snapshots.as_ref().map(|s| s.policy))
+            .finish()
+    }
+}
+
+impl<A: Aggregate, S: EventStore> Repository<A, S> {
+    /// A repository over `store`, with 3 conflict retries and no snapshots.
+    pub fn new(store: S) -> Self {
+        Self {
+            store,
+            max_conflict_retries: 3,
+            snapshots: None,
+        }
+    }
+
+    /// How many times a command is decided again after a concurrency conflict before the
+    /// conflict is returned (0: never).
+    #[must_use]
+    pub fn with_conflict_retries(mut self, retries: u32) -> Self {
+        self.max_conflict_retries = retries;
+        self
+    }
+
+    /// Takes snapshots into `store` per `policy` and loads from them. Snapshots whose
+    /// [`Snapshot::SNAPSHOT_VERSION`] differs from the aggregate's, or that fail to decode, are
+    /// ignored and the state is rebuilt from events. A failure to save a snapshot is logged and
+    /// does not fail the command (its events are already stored).
+    #[must_use]
+    pub fn with_snapshots(
+        mut self,
+        store: impl SnapshotStore + 'static,
+        policy: SnapshotPolicy,
+    ) -> Self
+    where
+        A: Snapshot,
+    {
+        self.snapshots = Some(Snapshots {
+            store: Arc::new(store),
+            policy,
+            schema_version: A::SNAPSHOT_VERSION,
+            encode: |state| serde_json::value::to_raw_value(state),
+            decode: |raw| serde_json::from_str(raw.get()),
+        });
+        self
+    }
+
+    /// The store this repository writes to.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The stream id of the aggregate instance `id`: `"{A::TYPE}-{id}"`.
+    pub fn stream_id(id: &str) -> Result<StreamId, Error> {
+        StreamId::for_aggregate(A::TYPE, id).map_err(|e| Error::InvalidArgument(e.to_string()))
+    }
+
+    /// Rebuilds the current state of the aggregate instance `id`.
+    pub async fn load(&self, id: &str) -> Result<Loaded<A>, Error> {
+        let stream_id = Self::stream_id(id)?;
+        let mut loaded = self.load_snapshot(stream_id).await?;
+        self.catch_up(&mut loaded).await?;
+        Ok(loaded)
+    }
+
+    /// Executes a command that starts a new workflow (fresh correlation id).
+    pub async fn execute(&self, command: A::Command) -> Result<Committed<A>, CommandError<A::Error>> {
+        self.execute_with(command, &CommandContext::new()).await
+    }
+
+    /// Executes a command within a context (correlation/causation ids, metadata).
+    pub async fn execute_with(
+        &self,
+        command: A::Command,
+        context: &CommandContext,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
+        let aggregate_id = command.aggregate_id();
+        let span = tracing::info_span!(
+            "factum.command",
+            aggregate = A::TYPE,
+            stream = tracing::field::Empty,
+            command = command.command_name(),
+            correlation_id = %context.correlation_id,
+            attempts = tracing::field::Empty,
+        );
+        async move {
+            let stream_id = Self::stream_id(&aggregate_id)?;
+            tracing::Span::current().record("stream", stream_id.as_str());
+            let mut loaded = self.load_snapshot(stream_id).await?;
+            self.catch_up(&mut loaded).await?;
+            let mut attempts = 1;
+            loop {
+                let result = self.decide_and_append(&command, context, loaded, attempts).await;
+                match result {
+                    Err(Retry::Conflict(conflict, mut state)) if attempts <= self.max_conflict_retries => {
+                        tracing::debug!(error = %conflict, attempts, "conflict; catching up and deciding again");
+                        self.catch_up(&mut state).await?;
+                        loaded = state;
+                        attempts += 1;
+                    }
+                    Err(Retry::Conflict(conflict, _)) => {
+                        tracing::Span::current().record("attempts", attempts);
+                        return Err(conflict.into());
+                    }
+                    Err(Retry::Fail(e)) => return Err(e),
+                    Ok(committed) => {
+                        tracing::Span::current().record("attempts", attempts);
+                        return Ok(committed);
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn decide_and_append(
+        &self,
+        command: &A::Command,
+        context: &CommandContext,
+        loaded: Loaded<A>,
+        attempts: u32,
+    ) -> Result<Committed<A>, Retry<A>> {
+        let Loaded {
+            stream_id,
+            mut state,
+            version,
+        } = loaded;
+        let events = state
+            .decide(command)
+            .map_err(|e| Retry::Fail(CommandError::Rejected(e)))?;
+        if events.is_empty() {
+            return Ok(Committed {
+                stream_id,
+                events,
+                positions: Vec::new(),
+                version,
+                state,
+                attempts,
+            });
+        }
+        let metadata = context.event_metadata();
+        let batch = events
+            .iter()
+            .map(|event| {
+                NewEvent::encode(event, metadata.clone()).map_err(|source| Error::Encode {
+                    stream: stream_id.clone(),
+                    what: format!("event {:?}", crate::Event::event_type(event)),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Retry::Fail(e.into()))?;
+        let expected = if version == StreamVersion::INITIAL {
+            ExpectedVersion::NoStream
+        } else {
+            ExpectedVersion::Exact(version)
+        };
+        let appended = match self.store.append(&stream_id, expected, batch).await {
+            Ok(appended) => appended,
+            Err(e) if e.is_conflict() => {
+                return Err(Retry::Conflict(
+                    e,
+                    Loaded {
+                        stream_id,
+                        state,
+                        version,
+                    },
+                ));
+            }
+            Err(e) => return Err(Retry::Fail(e.into())),
+        };
+        for event in &events {
+            state.evolve(event);
+        }
+        let committed = Committed {
+            stream_id,
+            events,
+            positions: appended.positions,
+            version: appended.stream_version,
+            state,
+            attempts,
+        };
+        self.maybe_snapshot(version, &committed).await;
+        Ok(committed)
+    }
+
+    async fn load_snapshot(&self, stream_id: StreamId) -> Result<Loaded<A>, Error> {
+        let fresh = |stream_id| Loaded {
+            stream_id,
+            state: A::default(),
+            version: StreamVersion::INITIAL,
+        };
+        let Some(snapshots) = &self.snapshots else {
+            return Ok(fresh(stream_id));
+        };
+        let Some(snapshot) = snapshots.store.load_snapshot_dyn(&stream_id).await? else {
+            return Ok(fresh(stream_id));
+        };
+        if snapshot.schema_version != snapshots.schema_version {
+            tracing::debug!(
+                stream = %stream_id,
+                stored = snapshot.schema_version,
+                current = snapshots.schema_version,
+                "ignoring snapshot taken with another snapshot version"
+            );
+            return Ok(fresh(stream_id));
+        }
+        match (snapshots.decode)(&snapshot.state) {
+            Ok(state) => Ok(Loaded {
+                stream_id,
+                state,
+                version: snapshot.stream_version,
+            }),
+            Err(error) => {
+                tracing::warn!(stream = %stream_id, %error, "ignoring a snapshot that does not decode");
+                Ok(fresh(stream_id))
+            }
+        }
+    }
+
+    /// Applies every event after `loaded.version`.
+    async fn catch_up(&self, loaded: &mut Loaded<A>) -> Result<(), Error> {
+        let mut events = self.store.read_stream(&loaded.stream_id, loaded.version);
+        while let Some(recorded) = events.try_next().await? {
+            let envelope = recorded.decode::<A::Event>()?;
+            loaded.state.evolve(&envelope.event);
+            loaded.version = recorded.stream_version;
+        }
+        Ok(())
+    }
+
+    async fn maybe_snapshot(&self, before: StreamVersion, committed: &Committed<A>) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        if !snapshots.policy.due(before, committed.version) {
+            return;
+        }
+        let state = match (snapshots.encode)(&committed.state) {
+            Ok(state) => state,
+            Err(error) => {
+                tracing::warn!(stream = %committed.stream_id, %error, "snapshot could not be serialised");
+                return;
+            }
+        };
+        let snapshot = StoredSnapshot {
+            stream_id: committed.stream_id.clone(),
+            stream_version: committed.version,
+            schema_version: snapshots.schema_version,
+            state,
+            taken_at: Utc::now(),
+        };
+        if let Err(error) = snapshots.store.save_snapshot_dyn(snapshot).await {
+            tracing::warn!(stream = %committed.stream_id, %error, "snapshot could not be saved");
+        }
+    }
+}
+
+enum Retry<A: Aggregate> {
+    Conflict(Error, Loaded<A>),
+    Fail(CommandError<A::Error>),
+}

@@ -1,0 +1,381 @@
+//! The backend layer: small traits, one capability each.
+//!
+//! A backend implements [`EventStore`] (append and read events) and, if it keeps snapshots,
+//! [`SnapshotStore`]. The traits use `fn ... -> impl Future + Send` so generic code pays no
+//! boxing and callers can rely on `Send` futures; each has a dyn-compatible twin
+//! ([`DynEventStore`], [`DynSnapshotStore`]) implemented for every backend, so a backend can also
+//! be used as `Arc<dyn DynEventStore>`, which itself implements [`EventStore`]:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use factum::{DynEventStore, EventStore, InMemoryStore};
+//!
+//! fn takes_any_store(_: impl EventStore) {}
+//!
+//! let store: Arc<dyn DynEventStore> = Arc::new(InMemoryStore::new());
+//! takes_any_store(store);
+//! ```
+//!
+//! A backend is correct when `factum-testkit`'s conformance suite passes against it.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use futures_core::Stream;
+use serde_json::value::RawValue;
+
+use crate::error::Error;
+use crate::event::{Event, NewEvent, RecordedEvent};
+use crate::ids::{GlobalPosition, LogPosition, StreamId, StreamVersion};
+
+/// A boxed, `Send` future, as the dyn-compatible traits return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A stream of stored events, read lazily (bounded memory however long the stream).
+pub type EventStream<'a> = Pin<Box<dyn Stream<Item = Result<RecordedEvent, Error>> + Send + 'a>>;
+
+/// What the writer believes the stream's version to be; the append fails with
+/// [`Error::Conflict`] otherwise.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ExpectedVersion {
+    /// No check: append whatever the version.
+    Any,
+    /// The stream must have no events yet.
+    NoStream,
+    /// The stream must be exactly at this version (`Exact(StreamVersion::INITIAL)` means the
+    /// same as `NoStream`).
+    Exact(StreamVersion),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream currently at `actual` satisfies this expectation.
+    pub fn matches(self, actual: StreamVersion) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => actual == StreamVersion::INITIAL,
+            ExpectedVersion::Exact(v) => actual == v,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any version"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::Exact(v) => write!(f, "version {v}"),
+        }
+    }
+}
+
+/// The result of a successful append.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct AppendResult {
+    /// The stream's version after the append (the version of the batch's last event).
+    pub stream_version: StreamVersion,
+    /// The global positions of the batch's events, in batch order.
+    pub positions: Vec<GlobalPosition>,
+    /// True when every event of the batch was already stored (an idempotent re-append): nothing
+    /// new was written and the positions are those of the earlier append.
+    pub duplicate: bool,
+}
+
+/// Which events a reader of the global log wants; applied at the source.
+///
+/// ```
+/// use factum::EventFilter;
+/// let filter = EventFilter::all().with_categories(["account"]);
+/// assert!(filter.matches_parts("account", "account.opened"));
+/// assert!(!filter.matches_parts("customer", "customer.registered"));
+/// ```
+#[derive(Clone, Default, PartialEq, Eq, Debug)]
+pub struct EventFilter {
+    event_types: Option<Vec<String>>,
+    categories: Option<Vec<String>>,
+}
+
+impl EventFilter {
+    /// Every event.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Only the wire names an event type decodes.
+    pub fn for_event<E: Event>() -> Self {
+        Self::all().with_event_types(E::event_types().iter().copied())
+    }
+
+    /// Only these wire names.
+    #[must_use]
+    pub fn with_event_types<S: Into<String>>(mut self, types: impl IntoIterator<Item = S>) -> Self {
+        self.event_types = Some(types.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Only streams of these categories (aggregate types).
+    #[must_use]
+    pub fn with_categories<S: Into<String>>(
+        mut self,
+        categories: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.categories = Some(categories.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The wire names this filter keeps, or `None` for all.
+    pub fn event_types(&self) -> Option<&[String]> {
+        self.event_types.as_deref()
+    }
+
+    /// The categories this filter keeps, or `None` for all.
+    pub fn categories(&self) -> Option<&[String]> {
+        self.categories.as_deref()
+    }
+
+    /// Whether an event of this category and wire name passes.
+    pub fn matches_parts(&self, category: &str, event_type: &str) -> bool {
+        self.event_types
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|t| t == event_type))
+            && self
+                .categories
+                .as_ref()
+                .is_none_or(|c| c.iter().any(|c| c == category))
+    }
+
+    /// Whether a stored event passes.
+    pub fn matches(&self, event: &RecordedEvent) -> bool {
+        self.matches_parts(event.stream_id.category(), &event.event_type)
+    }
+}
+
+/// Appends events to streams and reads them back: the one capability every backend has.
+///
+/// # Semantics every backend keeps
+/// * **Atomic batches**: an append stores all of its events or none.
+/// * **Optimistic concurrency**: an append whose [`ExpectedVersion`] does not match fails with
+///   [`Error::Conflict`] and stores nothing.
+/// * **Idempotent re-append**: when *every* event id of a batch is already stored, as the same
+///   consecutive events of the same stream, the append succeeds with `duplicate: true`, stores
+///   nothing and ignores the expected version (so retrying an append whose outcome was unknown is
+///   safe). When only some ids are stored, or they belong to another stream or another order, it
+///   fails with [`Error::DuplicateEventId`] and stores nothing.
+/// * **One global order**: every event gets a [`LogPosition`]; [`read_all`](Self::read_all)
+///   returns events in that order, and never returns an event while one that will sort before
+///   it may still be committed (readers never skip events).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a factum event store",
+    note = "use `factum::InMemoryStore`, `factum_postgres::PostgresStore`, or implement `factum::EventStore`"
+)]
+pub trait EventStore: Send + Sync {
+    /// Appends a batch to one stream atomically.
+    fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> impl Future<Output = Result<AppendResult, Error>> + Send;
+
+    /// Reads a stream's events with a version greater than `after`, oldest first.
+    /// A stream that does not exist reads as empty.
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a>;
+
+    /// Reads up to `limit` events of the global log that sort after `after` and pass `filter`.
+    fn read_all(
+        &self,
+        after: LogPosition,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>, Error>> + Send;
+}
+
+/// A stored snapshot of an aggregate's state.
+#[derive(Clone, Debug)]
+pub struct StoredSnapshot {
+    /// The aggregate's stream.
+    pub stream_id: StreamId,
+    /// The stream version the state includes.
+    pub stream_version: StreamVersion,
+    /// The aggregate's [`Snapshot::SNAPSHOT_VERSION`](crate::Snapshot::SNAPSHOT_VERSION) when it
+    /// was taken.
+    pub schema_version: u32,
+    /// The serialised state.
+    pub state: Box<RawValue>,
+    /// When it was taken.
+    pub taken_at: DateTime<Utc>,
+}
+
+/// Keeps the latest snapshot of each stream.
+pub trait SnapshotStore: Send + Sync {
+    /// Stores a snapshot, unless one at a higher stream version is already stored.
+    fn save_snapshot(
+        &self,
+        snapshot: StoredSnapshot,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The latest snapshot of a stream, if any.
+    fn load_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<Option<StoredSnapshot>, Error>> + Send;
+}
+
+/// The dyn-compatible twin of [`EventStore`], implemented for every event store.
+pub trait DynEventStore: Send + Sync {
+    /// See [`EventStore::append`].
+    fn append_dyn<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> BoxFuture<'a, Result<AppendResult, Error>>;
+
+    /// See [`EventStore::read_stream`].
+    fn read_stream_dyn<'a>(&'a self, stream: &'a StreamId, after: StreamVersion)
+    -> EventStream<'a>;
+
+    /// See [`EventStore::read_all`].
+    fn read_all_dyn<'a>(
+        &'a self,
+        after: LogPosition,
+        limit: usize,
+        filter: &'a EventFilter,
+    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>, Error>>;
+}
+
+impl<T: EventStore> DynEventStore for T {
+    fn append_dyn<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> BoxFuture<'a, Result<AppendResult, Error>> {
+        Box::pin(self.append(stream, expected, events))
+    }
+
+    fn read_stream_dyn<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> EventStream<'a> {
+        self.read_stream(stream, after)
+    }
+
+    fn read_all_dyn<'a>(
+        &'a self,
+        after: LogPosition,
+        limit: usize,
+        filter: &'a EventFilter,
+    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>, Error>> {
+        Box::pin(self.read_all(after, limit, filter))
+    }
+}
+
+impl EventStore for dyn DynEventStore {
+    fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
+        // An async block, so the future may borrow `self` and `stream` for different lifetimes.
+        async move { self.append_dyn(stream, expected, events).await }
+    }
+
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
+        self.read_stream_dyn(stream, after)
+    }
+
+    fn read_all(
+        &self,
+        after: LogPosition,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>, Error>> + Send {
+        async move { self.read_all_dyn(after, limit, filter).await }
+    }
+}
+
+impl<T: EventStore + ?Sized> EventStore for Arc<T> {
+    fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
+        (**self).append(stream, expected, events)
+    }
+
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
+        (**self).read_stream(stream, after)
+    }
+
+    fn read_all(
+        &self,
+        after: LogPosition,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>, Error>> + Send {
+        (**self).read_all(after, limit, filter)
+    }
+}
+
+/// The dyn-compatible twin of [`SnapshotStore`], implemented for every snapshot store.
+pub trait DynSnapshotStore: Send + Sync {
+    /// See [`SnapshotStore::save_snapshot`].
+    fn save_snapshot_dyn(&self, snapshot: StoredSnapshot) -> BoxFuture<'_, Result<(), Error>>;
+
+    /// See [`SnapshotStore::load_snapshot`].
+    fn load_snapshot_dyn<'a>(
+        &'a self,
+        stream: &'a StreamId,
+    ) -> BoxFuture<'a, Result<Option<StoredSnapshot>, Error>>;
+}
+
+impl<T: SnapshotStore> DynSnapshotStore for T {
+    fn save_snapshot_dyn(&self, snapshot: StoredSnapshot) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(self.save_snapshot(snapshot))
+    }
+
+    fn load_snapshot_dyn<'a>(
+        &'a self,
+        stream: &'a StreamId,
+    ) -> BoxFuture<'a, Result<Option<StoredSnapshot>, Error>> {
+        Box::pin(self.load_snapshot(stream))
+    }
+}
+
+impl SnapshotStore for dyn DynSnapshotStore {
+    fn save_snapshot(
+        &self,
+        snapshot: StoredSnapshot,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        self.save_snapshot_dyn(snapshot)
+    }
+
+    fn load_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<Option<StoredSnapshot>, Error>> + Send {
+        async move { self.load_snapshot_dyn(stream).await }
+    }
+}
+
+impl<T: SnapshotStore + ?Sized> SnapshotStore for Arc<T> {
+    fn save_snapshot(
+        &self,
+        snapshot: StoredSnapshot,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        (**self).save_snapshot(snapshot)
+    }
+
+    fn load_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> impl Future<Output = Result<Option<StoredSnapshot>, Error>> + Send {
+        (**self).load_snapshot(stream)
+    }
+}
