@@ -89,8 +89,10 @@ mod error;
 mod event;
 mod ids;
 mod memory;
+mod process;
 mod projection;
 mod repository;
+pub mod resilience;
 mod store;
 
 pub use aggregate::{Aggregate, Command, Snapshot};
@@ -104,6 +106,7 @@ pub use ids::{
     InvalidStreamId, LogPosition, StreamId, StreamVersion,
 };
 pub use memory::{InMemoryStore, validate_batch};
+pub use process::*;
 pub use projection::Projection;
 pub use repository::{CommandContext, Committed, Loaded, Repository, SnapshotPolicy};
 pub use store::{

@@ -1,0 +1,1 @@
+//! Process managers: react to events by issuing commands.
