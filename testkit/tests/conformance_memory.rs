@@ -1,0 +1,3 @@
+//! The conformance suite against the in-memory backend.
+
+factum_testkit::conformance_tests!(|| async { factum::InMemoryStore::new() });
