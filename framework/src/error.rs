@@ -93,7 +93,9 @@ pub enum Error {
 
     /// The backend failed in a way that may succeed if retried (connection refused, deadlock,
     /// serialization failure, server shutting down). Nothing was stored.
-    #[error("{operation} failed with a transient backend error; nothing was stored, retrying may succeed")]
+    #[error(
+        "{operation} failed with a transient backend error; nothing was stored, retrying may succeed"
+    )]
     Transient {
         /// The operation, e.g. `"append"`.
         operation: &'static str,
@@ -124,6 +126,31 @@ pub enum Error {
         /// The stream written to.
         stream: StreamId,
         /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A subscription's handler kept failing on an event, and the subscription is not configured
+    /// to park failures: it stopped, with its checkpoint just before the event.
+    #[error(
+        "subscription `{subscription}` stopped: its handler failed {attempts} times on event {event_id} (stream `{stream}` version {version}, type {event_type:?}, log position {position}); fix the handler and restart (it resumes at this event), or let the subscription park failing events"
+    )]
+    Handler {
+        /// The subscription.
+        subscription: String,
+        /// The event's stream.
+        stream: StreamId,
+        /// The event's version in its stream.
+        version: StreamVersion,
+        /// The event's wire name.
+        event_type: String,
+        /// The event's id.
+        event_id: EventId,
+        /// The event's place in the global log.
+        position: LogPosition,
+        /// How many times the handler was tried.
+        attempts: u32,
+        /// The handler's last error.
         #[source]
         source: BoxError,
     },
@@ -181,6 +208,7 @@ impl Error {
             Error::DuplicateEventId { .. }
             | Error::Encode { .. }
             | Error::InvalidArgument(_)
+            | Error::Handler { .. }
             | Error::Permanent { .. } => ErrorKind::Permanent,
         }
     }

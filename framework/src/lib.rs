@@ -94,6 +94,7 @@ mod projection;
 mod repository;
 pub mod resilience;
 mod store;
+pub mod subscription;
 
 pub use aggregate::{Aggregate, Command, Snapshot};
 pub use error::{BoxError, CommandError, Error, ErrorKind};
@@ -110,8 +111,8 @@ pub use process::*;
 pub use projection::Projection;
 pub use repository::{CommandContext, Committed, Loaded, Repository, SnapshotPolicy};
 pub use store::{
-    AppendResult, BoxFuture, DynEventStore, DynSnapshotStore, EventFilter, EventStore,
-    EventStream, ExpectedVersion, SnapshotStore, StoredSnapshot,
+    AppendResult, BoxFuture, DynEventStore, DynSnapshotStore, EventFilter, EventStore, EventStream,
+    ExpectedVersion, SnapshotStore, StoredSnapshot,
 };
 
 /// A JSON payload kept as text: how events and snapshots are stored and handed to
@@ -123,4 +124,101 @@ pub use serde_json::value::RawValue;
 pub mod __private {
     pub use serde;
     pub use serde_json;
+    pub use std::boxed::Box;
+    pub use std::string::String;
+    pub use std::vec::Vec;
+
+    pub use crate::{DecodeError, EncodeError, RawValue, decode_json, encode_json};
+
+    /// The payload of a unit event variant: `{}`.
+    #[derive(serde::Serialize)]
+    pub struct EmptyPayload {}
+
+    /// One step of an upcasting chain. A missing `From` impl fails here, on the user's
+    /// `upcast_from(...)` entry the call is spanned with.
+    #[inline]
+    pub fn upcast<Old, New: From<Old>>(old: Old) -> New {
+        New::from(old)
+    }
+
+    /// A command's aggregate id, from any `Display` field.
+    #[inline]
+    pub fn aggregate_id<T: std::fmt::Display + ?Sized>(id: &T) -> String {
+        id.to_string()
+    }
+
+    /// What a projection handler may return: `()` or `Result<(), E>` with `E` convertible into
+    /// a [`BoxError`](crate::BoxError).
+    #[diagnostic::on_unimplemented(
+        message = "a projection handler must return `()` or `Result<(), E>` where `E` converts into `factum::BoxError`",
+        label = "this handler returns `{Self}`"
+    )]
+    pub trait HandlerResult {
+        /// The result as the `Projection::apply` contract wants it.
+        fn into_result(self) -> Result<(), crate::BoxError>;
+    }
+
+    impl HandlerResult for () {
+        #[inline]
+        fn into_result(self) -> Result<(), crate::BoxError> {
+            Ok(())
+        }
+    }
+
+    impl<E: Into<crate::BoxError>> HandlerResult for Result<(), E> {
+        #[inline]
+        fn into_result(self) -> Result<(), crate::BoxError> {
+            self.map_err(Into::into)
+        }
+    }
+
+    /// Stands in for a type a derive attribute failed to name, so the fallback impl emitted
+    /// next to the real error adds no errors of its own.
+    #[derive(Debug)]
+    pub enum Unparsed {}
+
+    impl std::fmt::Display for Unparsed {
+        fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match *self {}
+        }
+    }
+
+    impl std::error::Error for Unparsed {}
+
+    impl crate::Command for Unparsed {
+        fn command_name(&self) -> &'static str {
+            match *self {}
+        }
+        fn aggregate_id(&self) -> String {
+            match *self {}
+        }
+    }
+
+    impl crate::Event for Unparsed {
+        fn event_type(&self) -> &'static str {
+            match *self {}
+        }
+        fn schema_version(&self) -> u32 {
+            match *self {}
+        }
+        fn event_types() -> &'static [&'static str] {
+            &[]
+        }
+        fn encode(&self) -> Result<Box<RawValue>, EncodeError> {
+            match *self {}
+        }
+        fn decode(event_type: &str, version: u32, _: &RawValue) -> Result<Self, DecodeError> {
+            Err(DecodeError::unknown(event_type, version))
+        }
+    }
 }
+
+#[cfg(feature = "derive")]
+mod derives;
+#[cfg(feature = "derive")]
+pub use derives::{Aggregate, Command, Event, Projection};
+
+/// The derive macros chapter of the book, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/reference/derives.md")]
+mod derives_chapter {}

@@ -13,6 +13,7 @@ use crate::store::{
     AppendResult, EventFilter, EventStore, EventStream, ExpectedVersion, SnapshotStore,
     StoredSnapshot,
 };
+use crate::subscription::{CheckpointStore, DeadLetterStore, ParkedEvent};
 
 /// A complete event store in memory: examples, unit tests and single-process tools run on it with
 /// no database.
@@ -59,6 +60,8 @@ struct Inner {
     ids: HashMap<EventId, usize>,
     commits: u64,
     snapshots: HashMap<StreamId, StoredSnapshot>,
+    checkpoints: HashMap<String, LogPosition>,
+    dead_letters: Vec<ParkedEvent>,
 }
 
 impl std::fmt::Debug for InMemoryStore {
@@ -135,7 +138,9 @@ impl Inner {
         if exact {
             let stored: Vec<&RecordedEvent> = found.into_iter().flatten().collect();
             return Ok(Some(AppendResult {
-                stream_version: stored.last().map_or(StreamVersion::INITIAL, |e| e.stream_version),
+                stream_version: stored
+                    .last()
+                    .map_or(StreamVersion::INITIAL, |e| e.stream_version),
                 positions: stored.iter().map(|e| e.position.global).collect(),
                 duplicate: true,
             }));
@@ -237,6 +242,62 @@ impl EventStore for InMemoryStore {
             .collect();
         std::future::ready(Ok(events))
     }
+
+    fn head(&self) -> impl Future<Output = Result<LogPosition, Error>> + Send {
+        std::future::ready(Ok(InMemoryStore::head(self)))
+    }
+}
+
+impl CheckpointStore for InMemoryStore {
+    fn load_checkpoint(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<LogPosition>, Error>> + Send {
+        std::future::ready(Ok(self.read().checkpoints.get(name).copied()))
+    }
+
+    fn save_checkpoint(
+        &self,
+        name: &str,
+        position: LogPosition,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        self.write().checkpoints.insert(name.to_owned(), position);
+        std::future::ready(Ok(()))
+    }
+}
+
+impl DeadLetterStore for InMemoryStore {
+    fn park(&self, parked: ParkedEvent) -> impl Future<Output = Result<(), Error>> + Send {
+        self.write().dead_letters.push(parked);
+        std::future::ready(Ok(()))
+    }
+
+    fn parked(
+        &self,
+        subscription: &str,
+    ) -> impl Future<Output = Result<Vec<ParkedEvent>, Error>> + Send {
+        let parked = self
+            .read()
+            .dead_letters
+            .iter()
+            .filter(|p| p.subscription == subscription)
+            .cloned()
+            .collect();
+        std::future::ready(Ok(parked))
+    }
+
+    fn unpark(
+        &self,
+        subscription: &str,
+        event_id: EventId,
+    ) -> impl Future<Output = Result<Option<ParkedEvent>, Error>> + Send {
+        let mut inner = self.write();
+        let found = inner
+            .dead_letters
+            .iter()
+            .position(|p| p.subscription == subscription && p.event.event_id == event_id);
+        std::future::ready(Ok(found.map(|i| inner.dead_letters.remove(i))))
+    }
 }
 
 impl SnapshotStore for InMemoryStore {
@@ -250,9 +311,7 @@ impl SnapshotStore for InMemoryStore {
             .get(&snapshot.stream_id)
             .is_some_and(|s| s.stream_version > snapshot.stream_version);
         if !newer_stored {
-            inner
-                .snapshots
-                .insert(snapshot.stream_id.clone(), snapshot);
+            inner.snapshots.insert(snapshot.stream_id.clone(), snapshot);
         }
         std::future::ready(Ok(()))
     }

@@ -190,6 +190,25 @@ pub trait EventStore: Send + Sync {
         limit: usize,
         filter: &EventFilter,
     ) -> impl Future<Output = Result<Vec<RecordedEvent>, Error>> + Send;
+
+    /// The position of the last event a reader of the global log can see now
+    /// ([`LogPosition::START`] when there is none): where a subscription that starts "now"
+    /// begins, and the reference for its lag.
+    ///
+    /// The provided implementation pages through the whole log; backends override it with a
+    /// direct lookup.
+    fn head(&self) -> impl Future<Output = Result<LogPosition, Error>> + Send {
+        async move {
+            let mut head = LogPosition::START;
+            loop {
+                let page = self.read_all(head, 1000, &EventFilter::all()).await?;
+                match page.last() {
+                    Some(last) => head = last.position,
+                    None => return Ok(head),
+                }
+            }
+        }
+    }
 }
 
 /// A stored snapshot of an aggregate's state.
@@ -244,6 +263,9 @@ pub trait DynEventStore: Send + Sync {
         limit: usize,
         filter: &'a EventFilter,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>, Error>>;
+
+    /// See [`EventStore::head`].
+    fn head_dyn(&self) -> BoxFuture<'_, Result<LogPosition, Error>>;
 }
 
 impl<T: EventStore> DynEventStore for T {
@@ -272,6 +294,10 @@ impl<T: EventStore> DynEventStore for T {
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>, Error>> {
         Box::pin(self.read_all(after, limit, filter))
     }
+
+    fn head_dyn(&self) -> BoxFuture<'_, Result<LogPosition, Error>> {
+        Box::pin(self.head())
+    }
 }
 
 impl EventStore for dyn DynEventStore {
@@ -297,6 +323,10 @@ impl EventStore for dyn DynEventStore {
     ) -> impl Future<Output = Result<Vec<RecordedEvent>, Error>> + Send {
         async move { self.read_all_dyn(after, limit, filter).await }
     }
+
+    fn head(&self) -> impl Future<Output = Result<LogPosition, Error>> + Send {
+        self.head_dyn()
+    }
 }
 
 impl<T: EventStore + ?Sized> EventStore for Arc<T> {
@@ -320,6 +350,10 @@ impl<T: EventStore + ?Sized> EventStore for Arc<T> {
         filter: &EventFilter,
     ) -> impl Future<Output = Result<Vec<RecordedEvent>, Error>> + Send {
         (**self).read_all(after, limit, filter)
+    }
+
+    fn head(&self) -> impl Future<Output = Result<LogPosition, Error>> + Send {
+        (**self).head()
     }
 }
 

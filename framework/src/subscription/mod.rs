@@ -1,0 +1,402 @@
+//! Subscriptions: checkpointed consumers of the global log.
+//!
+//! A [`Subscription`] reads the global log in batches from where it left off, hands each event to
+//! an [`EventHandler`], and saves its checkpoint after each batch. It catches up, then follows new
+//! events with adaptive polling: straight on while there is work, backing off (up to
+//! [`idle_backoff`](Subscription::idle_backoff)'s maximum) while the log is quiet. Because backends
+//! only return events that can no longer be preceded by a late commit, a subscription never skips
+//! an event.
+//!
+//! Delivery is **at least once**: after a crash, the events of the batch in progress are handed
+//! over again. Handlers receive the event id to make their effects idempotent. (Backends can offer
+//! exactly-once projections by storing the read model and the checkpoint in one transaction.)
+//!
+//! A handler error is retried; if it persists, the subscription either stops with
+//! [`Error::Handler`] (the default: nothing after the event is handled, and a restart resumes at
+//! it) or, with [`park_failures`](Subscription::park_failures), parks the event in the
+//! [`DeadLetterStore`] and goes on.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use factum::subscription::{EventHandler, Subscription};
+//! use factum::{BoxError, EventStore, ExpectedVersion, InMemoryStore, NewEvent, RecordedEvent, StreamId};
+//!
+//! struct Count(usize);
+//! impl EventHandler for Count {
+//!     async fn handle(&mut self, _event: &RecordedEvent) -> Result<(), BoxError> {
+//!         self.0 += 1;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let store = InMemoryStore::new();
+//! # let event = || NewEvent { event_id: factum::EventId::new(), event_type: "x.y".into(), schema_version: 1,
+//! #     payload: factum::RawValue::from_string("{}".into()).unwrap(), metadata: Default::default() };
+//! store.append(&StreamId::new("x-1")?, ExpectedVersion::Any, vec![event(), event()]).await?;
+//!
+//! let mut counter = Count(0);
+//! let subscription = Subscription::new("counter", store.clone());
+//! let position = subscription.catch_up(&mut counter).await?;
+//! assert_eq!(counter.0, 2);
+//! assert_eq!(position, store.head());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::watch;
+
+pub use store::{CheckpointStore, DeadLetterStore, ParkedEvent};
+
+use crate::error::{BoxError, Error};
+use crate::event::RecordedEvent;
+use crate::ids::LogPosition;
+use crate::store::{BoxFuture, EventFilter, EventStore};
+
+/// Handles the events a subscription delivers.
+pub trait EventHandler: Send {
+    /// Handles one event. An error is retried, then stops the subscription or parks the event.
+    fn handle(
+        &mut self,
+        event: &RecordedEvent,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send;
+}
+
+impl<H: EventHandler> EventHandler for &mut H {
+    fn handle(
+        &mut self,
+        event: &RecordedEvent,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        (**self).handle(event)
+    }
+}
+
+/// Where a subscription without a checkpoint starts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum StartFrom {
+    /// From its checkpoint if it has one, else from the start of the log (the default).
+    Checkpoint,
+    /// From the start of the log, ignoring any checkpoint (a replay).
+    Beginning,
+    /// From the end of the log at start-up: only events stored afterwards, unless it has a
+    /// checkpoint.
+    Now,
+    /// After a given position, ignoring any checkpoint.
+    After(LogPosition),
+}
+
+/// What a subscription is doing.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum SubscriptionState {
+    /// Not started yet.
+    Starting,
+    /// Reading full batches: behind the head of the log.
+    CatchingUp,
+    /// Caught up; polling for new events.
+    Live,
+    /// Stopped on request.
+    Stopped,
+    /// Stopped on an error (the message says which event and why).
+    Failed(String),
+}
+
+/// A subscription's health, published as it runs ([`Subscription::status`]).
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub struct SubscriptionStatus {
+    /// What it is doing.
+    pub state: SubscriptionState,
+    /// The position of the last event it handled (or skipped past).
+    pub position: LogPosition,
+    /// How many events it handled since it started.
+    pub handled: u64,
+    /// How many events it parked since it started.
+    pub parked: u64,
+}
+
+type Parker = Arc<dyn Fn(ParkedEvent) -> BoxFuture<'static, Result<(), Error>> + Send + Sync>;
+
+/// A named, checkpointed consumer of the global log. See the [module docs](self).
+pub struct Subscription<S> {
+    name: String,
+    store: S,
+    filter: EventFilter,
+    start: StartFrom,
+    batch_size: usize,
+    idle_min: Duration,
+    idle_max: Duration,
+    handler_attempts: u32,
+    handler_backoff: Duration,
+    parker: Option<Parker>,
+    status: watch::Sender<SubscriptionStatus>,
+}
+
+impl<S> std::fmt::Debug for Subscription<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("name", &self.name)
+            .field("filter", &self.filter)
+            .field("start", &self.start)
+            .field("batch_size", &self.batch_size)
+            .field("parks_failures", &self.parker.is_some())
+            .finish()
+    }
+}
+
+impl<S: EventStore + CheckpointStore> Subscription<S> {
+    /// A subscription called `name` (the key of its checkpoint) over `store`, which also keeps its
+    /// checkpoint. Defaults: every event, from its checkpoint, batches of 500, idle polling from
+    /// 10 ms backing off to 1 s, 3 handler attempts 100 ms apart, stop on failure.
+    pub fn new(name: impl Into<String>, store: S) -> Self {
+        let (status, _) = watch::channel(SubscriptionStatus {
+            state: SubscriptionState::Starting,
+            position: LogPosition::START,
+            handled: 0,
+            parked: 0,
+        });
+        Self {
+            name: name.into(),
+            store,
+            filter: EventFilter::all(),
+            start: StartFrom::Checkpoint,
+            batch_size: 500,
+            idle_min: Duration::from_millis(10),
+            idle_max: Duration::from_secs(1),
+            handler_attempts: 3,
+            handler_backoff: Duration::from_millis(100),
+            parker: None,
+            status,
+        }
+    }
+
+    /// Only events passing `filter` are read (filtered at the source).
+    #[must_use]
+    pub fn filter(mut self, filter: EventFilter) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// Where to start (default: [`StartFrom::Checkpoint`]).
+    #[must_use]
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Events read per batch (minimum 1); the checkpoint is saved after each batch.
+    #[must_use]
+    pub fn batch_size(mut self, size: usize) -> Self {
+        self.batch_size = size.max(1);
+        self
+    }
+
+    /// Polling delay while the log is quiet: starts at `min`, doubles up to `max`, and drops back
+    /// to `min` as soon as an event arrives.
+    #[must_use]
+    pub fn idle_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.idle_min = min;
+        self.idle_max = max.max(min);
+        self
+    }
+
+    /// How many times a failing event is handed to the handler (minimum 1), and the pause between
+    /// attempts.
+    #[must_use]
+    pub fn handler_retries(mut self, attempts: u32, backoff: Duration) -> Self {
+        self.handler_attempts = attempts.max(1);
+        self.handler_backoff = backoff;
+        self
+    }
+
+    /// Parks events the handler keeps failing on in the store's dead-letter queue, and goes on.
+    #[must_use]
+    pub fn park_failures(mut self) -> Self
+    where
+        S: DeadLetterStore + Clone + 'static,
+    {
+        let store = self.store.clone();
+        self.parker = Some(Arc::new(move |parked| {
+            let store = store.clone();
+            Box::pin(async move { store.park(parked).await })
+        }));
+        self
+    }
+
+    /// The subscription's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A live view of the subscription's state, position and counters.
+    pub fn status(&self) -> watch::Receiver<SubscriptionStatus> {
+        self.status.subscribe()
+    }
+
+    /// Handles every event up to the current end of the log, then returns the position reached.
+    pub async fn catch_up<H: EventHandler>(&self, mut handler: H) -> Result<LogPosition, Error> {
+        let mut position = self.initial_position().await?;
+        while self.step(&mut handler, &mut position).await? {}
+        Ok(position)
+    }
+
+    /// Catches up, then follows new events until `shutdown` completes (between events) or the
+    /// handler fails and failures are not parked.
+    pub async fn run<H: EventHandler>(
+        &self,
+        mut handler: H,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<LogPosition, Error> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut position = self.initial_position().await?;
+        let mut idle = self.idle_min;
+        loop {
+            let work = tokio::select! {
+                biased;
+                () = &mut shutdown => None,
+                step = self.step(&mut handler, &mut position) => Some(step?),
+            };
+            match work {
+                None => break,
+                Some(true) => idle = self.idle_min,
+                Some(false) => {
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(idle) => {}
+                    }
+                    idle = (idle * 2).min(self.idle_max);
+                }
+            }
+        }
+        self.status
+            .send_modify(|s| s.state = SubscriptionState::Stopped);
+        Ok(position)
+    }
+
+    async fn initial_position(&self) -> Result<LogPosition, Error> {
+        let checkpoint = self.store.load_checkpoint(&self.name).await?;
+        let position = match (self.start, checkpoint) {
+            (StartFrom::Beginning, _) => LogPosition::START,
+            (StartFrom::After(position), _) => position,
+            (StartFrom::Checkpoint | StartFrom::Now, Some(checkpoint)) => checkpoint,
+            (StartFrom::Checkpoint, None) => LogPosition::START,
+            (StartFrom::Now, None) => self.store.head().await?,
+        };
+        self.status.send_modify(|s| s.position = position);
+        Ok(position)
+    }
+
+    /// Handles one batch. `Ok(true)` when it was full (more may be waiting).
+    async fn step<H: EventHandler>(
+        &self,
+        handler: &mut H,
+        position: &mut LogPosition,
+    ) -> Result<bool, Error> {
+        let batch = self
+            .store
+            .read_all(*position, self.batch_size, &self.filter)
+            .await?;
+        let full = batch.len() >= self.batch_size;
+        if batch.is_empty() {
+            self.status.send_if_modified(|s| {
+                let changed = s.state != SubscriptionState::Live;
+                s.state = SubscriptionState::Live;
+                changed
+            });
+            return Ok(false);
+        }
+        self.status
+            .send_modify(|s| s.state = SubscriptionState::CatchingUp);
+        for event in &batch {
+            match self.handle_with_retries(handler, event).await {
+                Ok(()) => self.status.send_modify(|s| s.handled += 1),
+                Err((attempts, source)) => match &self.parker {
+                    Some(park) => {
+                        tracing::warn!(
+                            subscription = %self.name,
+                            stream = %event.stream_id,
+                            version = %event.stream_version,
+                            position = %event.position,
+                            error = %source,
+                            "parking an event the handler keeps failing on"
+                        );
+                        park(ParkedEvent {
+                            subscription: self.name.clone(),
+                            event: event.clone(),
+                            error: render(&*source),
+                            attempts,
+                            parked_at: Utc::now(),
+                        })
+                        .await?;
+                        self.status.send_modify(|s| s.parked += 1);
+                    }
+                    None => {
+                        // Keep what was handled before the failing event.
+                        self.store.save_checkpoint(&self.name, *position).await?;
+                        let error = Error::Handler {
+                            subscription: self.name.clone(),
+                            stream: event.stream_id.clone(),
+                            version: event.stream_version,
+                            event_type: event.event_type.clone(),
+                            event_id: event.event_id,
+                            position: event.position,
+                            attempts,
+                            source,
+                        };
+                        self.status.send_modify(|s| {
+                            s.state = SubscriptionState::Failed(error.to_string())
+                        });
+                        return Err(error);
+                    }
+                },
+            }
+            *position = event.position;
+            self.status.send_modify(|s| s.position = event.position);
+        }
+        self.store.save_checkpoint(&self.name, *position).await?;
+        Ok(full)
+    }
+
+    async fn handle_with_retries<H: EventHandler>(
+        &self,
+        handler: &mut H,
+        event: &RecordedEvent,
+    ) -> Result<(), (u32, BoxError)> {
+        let mut attempt = 1;
+        loop {
+            match handler.handle(event).await {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt >= self.handler_attempts => return Err((attempt, error)),
+                Err(error) => {
+                    tracing::debug!(
+                        subscription = %self.name,
+                        position = %event.position,
+                        attempt,
+                        %error,
+                        "handler failed; retrying"
+                    );
+                    tokio::time::sleep(self.handler_backoff).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
+
+fn render(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

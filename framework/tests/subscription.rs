@@ -1,0 +1,335 @@
+//! Subscriptions over the in-memory backend: checkpoints, replay, live following under concurrent
+//! writers, filters, and the dead-letter queue.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use factum::subscription::{
+    CheckpointStore, DeadLetterStore, EventHandler, StartFrom, Subscription, SubscriptionState,
+};
+use factum::{
+    BoxError, Error, EventFilter, EventId, EventStore, ExpectedVersion, InMemoryStore, LogPosition,
+    NewEvent, RawValue, RecordedEvent, StreamId,
+};
+
+fn event(event_type: &str) -> NewEvent {
+    NewEvent {
+        event_id: EventId::new(),
+        event_type: event_type.to_owned(),
+        schema_version: 1,
+        payload: RawValue::from_string("{}".to_owned()).unwrap(),
+        metadata: Default::default(),
+    }
+}
+
+async fn append(store: &InMemoryStore, stream: &str, events: Vec<NewEvent>) -> Vec<EventId> {
+    let ids = events.iter().map(|e| e.event_id).collect();
+    store
+        .append(
+            &StreamId::new(stream).unwrap(),
+            ExpectedVersion::Any,
+            events,
+        )
+        .await
+        .unwrap();
+    ids
+}
+
+/// Records every event it sees; fails on the ids in `poison`.
+#[derive(Default)]
+struct Recorder {
+    seen: Vec<RecordedEvent>,
+    poison: HashSet<EventId>,
+    calls: usize,
+    /// Signalled when `seen` reaches `target`.
+    done: Option<(usize, tokio::sync::mpsc::UnboundedSender<()>)>,
+}
+
+impl EventHandler for Recorder {
+    async fn handle(&mut self, event: &RecordedEvent) -> Result<(), BoxError> {
+        self.calls += 1;
+        if self.poison.contains(&event.event_id) {
+            return Err(format!("cannot handle {}", event.event_type).into());
+        }
+        self.seen.push(event.clone());
+        if let Some((target, tx)) = &self.done {
+            if self.seen.len() == *target {
+                tx.send(()).unwrap();
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ids(events: &[RecordedEvent]) -> Vec<EventId> {
+    events.iter().map(|e| e.event_id).collect()
+}
+
+#[tokio::test]
+async fn catch_up_handles_every_event_once_in_log_order_and_checkpoints() {
+    let store = InMemoryStore::new();
+    let mut expected = append(&store, "a-1", vec![event("a.x"), event("a.y")]).await;
+    expected.extend(append(&store, "b-1", vec![event("b.x")]).await);
+    expected.extend(append(&store, "a-1", vec![event("a.z")]).await);
+
+    let mut recorder = Recorder::default();
+    let subscription = Subscription::new("all", store.clone()).batch_size(2);
+    let reached = subscription.catch_up(&mut recorder).await.unwrap();
+    assert_eq!(ids(&recorder.seen), expected);
+    assert_eq!(reached, store.head());
+    assert_eq!(store.load_checkpoint("all").await.unwrap(), Some(reached));
+    let status = subscription.status().borrow().clone();
+    assert_eq!(status.handled, 4);
+    assert_eq!(status.position, reached);
+}
+
+#[tokio::test]
+async fn a_restarted_subscription_resumes_from_its_checkpoint() {
+    let store = InMemoryStore::new();
+    append(&store, "a-1", vec![event("a.x"), event("a.y")]).await;
+    let mut first = Recorder::default();
+    Subscription::new("sub", store.clone())
+        .catch_up(&mut first)
+        .await
+        .unwrap();
+    assert_eq!(first.seen.len(), 2);
+
+    let later = append(&store, "a-2", vec![event("a.x")]).await;
+    let mut second = Recorder::default();
+    Subscription::new("sub", store.clone())
+        .catch_up(&mut second)
+        .await
+        .unwrap();
+    assert_eq!(ids(&second.seen), later, "only events after the checkpoint");
+
+    // Another name has its own checkpoint; Beginning replays everything.
+    let mut replay = Recorder::default();
+    Subscription::new("sub", store.clone())
+        .start_from(StartFrom::Beginning)
+        .catch_up(&mut replay)
+        .await
+        .unwrap();
+    assert_eq!(replay.seen.len(), 3);
+}
+
+#[tokio::test]
+async fn start_from_now_and_after_a_position() {
+    let store = InMemoryStore::new();
+    append(&store, "a-1", vec![event("a.x"), event("a.y")]).await;
+    let head = store.head();
+    let new = append(&store, "a-1", vec![event("a.z")]).await;
+
+    let mut from_now = Recorder::default();
+    Subscription::new("now", store.clone())
+        .start_from(StartFrom::After(head))
+        .catch_up(&mut from_now)
+        .await
+        .unwrap();
+    assert_eq!(ids(&from_now.seen), new);
+
+    let mut now = Recorder::default();
+    let position = Subscription::new("fresh", store.clone())
+        .start_from(StartFrom::Now)
+        .catch_up(&mut now)
+        .await
+        .unwrap();
+    assert!(
+        now.seen.is_empty(),
+        "Now starts after what is already stored"
+    );
+    assert_eq!(position, store.head());
+}
+
+#[tokio::test]
+async fn filters_apply_at_the_source() {
+    let store = InMemoryStore::new();
+    append(&store, "order-1", vec![event("order.placed")]).await;
+    let wanted = append(&store, "invoice-1", vec![event("invoice.sent")]).await;
+    append(&store, "order-2", vec![event("order.placed")]).await;
+    let mut recorder = Recorder::default();
+    Subscription::new("invoices", store.clone())
+        .filter(EventFilter::all().with_categories(["invoice"]))
+        .catch_up(&mut recorder)
+        .await
+        .unwrap();
+    assert_eq!(ids(&recorder.seen), wanted);
+    assert_eq!(
+        recorder.calls, 1,
+        "other categories never reach the handler"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_subscription_sees_every_concurrent_write_exactly_once_in_order() {
+    const WRITERS: usize = 8;
+    const BATCHES: usize = 40;
+    let store = InMemoryStore::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let subscription = Subscription::new("live", store.clone())
+        .batch_size(7)
+        .idle_backoff(Duration::from_millis(1), Duration::from_millis(5));
+    let reader = tokio::spawn(async move {
+        let mut recorder = Recorder {
+            done: Some((WRITERS * BATCHES * 2, tx)),
+            ..Recorder::default()
+        };
+        subscription
+            .run(&mut recorder, async {
+                stop_rx.await.ok();
+            })
+            .await
+            .unwrap();
+        recorder.seen
+    });
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut written = Vec::new();
+                for _ in 0..BATCHES {
+                    written.extend(
+                        append(&store, &format!("w-{w}"), vec![event("w.a"), event("w.b")]).await,
+                    );
+                    tokio::task::yield_now().await;
+                }
+                written
+            })
+        })
+        .collect();
+    let mut written = HashSet::new();
+    for writer in writers {
+        written.extend(writer.await.unwrap());
+    }
+    rx.recv()
+        .await
+        .expect("the subscription reaches every event");
+    stop_tx.send(()).unwrap();
+    let seen = reader.await.unwrap();
+    assert_eq!(seen.len(), written.len());
+    assert_eq!(
+        seen.iter().map(|e| e.event_id).collect::<HashSet<_>>(),
+        written
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].position < w[1].position),
+        "events arrive in log order"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_handler_stops_the_subscription_before_the_event_and_a_restart_resumes_there() {
+    let store = InMemoryStore::new();
+    let before = append(&store, "a-1", vec![event("a.ok")]).await;
+    let poison = append(&store, "a-1", vec![event("a.poison")]).await;
+    let after = append(&store, "a-1", vec![event("a.ok")]).await;
+
+    let mut failing = Recorder {
+        poison: poison.iter().copied().collect(),
+        ..Recorder::default()
+    };
+    let subscription =
+        Subscription::new("strict", store.clone()).handler_retries(3, Duration::ZERO);
+    let err = subscription.catch_up(&mut failing).await.unwrap_err();
+    match &err {
+        Error::Handler {
+            subscription,
+            stream,
+            version,
+            event_type,
+            attempts,
+            ..
+        } => {
+            assert_eq!(subscription, "strict");
+            assert_eq!(stream.as_str(), "a-1");
+            assert_eq!(version.get(), 2);
+            assert_eq!(event_type, "a.poison");
+            assert_eq!(*attempts, 3);
+        }
+        other => panic!("expected a handler error, got {other:?}"),
+    }
+    assert!(err.to_string().contains("a.poison"), "{err}");
+    assert_eq!(ids(&failing.seen), before, "nothing after the poison event");
+    assert_eq!(failing.calls, 1 + 3);
+    assert!(matches!(
+        subscription.status().borrow().state,
+        SubscriptionState::Failed(_)
+    ));
+
+    // Fixed handler: resumes at the failed event.
+    let mut fixed = Recorder::default();
+    Subscription::new("strict", store.clone())
+        .catch_up(&mut fixed)
+        .await
+        .unwrap();
+    let mut expected = poison.clone();
+    expected.extend(after);
+    assert_eq!(ids(&fixed.seen), expected);
+}
+
+#[tokio::test]
+async fn poison_events_are_parked_and_can_be_retried_after_a_fix() {
+    let store = InMemoryStore::new();
+    append(&store, "a-1", vec![event("a.ok")]).await;
+    let poison = append(&store, "a-1", vec![event("a.poison")]).await;
+    append(&store, "a-1", vec![event("a.ok")]).await;
+
+    let mut recorder = Recorder {
+        poison: poison.iter().copied().collect(),
+        ..Recorder::default()
+    };
+    let subscription = Subscription::new("lenient", store.clone())
+        .handler_retries(2, Duration::ZERO)
+        .park_failures();
+    let reached = subscription.catch_up(&mut recorder).await.unwrap();
+    assert_eq!(
+        reached,
+        store.head(),
+        "the subscription went on past the poison event"
+    );
+    assert_eq!(recorder.seen.len(), 2);
+    assert_eq!(subscription.status().borrow().parked, 1);
+
+    let parked = store.parked("lenient").await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].event.event_id, poison[0]);
+    assert_eq!(parked[0].attempts, 2);
+    assert!(
+        parked[0].error.contains("cannot handle a.poison"),
+        "{}",
+        parked[0].error
+    );
+    assert!(store.parked("other").await.unwrap().is_empty());
+
+    // After the fix: take it back and hand it to the handler.
+    recorder.poison.clear();
+    let retried = store
+        .unpark("lenient", poison[0])
+        .await
+        .unwrap()
+        .expect("parked");
+    recorder.handle(&retried.event).await.unwrap();
+    assert_eq!(recorder.seen.len(), 3);
+    assert!(store.parked("lenient").await.unwrap().is_empty());
+    assert!(store.unpark("lenient", poison[0]).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn run_stops_on_shutdown_and_reports_stopped() {
+    let store = InMemoryStore::new();
+    append(&store, "a-1", vec![event("a.x")]).await;
+    let subscription = Arc::new(Subscription::new("stopper", store.clone()));
+    let mut recorder = Recorder::default();
+    let position = subscription
+        .run(&mut recorder, std::future::ready(()))
+        .await
+        .unwrap();
+    // Shutdown was already requested: `run` checks it first and handles nothing.
+    assert_eq!(position, LogPosition::START);
+    assert!(recorder.seen.is_empty());
+    assert_eq!(
+        subscription.status().borrow().state,
+        SubscriptionState::Stopped
+    );
+}
