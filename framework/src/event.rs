@@ -94,9 +94,7 @@ pub struct EncodeError(#[source] pub serde_json::Error);
 #[non_exhaustive]
 pub enum DecodeError {
     /// No variant of the event type has this wire name and schema version.
-    #[error(
-        "no event type is registered for wire name {event_type:?} at schema version {version}"
-    )]
+    #[error("no event type is registered for wire name {event_type:?} at schema version {version}")]
     Unknown {
         /// The stored wire name.
         event_type: String,
@@ -253,16 +251,17 @@ impl RecordedEvent {
     /// Decodes the payload into `E`, upcasting older versions. The error names the stream,
     /// version, wire name and position of the event.
     pub fn decode<E: Event>(&self) -> Result<Envelope<E>, crate::Error> {
-        let event = E::decode(&self.event_type, self.schema_version, &self.payload).map_err(
-            |source| crate::Error::Decode {
-                stream: self.stream_id.clone(),
-                version: self.stream_version,
-                event_type: self.event_type.clone(),
-                schema_version: self.schema_version,
-                position: self.position,
-                source,
-            },
-        )?;
+        let event =
+            E::decode(&self.event_type, self.schema_version, &self.payload).map_err(|source| {
+                crate::Error::Decode {
+                    stream: self.stream_id.clone(),
+                    version: self.stream_version,
+                    event_type: self.event_type.clone(),
+                    schema_version: self.schema_version,
+                    position: self.position,
+                    source,
+                }
+            })?;
         Ok(Envelope {
             event,
             event_id: self.event_id,
@@ -312,6 +311,10 @@ impl<E> Envelope<E> {
 
 impl<E: fmt::Display> fmt::Display for Envelope<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}: {}", self.stream_id, self.stream_version, self.event)
+        write!(
+            f,
+            "{}@{}: {}",
+            self.stream_id, self.stream_version, self.event
+        )
     }
 }

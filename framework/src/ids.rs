@@ -36,7 +36,9 @@ pub struct StreamId(String);
 #[non_exhaustive]
 pub enum InvalidStreamId {
     /// The stream id, its category or its aggregate id is empty.
-    #[error("stream id {0:?} is invalid: it must be `category-id` with a non-empty category and id")]
+    #[error(
+        "stream id {0:?} is invalid: it must be `category-id` with a non-empty category and id"
+    )]
     Empty(String),
     /// The category contains the separator.
     #[error(

@@ -239,7 +239,10 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
     }
 
     /// Executes a command that starts a new workflow (fresh correlation id).
-    pub async fn execute(&self, command: A::Command) -> Result<Committed<A>, CommandError<A::Error>> {
+    pub async fn execute(
+        &self,
+        command: A::Command,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
         self.execute_with(command, &CommandContext::new()).await
     }
 
