@@ -1,14 +1,15 @@
 //! The bank account domain of the `bank` example: open, deposit, withdraw (rejected when the
 //! balance is too low), close (only at a zero balance); a closed account rejects everything.
 
-use factum::{Aggregate, Command, DecodeError, EncodeError, Event, RawValue};
+use factum::{Aggregate, Command, Event};
 use serde::{Deserialize, Serialize};
 
 /// Amounts are whole cents.
 pub type Cents = u64;
 
 /// What can be asked of an account.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Command)]
+#[command(id = account)]
 pub enum AccountCommand {
     /// Open a new account.
     Open {
@@ -38,26 +39,6 @@ pub enum AccountCommand {
     },
 }
 
-impl Command for AccountCommand {
-    fn command_name(&self) -> &'static str {
-        match self {
-            AccountCommand::Open { .. } => "Open",
-            AccountCommand::Deposit { .. } => "Deposit",
-            AccountCommand::Withdraw { .. } => "Withdraw",
-            AccountCommand::Close { .. } => "Close",
-        }
-    }
-
-    fn aggregate_id(&self) -> String {
-        match self {
-            AccountCommand::Open { account, .. }
-            | AccountCommand::Deposit { account, .. }
-            | AccountCommand::Withdraw { account, .. }
-            | AccountCommand::Close { account } => account.clone(),
-        }
-    }
-}
-
 /// The account was opened.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Opened {
@@ -83,8 +64,10 @@ pub struct Withdrawn {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Closed {}
 
-/// What happened to an account.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What happened to an account. Wire names follow the rule `{prefix}.{variant in snake_case}`:
+/// `account.opened`, `account.deposited`, `account.withdrawn`, `account.closed`.
+#[derive(Clone, Debug, PartialEq, Eq, Event)]
+#[event(prefix = "account")]
 pub enum AccountEvent {
     /// `account.opened`
     Opened(Opened),
@@ -94,49 +77,6 @@ pub enum AccountEvent {
     Withdrawn(Withdrawn),
     /// `account.closed`
     Closed(Closed),
-}
-
-impl Event for AccountEvent {
-    fn event_type(&self) -> &'static str {
-        match self {
-            AccountEvent::Opened(_) => "account.opened",
-            AccountEvent::Deposited(_) => "account.deposited",
-            AccountEvent::Withdrawn(_) => "account.withdrawn",
-            AccountEvent::Closed(_) => "account.closed",
-        }
-    }
-
-    fn schema_version(&self) -> u32 {
-        1
-    }
-
-    fn event_types() -> &'static [&'static str] {
-        &[
-            "account.opened",
-            "account.deposited",
-            "account.withdrawn",
-            "account.closed",
-        ]
-    }
-
-    fn encode(&self) -> Result<Box<RawValue>, EncodeError> {
-        match self {
-            AccountEvent::Opened(e) => factum::encode_json(e),
-            AccountEvent::Deposited(e) => factum::encode_json(e),
-            AccountEvent::Withdrawn(e) => factum::encode_json(e),
-            AccountEvent::Closed(e) => factum::encode_json(e),
-        }
-    }
-
-    fn decode(event_type: &str, version: u32, payload: &RawValue) -> Result<Self, DecodeError> {
-        Ok(match (event_type, version) {
-            ("account.opened", 1) => AccountEvent::Opened(factum::decode_json(payload)?),
-            ("account.deposited", 1) => AccountEvent::Deposited(factum::decode_json(payload)?),
-            ("account.withdrawn", 1) => AccountEvent::Withdrawn(factum::decode_json(payload)?),
-            ("account.closed", 1) => AccountEvent::Closed(factum::decode_json(payload)?),
-            _ => return Err(DecodeError::unknown(event_type, version)),
-        })
-    }
 }
 
 /// Why an account refused a command.
@@ -168,7 +108,8 @@ pub enum AccountError {
 }
 
 /// A bank account's state.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Aggregate)]
+#[aggregate(type = "account", command = AccountCommand, event = AccountEvent, error = AccountError)]
 pub struct Account {
     /// Whether it was opened.
     pub open: bool,
@@ -180,13 +121,9 @@ pub struct Account {
     pub balance: Cents,
 }
 
-impl Aggregate for Account {
-    const TYPE: &'static str = "account";
-    type Command = AccountCommand;
-    type Event = AccountEvent;
-    type Error = AccountError;
-
-    fn decide(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+impl Account {
+    /// Decides what a command does (`Aggregate::decide`).
+    fn handle(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
         if self.closed {
             return Err(AccountError::Closed);
         }
@@ -219,7 +156,8 @@ impl Aggregate for Account {
         }
     }
 
-    fn evolve(&mut self, event: &AccountEvent) {
+    /// Applies one recorded event (`Aggregate::evolve`).
+    fn apply(&mut self, event: &AccountEvent) {
         match event {
             AccountEvent::Opened(e) => {
                 self.open = true;

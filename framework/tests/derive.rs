@@ -1,0 +1,464 @@
+//! The derives' generated impls, exercised through the public API.
+
+use factum::{
+    Aggregate, Command, DecodeError, Envelope, Event, EventFilter, Projection, RawValue, StreamId,
+    StreamVersion,
+};
+use serde::{Deserialize, Serialize};
+
+fn raw(json: &str) -> Box<RawValue> {
+    RawValue::from_string(json.to_owned()).expect("valid JSON")
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Opened {
+    owner: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct DepositedV1 {
+    cents: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Deposited {
+    amount: u64,
+    currency: String,
+}
+
+impl From<DepositedV1> for Deposited {
+    fn from(v1: DepositedV1) -> Self {
+        Self {
+            amount: v1.cents,
+            currency: "EUR".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Event)]
+#[event(prefix = "account")]
+enum AccountEvent {
+    Opened(Opened),
+    #[event(version = 2, upcast_from(DepositedV1 = 1))]
+    Deposited(Deposited),
+    #[event(name = "account.closed")]
+    Closed {
+        reason: String,
+        at: Option<u64>,
+    },
+    Frozen,
+    MoneyWithdrawn(Deposited),
+}
+
+#[test]
+fn wire_names_follow_the_prefix_and_snake_case_rule() {
+    assert_eq!(
+        AccountEvent::event_types(),
+        [
+            "account.opened",
+            "account.deposited",
+            "account.closed",
+            "account.frozen",
+            "account.money_withdrawn"
+        ]
+    );
+    let frozen = AccountEvent::Frozen;
+    assert_eq!(frozen.event_type(), "account.frozen");
+    assert_eq!(frozen.schema_version(), 1);
+    let deposited = AccountEvent::Deposited(Deposited {
+        amount: 5,
+        currency: "EUR".into(),
+    });
+    assert_eq!(deposited.event_type(), "account.deposited");
+    assert_eq!(deposited.schema_version(), 2);
+}
+
+#[test]
+fn every_shape_round_trips() {
+    let events = [
+        AccountEvent::Opened(Opened {
+            owner: "ada".into(),
+        }),
+        AccountEvent::Deposited(Deposited {
+            amount: 5,
+            currency: "GBP".into(),
+        }),
+        AccountEvent::Closed {
+            reason: "moved".into(),
+            at: Some(7),
+        },
+        AccountEvent::Frozen,
+    ];
+    for event in events {
+        let payload = event.encode().expect("encodes");
+        let back = AccountEvent::decode(event.event_type(), event.schema_version(), &payload)
+            .expect("decodes");
+        assert_eq!(back, event);
+    }
+}
+
+#[test]
+fn payload_shapes_are_plain_json() {
+    let closed = AccountEvent::Closed {
+        reason: "moved".into(),
+        at: None,
+    };
+    assert_eq!(
+        closed.encode().expect("encodes").get(),
+        r#"{"reason":"moved","at":null}"#
+    );
+    assert_eq!(AccountEvent::Frozen.encode().expect("encodes").get(), "{}");
+    let opened = AccountEvent::Opened(Opened { owner: "a".into() });
+    assert_eq!(opened.encode().expect("encodes").get(), r#"{"owner":"a"}"#);
+    // A missing `Option` field of a struct variant reads as `None`.
+    let decoded = AccountEvent::decode("account.closed", 1, &raw(r#"{"reason":"x"}"#));
+    assert_eq!(
+        decoded.expect("decodes"),
+        AccountEvent::Closed {
+            reason: "x".into(),
+            at: None
+        }
+    );
+}
+
+#[test]
+fn an_old_version_is_upcast() {
+    let event =
+        AccountEvent::decode("account.deposited", 1, &raw(r#"{"cents":250}"#)).expect("v1 decodes");
+    assert_eq!(
+        event,
+        AccountEvent::Deposited(Deposited {
+            amount: 250,
+            currency: "EUR".into()
+        })
+    );
+}
+
+#[test]
+fn unknown_names_and_versions_are_typed_errors() {
+    let err = AccountEvent::decode("account.deposited", 3, &raw("{}")).expect_err("no v3");
+    assert!(
+        matches!(err, DecodeError::Unknown { version: 3, .. }),
+        "{err:?}"
+    );
+    let err = AccountEvent::decode("account.reopened", 1, &raw("{}")).expect_err("unknown");
+    assert!(matches!(err, DecodeError::Unknown { .. }), "{err:?}");
+    let err =
+        AccountEvent::decode("account.opened", 1, &raw(r#"{"owner":1}"#)).expect_err("bad payload");
+    assert!(matches!(err, DecodeError::Payload(_)), "{err:?}");
+}
+
+#[test]
+fn a_filter_from_the_event_type_fetches_only_its_names() {
+    let filter = EventFilter::for_event::<AccountEvent>();
+    assert!(filter.matches_parts("account", "account.money_withdrawn"));
+    assert!(!filter.matches_parts("account", "account.renamed"));
+}
+
+/// A struct event with its own name, version and history.
+#[derive(Debug, PartialEq, Serialize, Deserialize, Event)]
+#[event(
+    name = "customer.registered",
+    version = 3,
+    upcast_from(RegisteredV1 = 1, RegisteredV2 = 2)
+)]
+struct Registered {
+    full_name: String,
+    email: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RegisteredV1 {
+    name: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RegisteredV2 {
+    full_name: String,
+}
+
+impl From<RegisteredV1> for RegisteredV2 {
+    fn from(v1: RegisteredV1) -> Self {
+        Self { full_name: v1.name }
+    }
+}
+
+impl From<RegisteredV2> for Registered {
+    fn from(v2: RegisteredV2) -> Self {
+        Self {
+            full_name: v2.full_name,
+            email: None,
+        }
+    }
+}
+
+#[test]
+fn a_struct_event_walks_its_whole_chain() {
+    assert_eq!(Registered::event_types(), ["customer.registered"]);
+    let expected = Registered {
+        full_name: "Ada".into(),
+        email: None,
+    };
+    let v1 = Registered::decode("customer.registered", 1, &raw(r#"{"name":"Ada"}"#));
+    assert_eq!(v1.expect("v1"), expected);
+    let v2 = Registered::decode("customer.registered", 2, &raw(r#"{"full_name":"Ada"}"#));
+    assert_eq!(v2.expect("v2"), expected);
+    assert_eq!(expected.schema_version(), 3);
+    assert_eq!(expected.event_type(), "customer.registered");
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize, Event)]
+#[event(prefix = "shop", rename_all = "kebab-case")]
+struct OrderPlaced {}
+
+#[test]
+fn a_struct_event_name_can_be_derived() {
+    assert_eq!(OrderPlaced::event_types(), ["shop.order-placed"]);
+}
+
+#[derive(Command)]
+#[command(name = "Deposit")]
+struct DepositMoney {
+    #[command(id)]
+    account: u32,
+    #[allow(dead_code)]
+    amount: u64,
+}
+
+#[derive(Command)]
+struct Rename(#[command(id)] String, #[allow(dead_code)] String);
+
+#[derive(Command)]
+#[command(id = account)]
+enum AccountCommand {
+    Open {
+        account: String,
+    },
+    #[command(name = "Withdraw")]
+    TakeOut {
+        account: String,
+    },
+    Transfer {
+        #[allow(dead_code)]
+        account: String,
+        #[command(id)]
+        from: String,
+    },
+    Freeze(#[command(id)] u64),
+}
+
+#[test]
+fn commands_name_themselves_and_find_their_id() {
+    let c = DepositMoney {
+        account: 42,
+        amount: 1,
+    };
+    assert_eq!(
+        (c.command_name(), c.aggregate_id()),
+        ("Deposit", "42".into())
+    );
+    let c = Rename("r1".into(), "x".into());
+    assert_eq!(
+        (c.command_name(), c.aggregate_id()),
+        ("Rename", "r1".into())
+    );
+
+    let open = AccountCommand::Open {
+        account: "a1".into(),
+    };
+    assert_eq!(
+        (open.command_name(), open.aggregate_id()),
+        ("Open", "a1".into())
+    );
+    let take = AccountCommand::TakeOut {
+        account: "a2".into(),
+    };
+    assert_eq!(
+        (take.command_name(), take.aggregate_id()),
+        ("Withdraw", "a2".into())
+    );
+    let transfer = AccountCommand::Transfer {
+        account: "to".into(),
+        from: "from".into(),
+    };
+    assert_eq!(transfer.aggregate_id(), "from");
+    assert_eq!(AccountCommand::Freeze(9).aggregate_id(), "9");
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("closed")]
+struct IsClosed;
+
+#[derive(Default, Aggregate)]
+#[aggregate(type = "account", command = AccountCommand, event = AccountEvent, error = IsClosed)]
+struct Account {
+    opened: bool,
+    closed: bool,
+    balance: u64,
+}
+
+impl Account {
+    fn handle(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
+        if self.closed {
+            return Err(IsClosed);
+        }
+        Ok(match command {
+            AccountCommand::Open { account } => vec![AccountEvent::Opened(Opened {
+                owner: account.clone(),
+            })],
+            _ => vec![AccountEvent::Frozen],
+        })
+    }
+
+    fn apply(&mut self, event: &AccountEvent) {
+        match event {
+            AccountEvent::Opened(_) => self.opened = true,
+            AccountEvent::Deposited(d) => self.balance += d.amount,
+            AccountEvent::Closed { .. } => self.closed = true,
+            AccountEvent::Frozen | AccountEvent::MoneyWithdrawn(_) => {}
+        }
+    }
+}
+
+#[test]
+fn the_aggregate_delegates_to_handle_and_apply() {
+    assert_eq!(Account::TYPE, "account");
+    let mut account = Account::default();
+    let events = account
+        .decide(&AccountCommand::Open {
+            account: "a".into(),
+        })
+        .expect("decides");
+    for e in &events {
+        account.evolve(e);
+    }
+    assert!(account.opened);
+    account.evolve(&AccountEvent::Closed {
+        reason: "r".into(),
+        at: None,
+    });
+    let rejected = account.decide(&AccountCommand::Freeze(1));
+    assert!(matches!(rejected, Err(IsClosed)));
+}
+
+mod custom_paths {
+    use super::*;
+
+    fn decide_ledger(_: &Ledger, _: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
+        Ok(vec![AccountEvent::Frozen])
+    }
+
+    fn count(ledger: &mut Ledger, _: &AccountEvent) {
+        ledger.seen += 1;
+    }
+
+    #[derive(Default, Serialize, Deserialize, Aggregate)]
+    #[aggregate(
+        type = "ledger",
+        command = AccountCommand,
+        event = AccountEvent,
+        error = IsClosed,
+        handle = decide_ledger,
+        apply = count,
+        snapshot_version = 4,
+    )]
+    pub(super) struct Ledger {
+        pub(super) seen: u32,
+    }
+}
+
+#[test]
+fn handler_paths_and_snapshots_are_configurable() {
+    use custom_paths::Ledger;
+    let mut ledger = Ledger::default();
+    let events = ledger.decide(&AccountCommand::Freeze(1)).expect("decides");
+    ledger.evolve(&events[0]);
+    assert_eq!(ledger.seen, 1);
+    assert_eq!(<Ledger as factum::Snapshot>::SNAPSHOT_VERSION, 4);
+}
+
+#[derive(Default, Projection)]
+#[projection(name = "balances", event = AccountEvent)]
+struct Balances {
+    total: u64,
+    opened: Vec<String>,
+}
+
+impl Balances {
+    fn handle(&mut self, envelope: &Envelope<AccountEvent>) -> Result<(), String> {
+        match &envelope.event {
+            AccountEvent::Opened(_) => self.opened.push(envelope.stream_id.to_string()),
+            AccountEvent::Deposited(d) if d.amount == 0 => return Err("zero deposit".into()),
+            AccountEvent::Deposited(d) => self.total += d.amount,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default, Projection)]
+#[projection(name = "opened-count", event = AccountEvent, handle = Self::count)]
+struct OpenedCount(u32);
+
+impl OpenedCount {
+    fn count(&mut self, envelope: &Envelope<AccountEvent>) {
+        if let AccountEvent::Opened(_) = envelope.event {
+            self.0 += 1;
+        }
+    }
+}
+
+fn envelope(event: AccountEvent) -> Envelope<AccountEvent> {
+    let stream = StreamId::for_aggregate("account", "1").expect("valid");
+    Envelope::new(stream, StreamVersion::new(1), event)
+}
+
+#[test]
+fn projections_dispatch_to_their_handler() {
+    assert_eq!(Balances::NAME, "balances");
+    let mut balances = Balances::default();
+    balances
+        .apply(&envelope(AccountEvent::Opened(Opened {
+            owner: "a".into(),
+        })))
+        .expect("applies");
+    balances
+        .apply(&envelope(AccountEvent::Deposited(Deposited {
+            amount: 7,
+            currency: "EUR".into(),
+        })))
+        .expect("applies");
+    assert_eq!((balances.total, balances.opened.len()), (7, 1));
+    let err = balances
+        .apply(&envelope(AccountEvent::Deposited(Deposited {
+            amount: 0,
+            currency: "EUR".into(),
+        })))
+        .expect_err("handler error surfaces");
+    assert_eq!(err.to_string(), "zero deposit");
+
+    let mut count = OpenedCount::default();
+    count
+        .apply(&envelope(AccountEvent::Opened(Opened {
+            owner: "a".into(),
+        })))
+        .expect("infallible handler");
+    assert_eq!((OpenedCount::NAME, count.0), ("opened-count", 1));
+}
+
+/// The `crate` override: generated code reaches factum through another path.
+mod reexported {
+    pub(crate) mod my_framework {
+        pub(crate) use factum;
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize, factum::Event)]
+    #[factum(crate = "self::my_framework::factum")]
+    #[event(name = "x.happened")]
+    pub(crate) struct Happened {}
+}
+
+#[test]
+fn the_crate_path_can_be_overridden() {
+    assert_eq!(reexported::Happened {}.event_type(), "x.happened");
+}

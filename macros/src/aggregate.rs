@@ -1,0 +1,208 @@
+//! `#[derive(Aggregate)]`: the aggregate type's name and types, delegating to inherent
+//! `handle`/`apply` methods.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned as _;
+use syn::{Data, DeriveInput, LitStr, Path, Type};
+
+use crate::attr::{self, Ctxt, Spanned};
+
+const KEYS: &str = "`type`, `command`, `event`, `error`, `handle`, `apply` or `snapshot_version`";
+
+#[derive(Default)]
+struct AggregateAttrs {
+    type_name: Option<LitStr>,
+    command: Option<Type>,
+    event: Option<Type>,
+    error: Option<Type>,
+    handle: Option<Path>,
+    apply: Option<Path>,
+    snapshot_version: Option<Spanned<u32>>,
+    /// The `aggregate` in `#[aggregate(...)]`, to point "missing key" errors at.
+    attr_span: Option<Span>,
+}
+
+fn parse_attrs(cx: &mut Ctxt, input: &DeriveInput) -> AggregateAttrs {
+    let mut out = AggregateAttrs {
+        attr_span: input
+            .attrs
+            .iter()
+            .find(|a| a.path().is_ident("aggregate"))
+            .map(|a| a.path().span()),
+        ..AggregateAttrs::default()
+    };
+    attr::for_each_meta(cx, &input.attrs, "aggregate", |cx, meta| {
+        let key = attr::key_name(&meta);
+        match key.as_str() {
+            "type" => {
+                attr::check_duplicate(cx, &meta, &out.type_name);
+                if let Some(name) = attr::string_value(cx, &meta, "type = \"account\"")? {
+                    let value = name.value();
+                    if value.is_empty() {
+                        cx.error(&name, "the aggregate type must not be empty");
+                    } else if value.contains('-') {
+                        cx.error(
+                            &name,
+                            format_args!(
+                                "the aggregate type {value:?} must not contain `-`: it separates the type from the id in stream ids (`account-42`); try {:?}",
+                                value.replace('-', "_")
+                            ),
+                        );
+                    } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                        cx.error(
+                            &name,
+                            format_args!("the aggregate type {value:?} must not contain whitespace or control characters"),
+                        );
+                    }
+                    out.type_name = Some(name);
+                }
+            }
+            "command" | "event" | "error" => {
+                let slot = match key.as_str() {
+                    "command" => &mut out.command,
+                    "event" => &mut out.event,
+                    _ => &mut out.error,
+                };
+                attr::check_duplicate(cx, &meta, slot);
+                if let Some(ty) = attr::type_value(cx, &meta)? {
+                    *slot = Some(ty);
+                }
+            }
+            "handle" | "apply" => {
+                let slot = if key == "handle" {
+                    &mut out.handle
+                } else {
+                    &mut out.apply
+                };
+                attr::check_duplicate(cx, &meta, slot);
+                if let Some(path) = attr::path_value(cx, &meta)? {
+                    *slot = Some(path);
+                }
+            }
+            "snapshot_version" => {
+                attr::check_duplicate(cx, &meta, &out.snapshot_version);
+                let value = meta.value()?;
+                out.snapshot_version = attr::version_value(cx, value, "snapshot_version = 1")?;
+            }
+            _ => return attr::unknown_key(cx, &meta, "aggregate", KEYS),
+        }
+        Ok(())
+    });
+    out
+}
+
+/// Expands `#[derive(Aggregate)]`.
+pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
+    let mut cx = Ctxt::new();
+    let krate = attr::crate_path(&mut cx, &input.attrs);
+    if let Data::Union(data) = &input.data {
+        cx.error(
+            data.union_token,
+            "`#[derive(Aggregate)]` supports structs and enums, not unions",
+        );
+        return Ok(cx.into_compile_errors());
+    }
+    let attrs = parse_attrs(&mut cx, &input);
+    let missing_span = attrs.attr_span.unwrap_or_else(Span::call_site);
+    let hint = "#[aggregate(type = \"account\", command = AccountCommand, event = AccountEvent, error = AccountError)]";
+    if attrs.attr_span.is_none() {
+        cx.error_at(
+            Span::call_site(),
+            format_args!("`#[derive(Aggregate)]` needs `{hint}`"),
+        );
+    } else {
+        for (key, missing) in [
+            ("type = \"account\"", attrs.type_name.is_none()),
+            ("command = AccountCommand", attrs.command.is_none()),
+            ("event = AccountEvent", attrs.event.is_none()),
+            ("error = AccountError", attrs.error.is_none()),
+        ] {
+            if missing {
+                cx.error_at(
+                    missing_span,
+                    format_args!("missing `{key}` in `#[aggregate(...)]`"),
+                );
+            }
+        }
+    }
+
+    let ident = &input.ident;
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let private = quote!(#krate::__private);
+    let or_never = |ty: &Option<Type>| match ty {
+        Some(ty) => quote!(#ty),
+        None => quote!(#private::Unparsed),
+    };
+    let command = or_never(&attrs.command);
+    let event = or_never(&attrs.event);
+    let error = or_never(&attrs.error);
+    let type_name = attrs
+        .type_name
+        .as_ref()
+        .map_or_else(String::new, LitStr::value);
+
+    if cx.has_errors() {
+        let errors = cx.into_compile_errors();
+        return Ok(quote! {
+            #errors
+            const _: () = {
+                impl #impl_generics #krate::Aggregate for #ident #ty_generics #where_clause {
+                    const TYPE: &'static str = #type_name;
+                    type Command = #command;
+                    type Event = #event;
+                    type Error = #error;
+                    fn decide(&self, _: &Self::Command) -> ::core::result::Result<#private::Vec<Self::Event>, Self::Error> {
+                        ::core::unreachable!()
+                    }
+                    fn evolve(&mut self, _: &Self::Event) { ::core::unreachable!() }
+                }
+            };
+        });
+    }
+
+    // Spanned on the user's tokens: a missing method or a wrong signature points at the
+    // attribute that asked for it.
+    let handle = match &attrs.handle {
+        Some(path) => quote_spanned!(path.span()=> #path(self, command)),
+        None => quote_spanned!(missing_span=> Self::handle(self, command)),
+    };
+    let apply = match &attrs.apply {
+        Some(path) => quote_spanned!(path.span()=> #path(self, event)),
+        None => quote_spanned!(missing_span=> Self::apply(self, event)),
+    };
+    let snapshot = attrs.snapshot_version.map(|v| {
+        let version = v.value;
+        quote! {
+            impl #impl_generics #krate::Snapshot for #ident #ty_generics #where_clause {
+                const SNAPSHOT_VERSION: u32 = #version;
+            }
+        }
+    });
+    let impl_attrs = attr::impl_attrs();
+    Ok(quote! {
+        const _: () = {
+            #impl_attrs
+            impl #impl_generics #krate::Aggregate for #ident #ty_generics #where_clause {
+                const TYPE: &'static str = #type_name;
+                type Command = #command;
+                type Event = #event;
+                type Error = #error;
+
+                #[inline]
+                fn decide(
+                    &self,
+                    command: &Self::Command,
+                ) -> ::core::result::Result<#private::Vec<Self::Event>, Self::Error> {
+                    #handle
+                }
+
+                #[inline]
+                fn evolve(&mut self, event: &Self::Event) {
+                    #apply
+                }
+            }
+            #snapshot
+        };
+    })
+}

@@ -1,0 +1,550 @@
+//! `#[derive(Event)]`: wire names, schema versions and the upcasting chain.
+
+use std::collections::HashMap;
+
+use proc_macro2::{Span, TokenStream};
+use quote::{ToTokens, quote, quote_spanned};
+use syn::spanned::Spanned as _;
+use syn::{Data, DeriveInput, Fields, Ident, LitStr, Path, Type};
+
+use crate::attr::{self, Ctxt, Spanned};
+use crate::case::RenameRule;
+
+const CONTAINER_KEYS: &str =
+    "`prefix` or `rename_all` (put `name`, `version` and `upcast_from` on each variant)";
+const VARIANT_KEYS: &str = "`name`, `version` or `upcast_from`";
+const STRUCT_KEYS: &str = "`name`, `prefix`, `rename_all`, `version` or `upcast_from`";
+
+/// Where an `#[event(...)]` attribute sits; decides which keys it accepts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Enum,
+    Variant,
+    Struct,
+}
+
+/// One older version: `OpenedV1 = 1`.
+struct Upcast {
+    ty: Path,
+    version: Spanned<u32>,
+}
+
+/// Everything one `#[event(...)]` list can say.
+#[derive(Default)]
+struct EventAttrs {
+    name: Option<LitStr>,
+    prefix: Option<LitStr>,
+    rename_all: Option<RenameRule>,
+    version: Option<Spanned<u32>>,
+    upcast_from: Option<(Ident, Vec<Upcast>)>,
+}
+
+fn parse_attrs(cx: &mut Ctxt, attrs: &[syn::Attribute], place: Place) -> EventAttrs {
+    let mut out = EventAttrs::default();
+    let mut rename_all_seen = false;
+    attr::for_each_meta(cx, attrs, "event", |cx, meta| {
+        let key = attr::key_name(&meta);
+        let allowed = matches!(
+            (place, key.as_str()),
+            (Place::Enum, "prefix" | "rename_all")
+                | (Place::Variant, "name" | "version" | "upcast_from")
+                | (
+                    Place::Struct,
+                    "name" | "prefix" | "rename_all" | "version" | "upcast_from"
+                )
+        );
+        if !allowed {
+            let expected = match place {
+                Place::Enum => CONTAINER_KEYS,
+                Place::Variant => VARIANT_KEYS,
+                Place::Struct => STRUCT_KEYS,
+            };
+            let known = ["name", "prefix", "rename_all", "version", "upcast_from"];
+            if known.contains(&key.as_str()) {
+                let place = match place {
+                    Place::Enum => "on the enum",
+                    Place::Variant => "on a variant",
+                    Place::Struct => "here",
+                };
+                cx.error(
+                    &meta.path,
+                    format_args!("`{key}` is not allowed {place}; expected {expected}"),
+                );
+                return attr::skip_value(&meta);
+            }
+            return attr::unknown_key(cx, &meta, "event", expected);
+        }
+        match key.as_str() {
+            "name" => {
+                attr::check_duplicate(cx, &meta, &out.name);
+                if let Some(name) = attr::string_value(cx, &meta, "name = \"account.opened\"")? {
+                    check_wire_name(cx, &name, &name.value(), "wire name");
+                    out.name = Some(name);
+                }
+            }
+            "prefix" => {
+                attr::check_duplicate(cx, &meta, &out.prefix);
+                if let Some(prefix) = attr::string_value(cx, &meta, "prefix = \"account\"")? {
+                    check_wire_name(cx, &prefix, &prefix.value(), "prefix");
+                    out.prefix = Some(prefix);
+                }
+            }
+            "rename_all" => {
+                if rename_all_seen {
+                    cx.error(&meta.path, "duplicate `rename_all`: give it once");
+                }
+                rename_all_seen = true;
+                if let Some(rule) = attr::string_value(cx, &meta, "rename_all = \"snake_case\"")? {
+                    match RenameRule::parse(&rule.value()) {
+                        Some(r) => out.rename_all = Some(r),
+                        None => cx.error(
+                            &rule,
+                            format_args!(
+                                "unknown `rename_all` rule {:?}; expected {}",
+                                rule.value(),
+                                RenameRule::ACCEPTED
+                            ),
+                        ),
+                    }
+                }
+            }
+            "version" => {
+                attr::check_duplicate(cx, &meta, &out.version);
+                let value = meta.value()?;
+                if let Some(v) = attr::version_value(cx, value, "version = 2")? {
+                    out.version = Some(v);
+                }
+            }
+            _ => {
+                // upcast_from(OpenedV1 = 1, OpenedV2 = 2)
+                let key_ident = meta.path.get_ident().cloned();
+                if out.upcast_from.is_some() {
+                    cx.error(
+                        &meta.path,
+                        "duplicate `upcast_from`: list every older version in one `upcast_from(...)`",
+                    );
+                }
+                if !meta.input.peek(syn::token::Paren) {
+                    cx.error(
+                        &meta.path,
+                        "expected `upcast_from(OpenedV1 = 1, ...)`: each older type with the schema version it was stored at",
+                    );
+                    return attr::skip_value(&meta);
+                }
+                let mut steps = Vec::new();
+                meta.parse_nested_meta(|inner| {
+                    if !inner.input.peek(syn::Token![=]) {
+                        cx.error(
+                            &inner.path,
+                            format_args!(
+                                "expected `{} = N`: the schema version this type was stored at",
+                                inner.path.to_token_stream().to_string().replace(' ', "")
+                            ),
+                        );
+                        return attr::skip_value(&inner);
+                    }
+                    let value = inner.value()?;
+                    if let Some(version) =
+                        attr::version_value(cx, value, "upcast_from(OpenedV1 = 1)")?
+                    {
+                        steps.push(Upcast {
+                            ty: inner.path.clone(),
+                            version,
+                        });
+                    }
+                    Ok(())
+                })?;
+                if let Some(ident) = key_ident {
+                    out.upcast_from = Some((ident, steps));
+                }
+            }
+        }
+        Ok(())
+    });
+    out
+}
+
+/// Wire names are stored and compared byte for byte: keep them printable.
+fn check_wire_name(cx: &mut Ctxt, tokens: &LitStr, value: &str, what: &str) {
+    if value.is_empty() {
+        cx.error(tokens, format_args!("the {what} must not be empty"));
+    } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        cx.error(
+            tokens,
+            format_args!("the {what} {value:?} must not contain whitespace or control characters"),
+        );
+    }
+}
+
+/// One event kind: a variant of an enum, or the struct itself.
+struct Kind {
+    /// The variant (`None` for a struct).
+    variant: Option<Ident>,
+    shape: Shape,
+    name: String,
+    /// What to point at when the name is wrong.
+    name_span: Span,
+    version: u32,
+    upcasts: Vec<Upcast>,
+}
+
+enum Shape {
+    /// `Opened(Opened)`, or a struct event: the payload is a type of its own.
+    Newtype(Type),
+    /// `Closed { reason: String }`: the payload is the fields as a JSON object.
+    Named(Vec<syn::Field>),
+    /// `Frozen`: no payload.
+    Unit,
+}
+
+/// Expands `#[derive(Event)]`.
+pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
+    let mut cx = Ctxt::new();
+    let krate = attr::crate_path(&mut cx, &input.attrs);
+    let ident = &input.ident;
+    if !input.generics.params.is_empty() {
+        cx.error(
+            &input.generics,
+            "`#[derive(Event)]` does not support generic types: an event's wire form must be one concrete type",
+        );
+    }
+
+    let kinds = match &input.data {
+        Data::Enum(data) => {
+            let container = parse_attrs(&mut cx, &input.attrs, Place::Enum);
+            let rule = container.rename_all.unwrap_or(RenameRule::Snake);
+            let prefix = container.prefix.map(|p| p.value());
+            let mut kinds = Vec::new();
+            for variant in &data.variants {
+                let attrs = parse_attrs(&mut cx, &variant.attrs, Place::Variant);
+                let shape = match &variant.fields {
+                    Fields::Unnamed(f) if f.unnamed.len() == 1 => {
+                        Shape::Newtype(f.unnamed[0].ty.clone())
+                    }
+                    Fields::Unnamed(f) => {
+                        cx.error(
+                            f,
+                            "an event variant holds one payload type (`Opened(Opened)`) or named fields (`Closed { reason: String }`), not a tuple",
+                        );
+                        continue;
+                    }
+                    Fields::Named(f) => Shape::Named(f.named.iter().cloned().collect()),
+                    Fields::Unit => Shape::Unit,
+                };
+                for field in variant.fields.iter() {
+                    reject_field_attrs(&mut cx, field);
+                }
+                kinds.push(kind(
+                    &mut cx,
+                    &variant.ident,
+                    Some(variant.ident.clone()),
+                    shape,
+                    attrs,
+                    prefix.as_deref(),
+                    rule,
+                ));
+            }
+            kinds
+        }
+        Data::Struct(data) => {
+            let attrs = parse_attrs(&mut cx, &input.attrs, Place::Struct);
+            let rule = attrs.rename_all.unwrap_or(RenameRule::Snake);
+            let prefix = attrs.prefix.as_ref().map(LitStr::value);
+            for field in data.fields.iter() {
+                reject_field_attrs(&mut cx, field);
+            }
+            let self_ty: Type = syn::parse_quote!(Self);
+            vec![kind(
+                &mut cx,
+                ident,
+                None,
+                Shape::Newtype(self_ty),
+                attrs,
+                prefix.as_deref(),
+                rule,
+            )]
+        }
+        Data::Union(data) => {
+            cx.error(
+                data.union_token,
+                "`#[derive(Event)]` supports enums and structs, not unions",
+            );
+            Vec::new()
+        }
+    };
+    check_duplicates(&mut cx, &kinds);
+
+    if cx.has_errors() {
+        let fallback = fallback(&krate, &input);
+        let errors = cx.into_compile_errors();
+        return Ok(quote! { #errors #fallback });
+    }
+    let body = generate(&krate, ident, &kinds);
+    Ok(quote! { const _: () = { #body }; })
+}
+
+fn reject_field_attrs(cx: &mut Ctxt, field: &syn::Field) {
+    for a in field.attrs.iter().filter(|a| a.path().is_ident("event")) {
+        cx.error(
+            a,
+            "`#[event(...)]` goes on the type or on a variant, not on a field",
+        );
+    }
+}
+
+fn kind(
+    cx: &mut Ctxt,
+    named_after: &Ident,
+    variant: Option<Ident>,
+    shape: Shape,
+    attrs: EventAttrs,
+    prefix: Option<&str>,
+    rule: RenameRule,
+) -> Kind {
+    let (name, name_span) = match &attrs.name {
+        Some(name) => (name.value(), name.span()),
+        None => (derived_name(prefix, rule, named_after), named_after.span()),
+    };
+    let version = attrs.version.as_ref().map_or(1, |v| v.value);
+    let mut upcasts = Vec::new();
+    if let Some((key, steps)) = attrs.upcast_from {
+        if !matches!(shape, Shape::Newtype(_)) {
+            cx.error(
+                &key,
+                "`upcast_from` needs a newtype variant such as `Opened(Opened)`: older versions convert into its payload type with `From`",
+            );
+        }
+        let mut seen: HashMap<u32, ()> = HashMap::new();
+        for step in steps {
+            let v = step.version.value;
+            if v == version || seen.insert(v, ()).is_some() {
+                cx.error_at(
+                    step.version.span,
+                    format_args!("duplicate version {v} of event {name:?}: each (name, version) pair is decoded by exactly one type"),
+                );
+            } else if v > version {
+                cx.error_at(
+                    step.version.span,
+                    format_args!("version {v} is not older than the current version {version} of event {name:?}; raise `version` or remove this entry"),
+                );
+            } else {
+                upcasts.push(step);
+            }
+        }
+    }
+    upcasts.sort_by_key(|u| u.version.value);
+    Kind {
+        variant,
+        shape,
+        name,
+        name_span,
+        version,
+        upcasts,
+    }
+}
+
+fn derived_name(prefix: Option<&str>, rule: RenameRule, ident: &Ident) -> String {
+    let base = rule.apply(&ident.to_string());
+    match prefix {
+        Some(p) => format!("{p}.{base}"),
+        None => base,
+    }
+}
+
+fn check_duplicates(cx: &mut Ctxt, kinds: &[Kind]) {
+    let mut seen: HashMap<&str, &Kind> = HashMap::new();
+    for k in kinds {
+        if let Some(first) = seen.get(k.name.as_str()) {
+            let first_variant = first
+                .variant
+                .as_ref()
+                .map_or_else(String::new, ToString::to_string);
+            cx.error_at(
+                k.name_span,
+                format_args!(
+                    "duplicate wire name {:?}: variant `{first_variant}` already uses it; give each variant its own name (an older version of the same event goes in `upcast_from`)",
+                    k.name
+                ),
+            );
+        } else {
+            seen.insert(&k.name, k);
+        }
+    }
+}
+
+fn generate(krate: &Path, ident: &Ident, kinds: &[Kind]) -> TokenStream {
+    let private = quote!(#krate::__private);
+    let serde_crate = format!("{}::__private::serde", krate.to_token_stream()).replace(' ', "");
+    let impl_attrs = attr::impl_attrs();
+
+    let names: Vec<&str> = kinds.iter().map(|k| k.name.as_str()).collect();
+    let is_struct = kinds.first().is_some_and(|k| k.variant.is_none());
+
+    let mut type_arms = Vec::new();
+    let mut version_arms = Vec::new();
+    let mut encode_arms = Vec::new();
+    let mut decode_arms = Vec::new();
+
+    for k in kinds {
+        let name = k.name.as_str();
+        let version = k.version;
+        let pattern = match (&k.variant, &k.shape) {
+            (None, _) => quote!(_),
+            (Some(v), Shape::Newtype(_)) => quote!(Self::#v(..)),
+            (Some(v), Shape::Named(_)) => quote!(Self::#v { .. }),
+            (Some(v), Shape::Unit) => quote!(Self::#v),
+        };
+        type_arms.push(quote!(#pattern => #name));
+        version_arms.push(quote!(#pattern => #version));
+
+        match &k.shape {
+            Shape::Newtype(ty) => {
+                let construct = |value: TokenStream| match &k.variant {
+                    Some(v) => quote!(Self::#v(#value)),
+                    None => value,
+                };
+                let encode = quote_spanned!(ty.span()=> #private::encode_json::<#ty>(__payload));
+                encode_arms.push(match &k.variant {
+                    Some(v) => quote!(Self::#v(__payload) => #encode),
+                    None => quote!(__payload => #encode),
+                });
+                let decode = quote_spanned!(ty.span()=> #private::decode_json::<#ty>(payload)?);
+                let current = construct(decode);
+                decode_arms.push(quote!((#name, #version) => ::core::result::Result::Ok(#current)));
+                // Each older version decodes as its own type, then steps forward one `From` at a
+                // time; a missing link fails on the `upcast_from` entry that needs it.
+                for (i, step) in k.upcasts.iter().enumerate() {
+                    let old = &step.ty;
+                    let v = step.version.value;
+                    let mut body = vec![quote_spanned!(old.span()=>
+                        let __value = #private::decode_json::<#old>(payload)?;
+                    )];
+                    for (j, from) in k.upcasts.iter().enumerate().skip(i) {
+                        let from_ty = &from.ty;
+                        let to = match k.upcasts.get(j + 1) {
+                            Some(next) => next.ty.to_token_stream(),
+                            None => ty.to_token_stream(),
+                        };
+                        body.push(quote_spanned!(from_ty.span()=>
+                            let __value = #private::upcast::<#from_ty, #to>(__value);
+                        ));
+                    }
+                    let done = construct(quote!(__value));
+                    decode_arms.push(quote! {
+                        (#name, #v) => {
+                            #(#body)*
+                            ::core::result::Result::Ok(#done)
+                        }
+                    });
+                }
+            }
+            Shape::Named(fields) => {
+                let Some(v) = &k.variant else { continue };
+                let idents: Vec<&Ident> = fields.iter().filter_map(|f| f.ident.as_ref()).collect();
+                let types: Vec<&Type> = fields.iter().map(|f| &f.ty).collect();
+                let serde_attrs: Vec<Vec<&syn::Attribute>> = fields
+                    .iter()
+                    .map(|f| {
+                        f.attrs
+                            .iter()
+                            .filter(|a| a.path().is_ident("serde"))
+                            .collect()
+                    })
+                    .collect();
+                encode_arms.push(quote! {
+                    Self::#v { #(#idents),* } => {
+                        #[derive(#private::serde::Serialize)]
+                        #[serde(crate = #serde_crate)]
+                        struct __Payload<'__a> { #( #(#serde_attrs)* #idents: &'__a #types, )* }
+                        #private::encode_json(&__Payload { #(#idents),* })
+                    }
+                });
+                decode_arms.push(quote! {
+                    (#name, #version) => {
+                        #[derive(#private::serde::Deserialize)]
+                        #[serde(crate = #serde_crate)]
+                        struct __Payload { #( #(#serde_attrs)* #idents: #types, )* }
+                        let __payload: __Payload = #private::decode_json(payload)?;
+                        ::core::result::Result::Ok(Self::#v { #(#idents: __payload.#idents),* })
+                    }
+                });
+            }
+            Shape::Unit => {
+                let Some(v) = &k.variant else { continue };
+                encode_arms.push(quote! {
+                    Self::#v => #private::encode_json(&#private::EmptyPayload {})
+                });
+                // A unit event carries nothing: whatever was stored beside its name is ignored.
+                decode_arms.push(quote! {
+                    (#name, #version) => ::core::result::Result::Ok(Self::#v)
+                });
+            }
+        }
+    }
+
+    let (type_body, version_body, encode_body) = if is_struct {
+        let name = names.first().copied().unwrap_or_default();
+        let version = kinds.first().map_or(1, |k| k.version);
+        let encode = encode_arms.first().cloned().unwrap_or_default();
+        (
+            quote!(#name),
+            quote!(#version),
+            quote!(match self { #encode }),
+        )
+    } else {
+        (
+            quote!(match *self { #(#type_arms,)* }),
+            quote!(match *self { #(#version_arms,)* }),
+            quote!(match self { #(#encode_arms,)* }),
+        )
+    };
+
+    quote! {
+        #impl_attrs
+        impl #krate::Event for #ident {
+            fn event_type(&self) -> &'static str { #type_body }
+            fn schema_version(&self) -> u32 { #version_body }
+            fn event_types() -> &'static [&'static str] { &[#(#names),*] }
+            fn encode(&self) -> ::core::result::Result<
+                #private::Box<#private::RawValue>,
+                #private::EncodeError,
+            > {
+                #encode_body
+            }
+            fn decode(
+                event_type: &str,
+                version: u32,
+                payload: &#private::RawValue,
+            ) -> ::core::result::Result<Self, #private::DecodeError> {
+                match (event_type, version) {
+                    #(#decode_arms,)*
+                    _ => ::core::result::Result::Err(#private::DecodeError::unknown(event_type, version)),
+                }
+            }
+        }
+    }
+}
+
+/// A do-nothing impl so that, next to the real errors, uses of the type do not add more.
+fn fallback(krate: &Path, input: &DeriveInput) -> TokenStream {
+    if matches!(input.data, Data::Union(_)) || !input.generics.params.is_empty() {
+        return TokenStream::new();
+    }
+    let ident = &input.ident;
+    let private = quote!(#krate::__private);
+    quote! {
+        const _: () = {
+            impl #krate::Event for #ident {
+                fn event_type(&self) -> &'static str { ::core::unreachable!() }
+                fn schema_version(&self) -> u32 { ::core::unreachable!() }
+                fn event_types() -> &'static [&'static str] { &[] }
+                fn encode(&self) -> ::core::result::Result<#private::Box<#private::RawValue>, #private::EncodeError> {
+                    ::core::unreachable!()
+                }
+                fn decode(_: &str, _: u32, _: &#private::RawValue) -> ::core::result::Result<Self, #private::DecodeError> {
+                    ::core::unreachable!()
+                }
+            }
+        };
+    }
+}

@@ -1,0 +1,108 @@
+//! `#[derive(Projection)]`: the projection's name and events, delegating to an inherent
+//! `handle` method.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned as _;
+use syn::{Data, DeriveInput, LitStr, Path, Type};
+
+use crate::attr::{self, Ctxt};
+
+const KEYS: &str = "`name`, `event` or `handle`";
+
+/// Expands `#[derive(Projection)]`.
+pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
+    let mut cx = Ctxt::new();
+    let krate = attr::crate_path(&mut cx, &input.attrs);
+    if let Data::Union(data) = &input.data {
+        cx.error(
+            data.union_token,
+            "`#[derive(Projection)]` supports structs and enums, not unions",
+        );
+        return Ok(cx.into_compile_errors());
+    }
+
+    let mut name: Option<LitStr> = None;
+    let mut event: Option<Type> = None;
+    let mut handle: Option<Path> = None;
+    let attr_span = input
+        .attrs
+        .iter()
+        .find(|a| a.path().is_ident("projection"))
+        .map(|a| a.path().span());
+    attr::for_each_meta(&mut cx, &input.attrs, "projection", |cx, meta| {
+        if meta.path.is_ident("name") {
+            attr::check_duplicate(cx, &meta, &name);
+            if let Some(lit) = attr::string_value(cx, &meta, "name = \"balances\"")? {
+                if lit.value().trim().is_empty() {
+                    cx.error(&lit, "the projection name must not be empty: it keys the projection's checkpoint");
+                }
+                name = Some(lit);
+            }
+        } else if meta.path.is_ident("event") {
+            attr::check_duplicate(cx, &meta, &event);
+            event = attr::type_value(cx, &meta)?.or(event.take());
+        } else if meta.path.is_ident("handle") {
+            attr::check_duplicate(cx, &meta, &handle);
+            handle = attr::path_value(cx, &meta)?.or(handle.take());
+        } else {
+            return attr::unknown_key(cx, &meta, "projection", KEYS);
+        }
+        Ok(())
+    });
+    let hint = "#[projection(name = \"balances\", event = BalanceEvent)]";
+    match attr_span {
+        None => cx.error_at(
+            Span::call_site(),
+            format_args!("`#[derive(Projection)]` needs `{hint}`"),
+        ),
+        Some(span) => {
+            if name.is_none() {
+                cx.error_at(span, "missing `name = \"...\"` in `#[projection(...)]`: the stable key of the projection's checkpoint");
+            }
+            if event.is_none() {
+                cx.error_at(span, "missing `event = EventType` in `#[projection(...)]`: the events the projection handles");
+            }
+        }
+    }
+
+    let ident = &input.ident;
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let private = quote!(#krate::__private);
+    let name_value = name.as_ref().map_or_else(String::new, LitStr::value);
+    let event_ty = match &event {
+        Some(ty) => quote!(#ty),
+        None => quote!(#private::Unparsed),
+    };
+    let body = if cx.has_errors() {
+        quote!(::core::unreachable!())
+    } else {
+        let call = match &handle {
+            Some(path) => quote_spanned!(path.span()=> #path(self, event)),
+            None => {
+                let span = attr_span.unwrap_or_else(Span::call_site);
+                quote_spanned!(span=> Self::handle(self, event))
+            }
+        };
+        quote!(#private::HandlerResult::into_result(#call))
+    };
+    let errors = cx.into_compile_errors();
+    let impl_attrs = attr::impl_attrs();
+    Ok(quote! {
+        #errors
+        const _: () = {
+            #impl_attrs
+            impl #impl_generics #krate::Projection for #ident #ty_generics #where_clause {
+                const NAME: &'static str = #name_value;
+                type Event = #event_ty;
+
+                fn apply(
+                    &mut self,
+                    event: &#krate::Envelope<Self::Event>,
+                ) -> ::core::result::Result<(), #krate::BoxError> {
+                    #body
+                }
+            }
+        };
+    })
+}
