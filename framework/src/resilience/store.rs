@@ -1,0 +1,240 @@
+//! `Resilient<S>`: resilience for any backend, by wrapping it.
+
+use futures_util::StreamExt;
+
+use crate::error::{Error, ErrorKind};
+use crate::event::{NewEvent, RecordedEvent};
+use crate::ids::{LogPosition, StreamId, StreamVersion};
+use crate::store::{
+    AppendResult, EventFilter, EventStore, EventStream, ExpectedVersion, SnapshotStore,
+    StoredSnapshot,
+};
+
+use super::{Operation, Resilience, RetryGate};
+
+/// Wraps any [`EventStore`] / [`SnapshotStore`] with a [`Resilience`]: each call goes through
+/// the circuit breaker, and failures are retried by their class under the operation's
+/// [`RetryPolicy`](super::RetryPolicy) and the shared [`RetryBudget`](super::RetryBudget).
+///
+/// Why a wrapper rather than retries inside each backend: the backend classifies its errors
+/// once (SQLSTATE → [`ErrorKind`]), and the policy — what to retry, how long, when to stop
+/// calling — is written and tested once, here, for every backend. The store's idempotent
+/// re-append rule makes this sound for appends: a batch whose outcome is unknown is re-appended
+/// *unchanged* (same event ids); if the first attempt had landed, the store answers
+/// `duplicate: true` and stores nothing, so a retried append is stored exactly once.
+///
+/// | call | operation | retried on |
+/// | --- | --- | --- |
+/// | `append` | [`Append`](Operation::Append) | transient errors and unknown outcomes (same batch) |
+/// | `read_stream` | [`Read`](Operation::Read) | transient errors: resumes after the last event it returned |
+/// | `read_all`, `head` | [`Read`](Operation::Read) | transient errors |
+/// | `save_snapshot` | [`Snapshot`](Operation::Snapshot) | transient errors and unknown outcomes (saving is idempotent) |
+/// | `load_snapshot` | [`Snapshot`](Operation::Snapshot) | transient errors |
+///
+/// ```
+/// use factum::resilience::Resilient;
+/// use factum::{EventStore, ExpectedVersion, InMemoryStore, NewEvent, StreamId};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+/// let store = Resilient::new("memory", InMemoryStore::new());
+/// let stream = StreamId::new("account-1").unwrap();
+/// let event = NewEvent {
+///     event_id: factum::EventId::new(),
+///     event_type: "account.opened".into(),
+///     schema_version: 1,
+///     payload: serde_json::value::to_raw_value(&serde_json::json!({})).unwrap(),
+///     metadata: Default::default(),
+/// };
+/// let appended = store.append(&stream, ExpectedVersion::NoStream, vec![event]).await.unwrap();
+/// assert_eq!(appended.stream_version.get(), 1);
+/// assert_eq!(store.inner().len(), 1);
+/// # });
+/// ```
+#[derive(Clone, Debug)]
+pub struct Resilient<S> {
+    inner: S,
+    resilience: Resilience,
+}
+
+impl<S> Resilient<S> {
+    /// Wraps `inner` with the default [`Resilience`] for `dependency` (its name in errors, logs
+    /// and metrics, e.g. `"postgres"`).
+    pub fn new(dependency: &'static str, inner: S) -> Self {
+        Self::with_resilience(inner, Resilience::new(dependency))
+    }
+
+    /// Wraps `inner` with a configured [`Resilience`] (a clone of one shared with the other
+    /// components that use the same dependency).
+    pub fn with_resilience(inner: S, resilience: Resilience) -> Self {
+        Self { inner, resilience }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the store.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The policies, budget and breaker in use: [`Resilience::health`] and
+    /// [`Resilience::is_open`] are the hooks for fallbacks.
+    pub fn resilience(&self) -> &Resilience {
+        &self.resilience
+    }
+}
+
+impl<S: EventStore> EventStore for Resilient<S> {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, Error> {
+        self.resilience
+            .run_idempotent(Operation::Append, || {
+                // The very same batch, ids included, on every attempt.
+                self.inner.append(stream, expected, events.clone())
+            })
+            .await
+    }
+
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
+        let state = ReadState {
+            store: self,
+            stream,
+            after,
+            current: None,
+            gate: None,
+            backoff: None,
+            started: false,
+            done: false,
+        };
+        Box::pin(futures_util::stream::unfold(state, ReadState::next))
+    }
+
+    async fn read_all(
+        &self,
+        after: LogPosition,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<Vec<RecordedEvent>, Error> {
+        self.resilience
+            .run(Operation::Read, || {
+                self.inner.read_all(after, limit, filter)
+            })
+            .await
+    }
+
+    async fn head(&self) -> Result<LogPosition, Error> {
+        self.resilience
+            .run(Operation::Read, || self.inner.head())
+            .await
+    }
+}
+
+impl<S: SnapshotStore> SnapshotStore for Resilient<S> {
+    async fn save_snapshot(&self, snapshot: StoredSnapshot) -> Result<(), Error> {
+        self.resilience
+            .run_idempotent(Operation::Snapshot, || {
+                self.inner.save_snapshot(snapshot.clone())
+            })
+            .await
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<StoredSnapshot>, Error> {
+        self.resilience
+            .run(Operation::Snapshot, || self.inner.load_snapshot(stream))
+            .await
+    }
+}
+
+/// A stream read that, after a transient error, re-opens the stream after the last event it
+/// returned, so the reader sees every event once and in order.
+struct ReadState<'a, S> {
+    store: &'a Resilient<S>,
+    stream: &'a StreamId,
+    after: StreamVersion,
+    current: Option<EventStream<'a>>,
+    /// The retry bookkeeping since the last event returned (progress starts it afresh).
+    gate: Option<RetryGate<'a>>,
+    backoff: Option<super::FullJitter>,
+    started: bool,
+    done: bool,
+}
+
+impl<'a, S: EventStore> ReadState<'a, S> {
+    async fn next(mut self) -> Option<(Result<RecordedEvent, Error>, Self)> {
+        let resilience = &self.store.resilience;
+        loop {
+            if self.done {
+                return None;
+            }
+            let (mut current, permit) = match self.current.take() {
+                Some(current) => (current, None),
+                None => {
+                    if !self.started {
+                        self.started = true;
+                        resilience.budget.deposit();
+                    }
+                    let permit = match resilience.breaker.try_acquire() {
+                        Ok(permit) => permit,
+                        Err(unavailable) => {
+                            self.done = true;
+                            return Some((Err(unavailable), self));
+                        }
+                    };
+                    (
+                        self.store.inner.read_stream(self.stream, self.after),
+                        Some(permit),
+                    )
+                }
+            };
+            let item = current.next().await;
+            let error = item.as_ref().and_then(|r| r.as_ref().err());
+            match permit {
+                Some(permit) => permit.record_outcome(error),
+                None => resilience.breaker.record_outcome(error),
+            }
+            match item {
+                None => {
+                    self.done = true;
+                    return None;
+                }
+                Some(Ok(event)) => {
+                    self.after = event.stream_version;
+                    self.current = Some(current);
+                    self.gate = None;
+                    self.backoff = None;
+                    return Some((Ok(event), self));
+                }
+                Some(Err(error)) => {
+                    drop(current);
+                    let delay = if error.kind() == ErrorKind::Transient {
+                        let gate = self
+                            .gate
+                            .get_or_insert_with(|| RetryGate::new(resilience, Operation::Read));
+                        let backoff = self.backoff.get_or_insert_with(|| {
+                            resilience.policies.get(Operation::Read).backoff()
+                        });
+                        gate.allow(&error, backoff.next())
+                    } else {
+                        None
+                    };
+                    match delay {
+                        Some(delay) => tokio::time::sleep(delay).await,
+                        None => {
+                            self.done = true;
+                            return Some((Err(error), self));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
