@@ -1,5 +1,82 @@
 //! The PostgreSQL backend for [factum](https://docs.rs/factum), on sqlx.
 //!
-//! It will store events as JSONB with their metadata, append atomically with optimistic
-//! concurrency in one round trip, read the global log gap-safely, keep snapshots, and evolve its
-//! schema through the versioned migrations in the repository's `migrations/` folder.
+//! ```no_run
+//! use factum::{EventStore, ExpectedVersion, NewEvent, StreamId};
+//! use factum_postgres::PostgresStore;
+//!
+//! # async fn run() -> Result<(), factum::Error> {
+//! let store = PostgresStore::connect("postgres://postgres@localhost/bank").await?;
+//! store.migrate().await?; // creates schema `factum` and applies the embedded migrations
+//!
+//! let stream = StreamId::new("account-42").unwrap();
+//! let opened = NewEvent {
+//!     event_id: factum::EventId::new(),
+//!     event_type: "account.opened".into(),
+//!     schema_version: 1,
+//!     payload: serde_json::value::to_raw_value(&serde_json::json!({"owner": "Ada"})).unwrap(),
+//!     metadata: Default::default(),
+//! };
+//! let result = store.append(&stream, ExpectedVersion::NoStream, vec![opened]).await?;
+//! assert_eq!(result.stream_version.get(), 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`PostgresStore`] implements [`factum::EventStore`] and [`factum::SnapshotStore`], so it works
+//! everywhere the in-memory store does (`Repository`, subscriptions) and passes the same
+//! conformance suite.
+//!
+//! # Schema
+//! Every object lives in one schema (default `factum`, see [`SchemaName`]), created by
+//! [`migrate`] from the versioned SQL files of the repository's `migrations/` folder, embedded at
+//! compile time and checksummed (an edited applied migration is an error, not a silent drift).
+//! * `streams(stream_id, category, version, archived)`: the version authority.
+//! * `events`: JSONB payload and metadata, event id, correlation/causation ids, recorded-at, a
+//!   global position from a sequence, and the writing transaction's id (`xid8`). Partitioned by
+//!   range of global position, with unique (stream, version) and event-id indexes per partition.
+//! * `snapshots(stream_id, stream_version, schema_version, state, taken_at)`.
+//!
+//! # Appends
+//! One statement, one round trip: a CTE bumps the `streams` row only where the version matches
+//! (and only when no id of the batch is already stored), and inserts the batch from `unnest`ed
+//! arrays. No row back means a conflict or a re-append; the ids are then looked up to apply the
+//! idempotent re-append rule of [`factum::EventStore`]. No sequence value is taken by a
+//! conflicting append.
+//!
+//! Failures are classified once: a transaction the server rolled back (deadlock, serialization
+//! failure, too many connections...) is retried up to [`StoreOptions::with_max_attempts`] and
+//! then reported as [`factum::Error::Transient`]; a connection lost while the statement was in
+//! flight leaves the outcome unknown, so the append waits for the database (bounded) and looks
+//! the batch's ids up: stored means success, absent means retry, unreachable means
+//! [`factum::Error::UnknownOutcome`] (re-append the same events to settle it).
+//!
+//! # Gap-safe global log
+//! Positions come from a sequence, so they are handed out in append order but become visible in
+//! commit order: a reader that simply read "after position N" could skip an event whose
+//! transaction took a lower position and committed later. [`read_all`](factum::EventStore::read_all)
+//! therefore orders by `(transaction id, global position)` — the [`factum::LogPosition`] it
+//! returns — and reads only rows written by transactions older than the oldest transaction still
+//! in flight (`pg_snapshot_xmin(pg_current_snapshot())`). Everything below that horizon is
+//! settled, so nothing can later appear behind a reader's checkpoint.
+//!
+//! The price: a transaction that writes and stays open stalls every reader of the log until it
+//! ends, in any database of the cluster. Keep write transactions short, set
+//! `idle_in_transaction_session_timeout` ([`PoolConfig`] sets 60 s on its own connections), and
+//! watch [`Health::oldest_open_write`].
+
+// `factum::Error` is the framework's error type, returned as is; its size is the framework's call.
+#![allow(clippy::result_large_err)]
+
+mod config;
+mod error;
+mod migrate;
+mod schema;
+mod store;
+
+pub use config::{PoolConfig, StoreOptions};
+pub use migrate::migrate;
+pub use schema::SchemaName;
+pub use store::{Health, PostgresStore};
+
+/// The sqlx version this crate is built on, for building pools by hand.
+pub use sqlx;

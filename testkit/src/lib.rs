@@ -3,3 +3,5 @@
 //! throwaway-PostgreSQL harness for database tests.
 
 pub mod conformance;
+#[cfg(feature = "postgres")]
+pub mod postgres;

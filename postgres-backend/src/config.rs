@@ -1,0 +1,182 @@
+//! Pool and store configuration.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::error::to_error;
+use crate::schema::SchemaName;
+
+/// How [`PostgresStore::connect_with`](crate::PostgresStore::connect_with) builds its
+/// connection pool.
+///
+/// Session settings are sent as startup parameters, so they cost no extra round trip:
+///
+/// ```
+/// use std::time::Duration;
+/// use factum_postgres::PoolConfig;
+///
+/// let config = PoolConfig {
+///     max_connections: 32,
+///     statement_timeout: Some(Duration::from_secs(5)),
+///     ..PoolConfig::default()
+/// };
+/// assert_eq!(config.acquire_timeout, Duration::from_secs(10));
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct PoolConfig {
+    /// The most connections the pool opens (default 10).
+    pub max_connections: u32,
+    /// Connections kept open when idle (default 0).
+    pub min_connections: u32,
+    /// How long an operation waits for a free connection before failing with a transient
+    /// error (default 10 s).
+    pub acquire_timeout: Duration,
+    /// The server-side `statement_timeout` of every connection (default none). A statement
+    /// cancelled by it was rolled back: the error is transient.
+    pub statement_timeout: Option<Duration>,
+    /// The server-side `idle_in_transaction_session_timeout` of every connection (default 60 s):
+    /// a transaction left open by a stuck client would stall every reader of the global log (see
+    /// the crate docs on gap safety), so the server ends it.
+    pub idle_in_transaction_session_timeout: Option<Duration>,
+    /// The `application_name` the server shows in `pg_stat_activity` (default `factum`).
+    pub application_name: String,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout: None,
+            idle_in_transaction_session_timeout: Some(Duration::from_secs(60)),
+            application_name: "factum".to_owned(),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// The connect options for `url` with this configuration's session settings.
+    pub fn connect_options(&self, url: &str) -> Result<PgConnectOptions, factum::Error> {
+        let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
+            factum::Error::InvalidArgument(format!("invalid PostgreSQL URL: {e}"))
+        })?;
+        let mut settings = Vec::new();
+        if let Some(t) = self.statement_timeout {
+            settings.push(("statement_timeout", t.as_millis().to_string()));
+        }
+        if let Some(t) = self.idle_in_transaction_session_timeout {
+            settings.push((
+                "idle_in_transaction_session_timeout",
+                t.as_millis().to_string(),
+            ));
+        }
+        Ok(options
+            .application_name(&self.application_name)
+            .options(settings))
+    }
+
+    /// Opens a pool to `url` with this configuration (connecting once to check the URL).
+    pub async fn connect(&self, url: &str) -> Result<PgPool, factum::Error> {
+        let options = self.connect_options(url)?;
+        PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .min_connections(self.min_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(|e| to_error(e, "connect"))
+    }
+}
+
+/// How a [`PostgresStore`](crate::PostgresStore) behaves on top of its pool.
+///
+/// ```
+/// use factum_postgres::{SchemaName, StoreOptions};
+///
+/// let options = StoreOptions::default()
+///     .with_schema(SchemaName::new("billing").unwrap())
+///     .with_max_attempts(5);
+/// assert_eq!(options.schema().as_str(), "billing");
+/// ```
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    schema: SchemaName,
+    max_attempts: u32,
+    outcome_check_timeout: Duration,
+    read_settle_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            schema: SchemaName::default(),
+            max_attempts: 3,
+            outcome_check_timeout: Duration::from_secs(10),
+            read_settle_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+impl StoreOptions {
+    /// The schema holding the tables (default `factum`).
+    #[must_use]
+    pub fn with_schema(mut self, schema: SchemaName) -> Self {
+        self.schema = schema;
+        self
+    }
+
+    /// How many times an append is tried when the server rolled it back (deadlock,
+    /// serialization failure, server starting...) or a lost connection turned out to have
+    /// stored nothing (default 3; 1 disables retries, e.g. when an outer retry layer exists).
+    #[must_use]
+    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// How long an append whose connection was lost keeps trying to look its event ids up
+    /// before giving up with [`factum::Error::UnknownOutcome`] (default 10 s).
+    #[must_use]
+    pub fn with_outcome_check_timeout(mut self, timeout: Duration) -> Self {
+        self.outcome_check_timeout = timeout;
+        self
+    }
+
+    /// How long [`read_all`](factum::EventStore::read_all) may wait for transactions that were
+    /// in flight when it was called (default 250 ms).
+    ///
+    /// The global log is read only below the oldest transaction in flight (gap safety), so an
+    /// event committed just before the call can still be hidden by a transaction of another
+    /// client that began earlier and has not finished. Waiting for those transactions (never for
+    /// ones that begin later) makes a reader see its own writes; a page that is already full
+    /// returns at once. Zero disables the wait: readers then see such events on their next poll.
+    #[must_use]
+    pub fn with_read_settle_timeout(mut self, timeout: Duration) -> Self {
+        self.read_settle_timeout = timeout;
+        self
+    }
+
+    /// How long `read_all` waits for transactions in flight when it was called.
+    pub fn read_settle_timeout(&self) -> Duration {
+        self.read_settle_timeout
+    }
+
+    /// The schema holding the tables.
+    pub fn schema(&self) -> &SchemaName {
+        &self.schema
+    }
+
+    /// How many times an append is tried.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// How long a lost connection's outcome is checked for.
+    pub fn outcome_check_timeout(&self) -> Duration {
+        self.outcome_check_timeout
+    }
+}

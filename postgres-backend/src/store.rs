@@ -1,0 +1,750 @@
+//! [`PostgresStore`]: the event and snapshot store on PostgreSQL.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use factum::{
+    AppendResult, CATEGORY_SEPARATOR, CausationId, CorrelationId, DecodeError, Error, EventFilter,
+    EventId, EventMetadata, EventStore, EventStream, ExpectedVersion, GlobalPosition, LogPosition,
+    Metadata, NewEvent, RawValue, RecordedEvent, SnapshotStore, StoredSnapshot, StreamId,
+    StreamVersion, validate_batch,
+};
+use futures_util::StreamExt;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::config::{PoolConfig, StoreOptions};
+use crate::error::{Failure, Op, classify, to_error};
+use crate::migrate::{latest_version, migrate};
+use crate::schema::SchemaName;
+
+/// The PostgreSQL event store and snapshot store.
+///
+/// Cheap to clone (clones share the pool). See the [crate docs](crate) for the schema, the
+/// append statement and the gap-safe read of the global log.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    options: StoreOptions,
+    sql: Sql,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.inner.options.schema())
+            .field("pool_size", &self.inner.pool.size())
+            .finish()
+    }
+}
+
+/// What [`PostgresStore::health`] found.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Health {
+    /// How long the check's first round trip took.
+    pub round_trip: Duration,
+    /// The store's schema.
+    pub schema: SchemaName,
+    /// The newest migration applied to the schema; `None` when it was never migrated.
+    pub applied_version: Option<i64>,
+    /// The newest migration this build knows.
+    pub latest_version: i64,
+    /// The age of the oldest transaction in the cluster that has written something and is still
+    /// open. Readers of the global log cannot pass it (gap safety), so this bounds how far
+    /// subscribers may lag: alert when it grows.
+    pub oldest_open_write: Option<Duration>,
+}
+
+impl Health {
+    /// True when every migration of this build is applied.
+    pub fn is_up_to_date(&self) -> bool {
+        self.applied_version == Some(self.latest_version)
+    }
+}
+
+impl PostgresStore {
+    /// A store on `pool`, in the default schema (`factum`).
+    pub fn new(pool: PgPool) -> Self {
+        Self::with_options(pool, StoreOptions::default())
+    }
+
+    /// A store on `pool` with `options` (schema, retries).
+    pub fn with_options(pool: PgPool, options: StoreOptions) -> Self {
+        let sql = Sql::new(options.schema());
+        Self {
+            inner: Arc::new(Inner { pool, options, sql }),
+        }
+    }
+
+    /// Connects to `url` with the default [`PoolConfig`], in the default schema. Does not run
+    /// migrations: call [`migrate`](Self::migrate).
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        Self::connect_with(url, &PoolConfig::default(), StoreOptions::default()).await
+    }
+
+    /// Connects to `url` with a pool built from `config`.
+    pub async fn connect_with(
+        url: &str,
+        config: &PoolConfig,
+        options: StoreOptions,
+    ) -> Result<Self, Error> {
+        let pool = config.connect(url).await?;
+        Ok(Self::with_options(pool, options))
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The schema holding the tables.
+    pub fn schema(&self) -> &SchemaName {
+        self.inner.options.schema()
+    }
+
+    /// Creates the schema if needed and applies the pending migrations (see [`migrate`]).
+    pub async fn migrate(&self) -> Result<(), Error> {
+        migrate(&self.inner.pool, self.schema()).await
+    }
+
+    /// Pings the database and reports the schema's migration state and the oldest open writing
+    /// transaction.
+    pub async fn health(&self) -> Result<Health, Error> {
+        let started = Instant::now();
+        let migrated: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("{}._sqlx_migrations", self.schema().quoted()))
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(|e| to_error(e, "health check"))?;
+        let round_trip = started.elapsed();
+        let applied_version = if migrated {
+            sqlx::query_scalar(&self.inner.sql.applied_version)
+                .fetch_one(&self.inner.pool)
+                .await
+                .map_err(|e| to_error(e, "health check"))?
+        } else {
+            None
+        };
+        let oldest: Option<f64> = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(xact_start))::float8 \
+             FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
+        )
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(|e| to_error(e, "health check"))?;
+        Ok(Health {
+            round_trip,
+            schema: self.schema().clone(),
+            applied_version,
+            latest_version: latest_version(),
+            oldest_open_write: oldest.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        })
+    }
+
+    /// The current version of a stream (0 when it does not exist).
+    pub async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, Error> {
+        let version: Option<i64> = sqlx::query_scalar(&self.inner.sql.stream_version)
+            .bind(stream.as_str())
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| to_error(e, "read stream version"))?;
+        Ok(StreamVersion::new(to_u64(version.unwrap_or(0))))
+    }
+
+    async fn append_batch(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, Error> {
+        validate_batch(stream, &events)?;
+        let batch = Batch::new(stream, &events)?;
+        let max_attempts = self.inner.options.max_attempts();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let retry = attempt < max_attempts;
+            let failure = match self.try_append(stream, expected, &batch).await {
+                Ok(Some(result)) => return Ok(result),
+                // Zero rows: the version did not match, or some id of the batch is stored.
+                Ok(None) => None,
+                Err(failure) => Some(failure),
+            };
+            match failure {
+                None | Some(Failure::DuplicateEventId(_)) => {
+                    match self.existing(stream, &batch).await? {
+                        Existing::Stored(result) => return Ok(result),
+                        Existing::Elsewhere(error) => return Err(error),
+                        Existing::NotStored => {}
+                    }
+                    let actual = self.stream_version(stream).await?;
+                    // Versions only grow: a mismatch now is a real conflict. A match means the
+                    // stream moved between the statement and this read: try again.
+                    if !(expected.matches(actual) && retry) {
+                        return Err(Error::Conflict {
+                            stream: stream.clone(),
+                            expected,
+                            actual,
+                        });
+                    }
+                }
+                Some(Failure::VersionConflict(_)) => {
+                    return Err(Error::Conflict {
+                        stream: stream.clone(),
+                        expected,
+                        actual: self.stream_version(stream).await?,
+                    });
+                }
+                Some(Failure::Transient(e)) => {
+                    if !retry {
+                        return Err(Error::transient("append", e));
+                    }
+                    tracing::debug!(%stream, attempt, error = %e, "append rolled back; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Some(Failure::UnknownOutcome(e)) => {
+                    tracing::warn!(%stream, error = %e, "connection lost during append; checking whether it was stored");
+                    match self.settle(stream, &batch).await {
+                        Some(Existing::Stored(mut result)) => {
+                            // Stored by the lost attempt: for the caller, this append stored it.
+                            result.duplicate = false;
+                            return Ok(result);
+                        }
+                        Some(Existing::Elsewhere(error)) => return Err(error),
+                        Some(Existing::NotStored) if retry => {}
+                        Some(Existing::NotStored) => return Err(Error::transient("append", e)),
+                        None => {
+                            return Err(Error::UnknownOutcome {
+                                operation: "append",
+                                stream: stream.clone(),
+                                source: Box::new(e),
+                            });
+                        }
+                    }
+                }
+                Some(Failure::Permanent(e)) => return Err(Error::permanent("append", e)),
+            }
+        }
+    }
+
+    /// One round trip: bump the stream row where the version matches and insert the batch.
+    /// `Ok(None)` when no row matched (conflict or already-stored id).
+    async fn try_append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        batch: &Batch<'_>,
+    ) -> Result<Option<AppendResult>, Failure> {
+        let sql = &self.inner.sql;
+        let query = match expected {
+            ExpectedVersion::Exact(v) if v != StreamVersion::INITIAL => {
+                sqlx::query_as::<_, (i64, i64)>(&sql.append_exact).bind(to_i64(v.get()))
+            }
+            ExpectedVersion::Exact(_) | ExpectedVersion::NoStream => {
+                sqlx::query_as(&sql.append_no_stream).bind(stream.category())
+            }
+            ExpectedVersion::Any => sqlx::query_as(&sql.append_any).bind(stream.category()),
+        };
+        let mut rows: Vec<(i64, i64)> = query
+            .bind(stream.as_str())
+            .bind(batch.ids.len() as i64)
+            .bind(&batch.ids)
+            .bind(&batch.types)
+            .bind(&batch.schema_versions)
+            .bind(&batch.payloads)
+            .bind(&batch.metadata)
+            .bind(&batch.correlation_ids)
+            .bind(&batch.causation_ids)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| classify(e, Op::Write))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        rows.sort_unstable_by_key(|&(_, version)| version);
+        Ok(Some(AppendResult {
+            stream_version: StreamVersion::new(rows.last().map_or(0, |&(_, v)| to_u64(v))),
+            positions: rows
+                .iter()
+                .map(|&(p, _)| GlobalPosition::new(to_u64(p)))
+                .collect(),
+            duplicate: false,
+        }))
+    }
+
+    /// Looks the batch's event ids up and applies the idempotent re-append rule.
+    async fn existing(&self, stream: &StreamId, batch: &Batch<'_>) -> Result<Existing, Error> {
+        let rows: Vec<(Uuid, String, i64, i64)> = sqlx::query_as(&self.inner.sql.find_ids)
+            .bind(&batch.ids)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| to_error(e, "append"))?;
+        Ok(Existing::judge(stream, batch, rows))
+    }
+
+    /// After a lost connection: waits for the database (bounded) and looks the ids up.
+    /// `None` when it could not be reached in time.
+    async fn settle(&self, stream: &StreamId, batch: &Batch<'_>) -> Option<Existing> {
+        let deadline = Instant::now() + self.inner.options.outcome_check_timeout();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.existing(stream, batch).await {
+                Ok(existing) => return Some(existing),
+                Err(e) if e.is_transient() => {
+                    let delay = backoff(attempt);
+                    if Instant::now() + delay > deadline {
+                        return None;
+                    }
+                    tracing::debug!(%stream, error = %e, "database unreachable; will look the batch up again");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: a random delay in [0, 20 ms * 2^attempt), capped at 1 s.
+fn backoff(attempt: u32) -> Duration {
+    use std::hash::BuildHasher;
+    let cap = Duration::from_millis(20)
+        .saturating_mul(1 << attempt.min(6))
+        .min(Duration::from_secs(1));
+    let random = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    cap.mul_f64((random % 10_000) as f64 / 10_000.0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A batch as the column arrays the append statement unnests.
+struct Batch<'a> {
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    schema_versions: Vec<i32>,
+    payloads: Vec<&'a str>,
+    metadata: Vec<String>,
+    correlation_ids: Vec<Option<Uuid>>,
+    causation_ids: Vec<Option<Uuid>>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(stream: &StreamId, events: &'a [NewEvent]) -> Result<Self, Error> {
+        let mut batch = Batch {
+            ids: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            schema_versions: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+            metadata: Vec::with_capacity(events.len()),
+            correlation_ids: Vec::with_capacity(events.len()),
+            causation_ids: Vec::with_capacity(events.len()),
+        };
+        for event in events {
+            let schema_version = i32::try_from(event.schema_version).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "event {} for stream `{stream}` has schema version {}, above PostgreSQL's integer range",
+                    event.event_id, event.schema_version
+                ))
+            })?;
+            let metadata = serde_json::to_string(&event.metadata.user).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "metadata of event {} for stream `{stream}` cannot be serialised: {e}",
+                    event.event_id
+                ))
+            })?;
+            batch.ids.push(event.event_id.as_uuid());
+            batch.types.push(&event.event_type);
+            batch.schema_versions.push(schema_version);
+            batch.payloads.push(event.payload.get());
+            batch.metadata.push(metadata);
+            batch
+                .correlation_ids
+                .push(event.metadata.correlation_id.map(|c| c.as_uuid()));
+            batch
+                .causation_ids
+                .push(event.metadata.causation_id.map(|c| c.as_uuid()));
+        }
+        Ok(batch)
+    }
+}
+
+/// Where a batch's event ids already are.
+enum Existing {
+    /// None of them is stored.
+    NotStored,
+    /// All of them, as the same consecutive events of the stream: an idempotent re-append.
+    Stored(AppendResult),
+    /// Some of them, or in another stream or order.
+    Elsewhere(Error),
+}
+
+impl Existing {
+    /// The re-append rule of [`EventStore`], on rows `(event_id, stream_id, version, position)`.
+    fn judge(stream: &StreamId, batch: &Batch<'_>, rows: Vec<(Uuid, String, i64, i64)>) -> Self {
+        if rows.is_empty() {
+            return Existing::NotStored;
+        }
+        let found: HashMap<Uuid, (String, i64, i64)> = rows
+            .into_iter()
+            .map(|(id, s, v, p)| (id, (s, v, p)))
+            .collect();
+        let first = batch.ids.iter().find_map(|id| found.get(id)).map(|f| f.1);
+        let exact = batch.ids.iter().enumerate().all(|(i, id)| {
+            found.get(id).is_some_and(|(s, v, _)| {
+                s == stream.as_str() && first.map(|f| f + i as i64) == Some(*v)
+            })
+        });
+        if exact {
+            let stored: Vec<&(String, i64, i64)> =
+                batch.ids.iter().filter_map(|id| found.get(id)).collect();
+            return Existing::Stored(AppendResult {
+                stream_version: StreamVersion::new(stored.last().map_or(0, |f| to_u64(f.1))),
+                positions: stored
+                    .iter()
+                    .map(|f| GlobalPosition::new(to_u64(f.2)))
+                    .collect(),
+                duplicate: true,
+            });
+        }
+        let (id, (existing_stream, _, _)) = batch
+            .ids
+            .iter()
+            .find_map(|id| found.get(id).map(|f| (id, f)))
+            .expect("rows is not empty, so some id of the batch was found");
+        Existing::Elsewhere(Error::DuplicateEventId {
+            stream: stream.clone(),
+            event_id: EventId::from_uuid(*id),
+            existing_stream: StreamId::new(existing_stream.clone())
+                .unwrap_or_else(|_| stream.clone()),
+        })
+    }
+}
+
+/// An `events` row as the read queries select it.
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    global_position: i64,
+    commit_id: i64,
+    stream_id: String,
+    stream_version: i64,
+    event_id: Uuid,
+    event_type: String,
+    schema_version: i32,
+    payload: String,
+    metadata: String,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    recorded_at: DateTime<Utc>,
+}
+
+impl EventRow {
+    fn into_recorded(self) -> Result<RecordedEvent, Error> {
+        let stream_id = StreamId::new(self.stream_id).map_err(|e| Error::permanent("read", e))?;
+        let stream_version = StreamVersion::new(to_u64(self.stream_version));
+        let position = LogPosition::new(
+            to_u64(self.commit_id),
+            GlobalPosition::new(to_u64(self.global_position)),
+        );
+        let schema_version = u32::try_from(self.schema_version).unwrap_or(0);
+        let bad = |source: serde_json::Error| Error::Decode {
+            stream: stream_id.clone(),
+            version: stream_version,
+            event_type: self.event_type.clone(),
+            schema_version,
+            position,
+            source: DecodeError::Payload(source),
+        };
+        let payload = RawValue::from_string(self.payload).map_err(bad)?;
+        let user: Metadata = serde_json::from_str(&self.metadata).map_err(bad)?;
+        Ok(RecordedEvent {
+            event_id: EventId::from_uuid(self.event_id),
+            stream_id,
+            stream_version,
+            position,
+            event_type: self.event_type,
+            schema_version,
+            payload,
+            metadata: EventMetadata {
+                correlation_id: self.correlation_id.map(CorrelationId::from_uuid),
+                causation_id: self.causation_id.map(CausationId::from_uuid),
+                user,
+            },
+            recorded_at: self.recorded_at,
+        })
+    }
+}
+
+/// A row of the global-log query: the snapshot horizon, and an event unless none qualified.
+struct LogRow {
+    horizon: i64,
+    next_xid: i64,
+    event: Option<EventRow>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for LogRow {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let event_id: Option<Uuid> = row.try_get("event_id")?;
+        Ok(LogRow {
+            horizon: row.try_get("horizon")?,
+            next_xid: row.try_get("next_xid")?,
+            event: event_id.map(|_| EventRow::from_row(row)).transpose()?,
+        })
+    }
+}
+
+/// The store's SQL, with the schema name quoted in once.
+struct Sql {
+    append_exact: String,
+    append_no_stream: String,
+    append_any: String,
+    find_ids: String,
+    stream_version: String,
+    read_stream: String,
+    /// Indexed by `has event types + 2 * has categories`.
+    read_all: [String; 4],
+    save_snapshot: String,
+    load_snapshot: String,
+    applied_version: String,
+}
+
+const EVENT_COLUMNS_E: &str = "e.global_position, e.transaction_id::text::bigint AS commit_id, \
+    e.stream_id, e.stream_version, e.event_id, e.event_type, e.schema_version, \
+    e.payload::text AS payload, e.metadata::text AS metadata, e.correlation_id, e.causation_id, \
+    e.recorded_at";
+
+const EVENT_COLUMNS: &str = "global_position, transaction_id::text::bigint AS commit_id, \
+    stream_id, stream_version, event_id, event_type, schema_version, payload::text AS payload, \
+    metadata::text AS metadata, correlation_id, causation_id, recorded_at";
+
+impl Sql {
+    fn new(schema: &SchemaName) -> Self {
+        let s = schema.quoted();
+        // $1: the variant's parameter (expected version or category), $2 stream, $3 batch size,
+        // $4..$10 the batch's columns. The stream row is bumped only when no id of the batch is
+        // stored (so a re-append stores nothing and the caller can look the ids up), and no
+        // sequence value is taken when it is not bumped.
+        let not_stored = format!("NOT EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY($4))");
+        let append = |bump: String| {
+            format!(
+                "WITH bump AS ({bump}) \
+                 INSERT INTO {s}.events (stream_id, stream_version, event_id, event_type, \
+                     schema_version, payload, metadata, correlation_id, causation_id) \
+                 SELECT $2, bump.base + b.n, b.event_id, b.event_type, b.schema_version, \
+                     b.payload::jsonb, b.metadata::jsonb, b.correlation_id, b.causation_id \
+                 FROM bump CROSS JOIN unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], \
+                     $8::text[], $9::uuid[], $10::uuid[]) WITH ORDINALITY \
+                     AS b(event_id, event_type, schema_version, payload, metadata, \
+                          correlation_id, causation_id, n) \
+                 ORDER BY b.n \
+                 RETURNING global_position, stream_version"
+            )
+        };
+        // The horizon (oldest transaction in flight) and the next transaction id come back on every
+        // row, and alone on one row when no event qualifies, so the caller can tell whether a
+        // transaction that began before the read could still add rows below the page's end.
+        let read_all = |types: bool, categories: bool| {
+            let mut conditions = String::from(
+                "e.transaction_id < h.xmin \
+                 AND (e.transaction_id, e.global_position) > ($1::bigint::text::xid8, $2)",
+            );
+            let mut next = 4;
+            if types {
+                conditions.push_str(&format!(" AND e.event_type = ANY(${next}::text[])"));
+                next += 1;
+            }
+            if categories {
+                conditions.push_str(&format!(
+                    " AND split_part(e.stream_id, '{CATEGORY_SEPARATOR}', 1) = ANY(${next}::text[])"
+                ));
+            }
+            format!(
+                "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, \
+                     pg_snapshot_xmax(pg_current_snapshot()) AS xmax) \
+                 SELECT h.xmin::text::bigint AS horizon, h.xmax::text::bigint AS next_xid, p.* \
+                 FROM h LEFT JOIN LATERAL ( \
+                     SELECT {EVENT_COLUMNS_E} FROM {s}.events e WHERE {conditions} \
+                     ORDER BY e.transaction_id, e.global_position LIMIT $3 \
+                 ) p ON true \
+                 ORDER BY p.commit_id, p.global_position"
+            )
+        };
+        Self {
+            append_exact: append(format!(
+                "UPDATE {s}.streams SET version = version + $3 \
+                 WHERE stream_id = $2 AND version = $1 AND {not_stored} \
+                 RETURNING version - $3 AS base"
+            )),
+            append_no_stream: append(format!(
+                "INSERT INTO {s}.streams (stream_id, category, version) \
+                 SELECT $2::text, $1::text, $3::bigint WHERE {not_stored} \
+                 ON CONFLICT (stream_id) DO NOTHING \
+                 RETURNING 0::bigint AS base"
+            )),
+            append_any: append(format!(
+                "INSERT INTO {s}.streams AS st (stream_id, category, version) \
+                 SELECT $2::text, $1::text, $3::bigint WHERE {not_stored} \
+                 ON CONFLICT (stream_id) DO UPDATE SET version = st.version + EXCLUDED.version \
+                 RETURNING st.version - $3 AS base"
+            )),
+            find_ids: format!(
+                "SELECT event_id, stream_id, stream_version, global_position \
+                 FROM {s}.events WHERE event_id = ANY($1)"
+            ),
+            stream_version: format!("SELECT version FROM {s}.streams WHERE stream_id = $1"),
+            read_stream: format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events \
+                 WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
+            ),
+            read_all: [
+                read_all(false, false),
+                read_all(true, false),
+                read_all(false, true),
+                read_all(true, true),
+            ],
+            save_snapshot: format!(
+                "INSERT INTO {s}.snapshots AS sn (stream_id, stream_version, schema_version, state, taken_at) \
+                 VALUES ($1, $2, $3, $4::jsonb, $5) \
+                 ON CONFLICT (stream_id) DO UPDATE SET stream_version = EXCLUDED.stream_version, \
+                     schema_version = EXCLUDED.schema_version, state = EXCLUDED.state, \
+                     taken_at = EXCLUDED.taken_at \
+                 WHERE sn.stream_version <= EXCLUDED.stream_version"
+            ),
+            load_snapshot: format!(
+                "SELECT stream_version, schema_version, state::text, taken_at \
+                 FROM {s}.snapshots WHERE stream_id = $1"
+            ),
+            applied_version: format!("SELECT max(version) FROM {s}._sqlx_migrations WHERE success"),
+        }
+    }
+}
+
+impl EventStore for PostgresStore {
+    fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
+        self.append_batch(stream, expected, events)
+    }
+
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
+        let rows = sqlx::query_as::<_, EventRow>(&self.inner.sql.read_stream)
+            .bind(stream.as_str())
+            .bind(to_i64(after.get()))
+            .fetch(&self.inner.pool);
+        Box::pin(rows.map(|row| {
+            row.map_err(|e| to_error(e, "read stream"))
+                .and_then(EventRow::into_recorded)
+        }))
+    }
+
+    fn read_all(
+        &self,
+        after: LogPosition,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> impl Future<Output = Result<Vec<RecordedEvent>, Error>> + Send {
+        let types = filter.event_types().map(<[String]>::to_vec);
+        let categories = filter.categories().map(<[String]>::to_vec);
+        async move {
+            let sql = &self.inner.sql.read_all
+                [usize::from(types.is_some()) + 2 * usize::from(categories.is_some())];
+            let settle = self.inner.options.read_settle_timeout();
+            let started = Instant::now();
+            let mut target = None;
+            let mut attempt = 0;
+            loop {
+                let mut query = sqlx::query_as::<_, LogRow>(sql)
+                    .bind(to_i64(after.commit))
+                    .bind(to_i64(after.global.get()))
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+                if let Some(types) = &types {
+                    query = query.bind(types);
+                }
+                if let Some(categories) = &categories {
+                    query = query.bind(categories);
+                }
+                let rows = query
+                    .fetch_all(&self.inner.pool)
+                    .await
+                    .map_err(|e| to_error(e, "read all"))?;
+                let (horizon, next_xid) = rows.first().map_or((0, 0), |r| (r.horizon, r.next_xid));
+                // Every transaction that could have committed before this call has an id below
+                // the first statement's next id; once the horizon passes it, the page holds
+                // everything committed before the call (read-your-writes), not just what is safe.
+                let target = *target.get_or_insert(next_xid);
+                let events: Vec<EventRow> = rows.into_iter().filter_map(|r| r.event).collect();
+                attempt += 1;
+                let delay = Duration::from_millis(1 << attempt.min(5));
+                if events.len() >= limit || horizon >= target || started.elapsed() + delay > settle
+                {
+                    return events.into_iter().map(EventRow::into_recorded).collect();
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+impl SnapshotStore for PostgresStore {
+    async fn save_snapshot(&self, snapshot: StoredSnapshot) -> Result<(), Error> {
+        {
+            let schema_version = i32::try_from(snapshot.schema_version).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "snapshot schema version {} is above PostgreSQL's integer range",
+                    snapshot.schema_version
+                ))
+            })?;
+            sqlx::query(&self.inner.sql.save_snapshot)
+                .bind(snapshot.stream_id.as_str())
+                .bind(to_i64(snapshot.stream_version.get()))
+                .bind(schema_version)
+                .bind(snapshot.state.get())
+                .bind(snapshot.taken_at)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(|e| to_error(e, "save snapshot"))?;
+            Ok(())
+        }
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<StoredSnapshot>, Error> {
+        {
+            let row: Option<(i64, i32, String, DateTime<Utc>)> =
+                sqlx::query_as(&self.inner.sql.load_snapshot)
+                    .bind(stream.as_str())
+                    .fetch_optional(&self.inner.pool)
+                    .await
+                    .map_err(|e| to_error(e, "load snapshot"))?;
+            row.map(|(version, schema_version, state, taken_at)| {
+                Ok(StoredSnapshot {
+                    stream_id: stream.clone(),
+                    stream_version: StreamVersion::new(to_u64(version)),
+                    schema_version: u32::try_from(schema_version).unwrap_or(0),
+                    state: RawValue::from_string(state).map_err(|source| Error::Snapshot {
+                        stream: stream.clone(),
+                        source,
+                    })?,
+                    taken_at,
+                })
+            })
+            .transpose()
+        }
+    }
+}
