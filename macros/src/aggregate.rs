@@ -21,6 +21,8 @@ struct AggregateAttrs {
     snapshot_version: Option<Spanned<u32>>,
     /// The `aggregate` in `#[aggregate(...)]`, to point "missing key" errors at.
     attr_span: Option<Span>,
+    /// Keys given, even with a bad value (which has its own error).
+    seen: Vec<String>,
 }
 
 fn parse_attrs(cx: &mut Ctxt, input: &DeriveInput) -> AggregateAttrs {
@@ -34,6 +36,7 @@ fn parse_attrs(cx: &mut Ctxt, input: &DeriveInput) -> AggregateAttrs {
     };
     attr::for_each_meta(cx, &input.attrs, "aggregate", |cx, meta| {
         let key = attr::key_name(&meta);
+        out.seen.push(key.clone());
         match key.as_str() {
             "type" => {
                 attr::check_duplicate(cx, &meta, &out.type_name);
@@ -112,13 +115,14 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
             format_args!("`#[derive(Aggregate)]` needs `{hint}`"),
         );
     } else {
-        for (key, missing) in [
-            ("type = \"account\"", attrs.type_name.is_none()),
-            ("command = AccountCommand", attrs.command.is_none()),
-            ("event = AccountEvent", attrs.event.is_none()),
-            ("error = AccountError", attrs.error.is_none()),
+        for (key, example) in [
+            ("type", "type = \"account\""),
+            ("command", "command = AccountCommand"),
+            ("event", "event = AccountEvent"),
+            ("error", "error = AccountError"),
         ] {
-            if missing {
+            if !attrs.seen.iter().any(|k| k == key) {
+                let key = example;
                 cx.error_at(
                     missing_span,
                     format_args!("missing `{key}` in `#[aggregate(...)]`"),

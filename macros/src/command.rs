@@ -102,8 +102,12 @@ fn find_id(
                 }),
             };
             if marked.is_some() {
+                let at = field
+                    .ident
+                    .as_ref()
+                    .map_or_else(|| field.ty.to_token_stream(), ToTokens::to_token_stream);
                 cx.error(
-                    field,
+                    at,
                     format_args!("{what} `{owner}` has two `#[command(id)]` fields; a command targets one aggregate"),
                 );
             } else {

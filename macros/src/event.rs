@@ -421,9 +421,11 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind]) -> TokenStream {
                     )];
                     for (j, from) in k.upcasts.iter().enumerate().skip(i) {
                         let from_ty = &from.ty;
+                        // Both types carry the older type's span, so a missing `From` is
+                        // reported on the entry that cannot move forward.
                         let to = match k.upcasts.get(j + 1) {
-                            Some(next) => next.ty.to_token_stream(),
-                            None => ty.to_token_stream(),
+                            Some(next) => respan(next.ty.to_token_stream(), from_ty.span()),
+                            None => respan(ty.to_token_stream(), from_ty.span()),
                         };
                         body.push(quote_spanned!(from_ty.span()=>
                             let __value = #private::upcast::<#from_ty, #to>(__value);
@@ -523,6 +525,24 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind]) -> TokenStream {
             }
         }
     }
+}
+
+/// Gives every token of `tokens` the span `span`.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut tree| {
+            if let proc_macro2::TokenTree::Group(group) = &tree {
+                let mut inner =
+                    proc_macro2::Group::new(group.delimiter(), respan(group.stream(), span));
+                inner.set_span(span);
+                tree = proc_macro2::TokenTree::Group(inner);
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
 }
 
 /// A do-nothing impl so that, next to the real errors, uses of the type do not add more.

@@ -25,12 +25,15 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
     let mut name: Option<LitStr> = None;
     let mut event: Option<Type> = None;
     let mut handle: Option<Path> = None;
+    // Keys given, even with a bad value (which has its own error).
+    let mut seen: Vec<String> = Vec::new();
     let attr_span = input
         .attrs
         .iter()
         .find(|a| a.path().is_ident("projection"))
         .map(|a| a.path().span());
     attr::for_each_meta(&mut cx, &input.attrs, "projection", |cx, meta| {
+        seen.push(attr::key_name(&meta));
         if meta.path.is_ident("name") {
             attr::check_duplicate(cx, &meta, &name);
             if let Some(lit) = attr::string_value(cx, &meta, "name = \"balances\"")? {
@@ -57,10 +60,10 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
             format_args!("`#[derive(Projection)]` needs `{hint}`"),
         ),
         Some(span) => {
-            if name.is_none() {
+            if !seen.iter().any(|k| k == "name") {
                 cx.error_at(span, "missing `name = \"...\"` in `#[projection(...)]`: the stable key of the projection's checkpoint");
             }
-            if event.is_none() {
+            if !seen.iter().any(|k| k == "event") {
                 cx.error_at(span, "missing `event = EventType` in `#[projection(...)]`: the events the projection handles");
             }
         }
