@@ -1,7 +1,65 @@
 //! Testing tools for [factum](https://docs.rs/factum): given-when-then fixtures for aggregates,
-//! projections and process managers, the conformance suite every backend must pass, and the
-//! throwaway-PostgreSQL harness for database tests.
+//! projections and process managers, property-based helpers, the conformance suite every
+//! backend must pass, and the throwaway-PostgreSQL harness for database tests.
+//!
+//! ```
+//! use bank::{Account, AccountCommand, AccountError, AccountEvent, Deposited, Opened, Withdrawn};
+//! use factum_testkit::AggregateFixture;
+//!
+//! let opened = AccountEvent::Opened(Opened { owner: "Ada".into() });
+//!
+//! // Given the past, when a command, then exactly these events.
+//! AggregateFixture::<Account>::new()
+//!     .given([opened.clone(), AccountEvent::Deposited(Deposited { amount: 100 })])
+//!     .when(AccountCommand::Withdraw { account: "a1".into(), amount: 40 })
+//!     .then_events([AccountEvent::Withdrawn(Withdrawn { amount: 40 })])
+//!     .then_state(|account| assert_eq!(account.balance, 60));
+//!
+//! // Or a typed domain error, matched by variant.
+//! AggregateFixture::<Account>::new()
+//!     .given([opened])
+//!     .when(AccountCommand::Withdraw { account: "a1".into(), amount: 40 })
+//!     .then_error(|e| matches!(e, AccountError::InsufficientFunds { .. }));
+//! ```
+//!
+//! # The fixtures
+//! * [`AggregateFixture`]: given past events, when a command, then the events, the rejection or
+//!   the state. Runs the command through a real [`Repository`](factum::Repository) on an
+//!   [`InMemoryStore`](factum::InMemoryStore).
+//! * [`ProjectionFixture`]: given events in [envelopes](envelope), then the read model.
+//! * [`ProcessManagerFixture`]: given past events, when new ones, then the commands issued.
+//! * [`FlowFixture`]: the whole flow in one test — given events, when a command, then its
+//!   events, what the projections show and what the process managers issue.
+//! * [`properties`]: proptest helpers for invariants over random command sequences, and for
+//!   snapshots against full replays.
+//!
+//! A failed check panics with a message that shows what differs: for event and command
+//! sequences, the index of the first difference and both sides pretty-printed.
+//!
+//! # The conformance suite
+//! [`conformance`] runs the guarantees every backend keeps against any backend.
+
+mod aggregate;
+mod envelope;
+mod process;
+mod projection;
+mod support;
 
 pub mod conformance;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod properties;
+
+pub use aggregate::{AggregateFixture, FlowFixture, Outcome};
+pub use envelope::{TestEnvelope, envelope};
+pub use process::ProcessManagerFixture;
+pub use projection::ProjectionFixture;
+
+/// The proptest crate the [`properties`] helpers are built on, for writing command strategies
+/// without a separate dependency.
+pub use proptest;
+
+/// The book's "Testing with factum" chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/testing.md")]
+mod testing_chapter {}
