@@ -404,3 +404,80 @@ proptest! {
         })?;
     }
 }
+
+// --- readers with their own event types -------------------------------------------------------
+
+/// The only account event the ledger cares about, decoded into its own type: a projection reads
+/// the wire format, not the aggregate's enum.
+#[derive(Debug)]
+struct MoneyIn {
+    amount: Cents,
+}
+
+impl factum::Event for MoneyIn {
+    fn event_type(&self) -> &'static str {
+        "account.deposited"
+    }
+    fn schema_version(&self) -> u32 {
+        1
+    }
+    fn event_types() -> &'static [&'static str] {
+        &["account.deposited"]
+    }
+    fn encode(&self) -> Result<Box<factum::RawValue>, factum::EncodeError> {
+        factum::encode_json(&Deposited {
+            amount: self.amount,
+        })
+    }
+    fn decode(
+        event_type: &str,
+        version: u32,
+        payload: &factum::RawValue,
+    ) -> Result<Self, factum::DecodeError> {
+        match (event_type, version) {
+            ("account.deposited", 1) => {
+                let Deposited { amount } = factum::decode_json(payload)?;
+                Ok(MoneyIn { amount })
+            }
+            _ => Err(factum::DecodeError::unknown(event_type, version)),
+        }
+    }
+}
+
+/// Every deposit, in log order.
+#[derive(Debug, Default, PartialEq)]
+struct Ledger(Vec<(String, Cents)>);
+
+impl Projection for Ledger {
+    const NAME: &'static str = "ledger";
+    type Event = MoneyIn;
+
+    fn apply(&mut self, envelope: &Envelope<MoneyIn>) -> Result<(), BoxError> {
+        self.0
+            .push((envelope.stream_id.to_string(), envelope.event.amount));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_projection_sees_only_the_events_it_declares_decoded_into_its_own_type() {
+    FlowFixture::<Account>::new()
+        .with_projection(Ledger::default())
+        .given([opened("Ada"), deposited(100), withdrawn(5)])
+        .given_stream("account-b2", [opened("Bob"), deposited(7)])
+        .when(deposit(20))
+        .then_events([deposited(20)])
+        .then_read_model_eq(Ledger(vec![
+            ("account-a1".into(), 100),
+            ("account-b2".into(), 7),
+            ("account-a1".into(), 20),
+        ]));
+}
+
+#[tokio::test]
+async fn the_fixtures_work_inside_an_async_test() {
+    AggregateFixture::<Account>::new()
+        .given([opened("Ada")])
+        .when(deposit(1))
+        .then_events([deposited(1)]);
+}
