@@ -25,7 +25,6 @@ use crate::schema::SchemaName;
 /// assert_eq!(config.acquire_timeout, Duration::from_secs(10));
 /// ```
 #[derive(Clone, Debug)]
-#[non_exhaustive]
 pub struct PoolConfig {
     /// The most connections the pool opens (default 10).
     pub max_connections: u32,
