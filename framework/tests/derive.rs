@@ -449,11 +449,11 @@ fn projections_dispatch_to_their_handler() {
 /// The `crate` override: generated code reaches factum through another path.
 mod reexported {
     pub(crate) mod my_framework {
-        pub(crate) use factum;
+        pub(crate) use factum as fw;
     }
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize, factum::Event)]
-    #[factum(crate = "self::my_framework::factum")]
+    #[factum(crate = "self::my_framework::fw")]
     #[event(name = "x.happened")]
     pub(crate) struct Happened {}
 }

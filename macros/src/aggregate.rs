@@ -210,3 +210,70 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         };
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attr::emitted_errors;
+    use syn::parse_quote;
+
+    #[test]
+    fn delegates_to_handle_and_apply() {
+        let tokens = expand(parse_quote! {
+            #[aggregate(type = "account", command = Cmd, event = Ev, error = Err)]
+            struct Account { balance: u64 }
+        })
+        .expect("expands");
+        assert!(emitted_errors(&tokens).is_empty());
+        let code = tokens.to_string();
+        assert!(code.contains(r#"const TYPE : & 'static str = "account" ;"#));
+        assert!(code.contains("type Command = Cmd ;"));
+        assert!(code.contains("Self :: handle (self , command)"));
+        assert!(code.contains("Self :: apply (self , event)"));
+        assert!(!code.contains("Snapshot"));
+    }
+
+    #[test]
+    fn custom_handlers_and_snapshot_version() {
+        let code = expand(parse_quote! {
+            #[aggregate(type = "a", command = C, event = E, error = X, handle = decide, apply = Self::on, snapshot_version = 3)]
+            struct A<T> { t: T }
+        })
+        .expect("expands")
+        .to_string();
+        assert!(code.contains("decide (self , command)"));
+        assert!(code.contains("Self :: on (self , event)"));
+        assert!(code.contains("impl < T > :: factum :: Snapshot for A < T > { const SNAPSHOT_VERSION : u32 = 3u32 ; }"), "{code}");
+    }
+
+    #[test]
+    fn bad_type_and_missing_keys_are_reported_together() {
+        let errors = emitted_errors(
+            &expand(parse_quote! {
+                #[aggregate(type = "bank-account", event = E, evnt = F)]
+                struct A {}
+            })
+            .expect("expands"),
+        );
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(errors[0].contains("must not contain `-`"));
+        assert!(errors[0].contains("try \"bank_account\""));
+        assert!(errors[1].starts_with("unknown `aggregate` attribute `evnt`"));
+        assert!(errors[2].starts_with("missing `command = AccountCommand`"));
+        assert!(errors[3].starts_with("missing `error = AccountError`"));
+    }
+
+    #[test]
+    fn the_fallback_uses_a_placeholder_for_unnamed_types() {
+        let tokens = expand(parse_quote!(
+            struct A {}
+        ))
+        .expect("expands");
+        assert_eq!(emitted_errors(&tokens).len(), 1);
+        assert!(
+            tokens
+                .to_string()
+                .contains("type Command = :: factum :: __private :: Unparsed")
+        );
+    }
+}

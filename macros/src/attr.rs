@@ -300,6 +300,34 @@ pub(crate) fn impl_attrs() -> TokenStream {
     quote! { #[automatically_derived] }
 }
 
+/// Every message of a combined error, in order.
+#[cfg(test)]
+pub(crate) fn messages(error: syn::Error) -> Vec<String> {
+    error.into_iter().map(|e| e.to_string()).collect()
+}
+
+/// The `compile_error!` messages in generated tokens (errors are emitted beside a fallback impl).
+#[cfg(test)]
+pub(crate) fn emitted_errors(tokens: &TokenStream) -> Vec<String> {
+    let file: syn::File = syn::parse2(tokens.clone()).expect("generated code parses");
+    file.items
+        .iter()
+        .filter_map(|item| match item {
+            syn::Item::Macro(m)
+                if m.mac
+                    .path
+                    .segments
+                    .last()
+                    .is_some_and(|s| s.ident == "compile_error") =>
+            {
+                let lit: LitStr = m.mac.parse_body().expect("a string");
+                Some(lit.value())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,7 +352,7 @@ mod tests {
         let path = crate_path(&mut cx, &attrs);
         assert_eq!(path.to_token_stream().to_string(), "reexport :: factum");
         let err = cx.finish().expect_err("two errors");
-        let messages: Vec<String> = err.into_iter().map(|e| e.to_string()).collect();
+        let messages = messages(err);
         assert_eq!(messages.len(), 3, "{messages:?}");
         assert!(messages[0].contains("unknown `factum` attribute `krate`"));
         assert!(messages[1].contains("duplicate `crate`"));

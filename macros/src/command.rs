@@ -256,3 +256,67 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         };
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attr::emitted_errors;
+    use syn::parse_quote;
+
+    fn generated(input: DeriveInput) -> String {
+        let tokens = expand(input).expect("expands");
+        assert!(emitted_errors(&tokens).is_empty(), "{tokens}");
+        tokens.to_string()
+    }
+
+    #[test]
+    fn struct_with_marked_id_and_name() {
+        let code = generated(parse_quote! {
+            #[command(name = "Deposit")]
+            struct DepositMoney { #[command(id)] account: AccountId, amount: u64 }
+        });
+        assert!(code.contains(r#"fn command_name (& self) -> & 'static str { "Deposit" }"#));
+        assert!(code.contains("let __id = & self . account ;"), "{code}");
+        assert!(code.contains("aggregate_id :: < AccountId > (__id)"));
+    }
+
+    #[test]
+    fn enum_with_a_default_id_field_and_an_override() {
+        let code = generated(parse_quote! {
+            #[command(id = account)]
+            enum C<T: Clone> {
+                Open { account: String },
+                #[command(name = "Move")]
+                Transfer { account: String, #[command(id)] from: T },
+                Freeze(#[command(id)] u64),
+            }
+        });
+        assert!(code.contains(r#"Self :: Open { .. } => "Open""#), "{code}");
+        assert!(code.contains(r#"Self :: Transfer { .. } => "Move""#));
+        assert!(code.contains("Self :: Transfer { from : __id , .. }"));
+        assert!(code.contains("Self :: Freeze { 0 : __id , .. }"));
+        assert!(code.contains("impl < T : Clone > :: factum :: Command for C < T >"));
+    }
+
+    #[test]
+    fn missing_and_duplicate_ids_are_reported_together() {
+        let errors = emitted_errors(
+            &expand(parse_quote! {
+                enum C {
+                    Open { account: String },
+                    Close,
+                    Two { #[command(id)] a: u8, #[command(id, id)] b: u8 },
+                    #[command(nmae = "x")]
+                    Other { #[command(id)] a: u8 },
+                }
+            })
+            .expect("expands"),
+        );
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert!(errors[0].starts_with("variant `Open` has no aggregate id"));
+        assert!(errors[1].starts_with("variant `Close` has no aggregate id"));
+        assert!(errors[2].starts_with("duplicate `id`"));
+        assert!(errors[3].starts_with("variant `Two` has two `#[command(id)]` fields"));
+        assert!(errors[4].starts_with("unknown `command` attribute `nmae`"));
+    }
+}

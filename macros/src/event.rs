@@ -568,3 +568,151 @@ fn fallback(krate: &Path, input: &DeriveInput) -> TokenStream {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attr::emitted_errors;
+    use syn::parse_quote;
+
+    fn generated(input: DeriveInput) -> String {
+        let tokens = expand(input).expect("expands");
+        assert!(emitted_errors(&tokens).is_empty(), "{tokens}");
+        syn::parse2::<syn::File>(tokens.clone()).expect("generated code parses");
+        tokens.to_string()
+    }
+
+    fn errors(input: DeriveInput) -> Vec<String> {
+        emitted_errors(&expand(input).expect("expands"))
+    }
+
+    #[test]
+    fn names_versions_and_shapes() {
+        let code = generated(parse_quote! {
+            #[event(prefix = "account")]
+            enum AccountEvent {
+                Opened(Opened),
+                #[event(name = "account.money_in", version = 2)]
+                Deposited(Deposited),
+                Closed { reason: String },
+                Frozen,
+            }
+        });
+        assert!(code.contains(
+            r#"& ["account.opened" , "account.money_in" , "account.closed" , "account.frozen"]"#
+        ));
+        assert!(code.contains(r#"Self :: Deposited (..) => 2u32"#), "{code}");
+        assert!(code.contains(r#"("account.money_in" , 2u32) =>"#), "{code}");
+        assert!(code.contains("struct __Payload < '__a > { reason : & '__a String , }"));
+        assert!(code.contains("EmptyPayload"));
+        assert!(code.contains("const _ : () ="));
+        assert!(code.contains(":: factum :: __private :: DecodeError :: unknown"));
+    }
+
+    #[test]
+    fn the_upcast_chain_is_walked_in_version_order() {
+        let code = generated(parse_quote! {
+            enum E {
+                #[event(name = "x", version = 3, upcast_from(V2 = 2, V1 = 1))]
+                X(X),
+            }
+        });
+        let v1 = code.find(r#"("x" , 1u32)"#).expect("v1 arm");
+        let v1_arm = &code[v1..];
+        let steps: Vec<usize> = ["upcast :: < V1 , V2 >", "upcast :: < V2 , X >"]
+            .iter()
+            .map(|s| v1_arm.find(s).expect(s))
+            .collect();
+        assert!(steps[0] < steps[1], "{v1_arm}");
+        let v2 = code.find(r#"("x" , 2u32)"#).expect("v2 arm");
+        assert!(code[v2..].contains("decode_json :: < V2 >"));
+    }
+
+    #[test]
+    fn a_struct_event_is_its_own_payload() {
+        let code = generated(parse_quote! {
+            #[event(prefix = "shop", rename_all = "kebab-case", version = 2, upcast_from(OrderPlacedV1 = 1))]
+            struct OrderPlaced { id: u64 }
+        });
+        assert!(code.contains(r#"& ["shop.order-placed"]"#), "{code}");
+        assert!(
+            code.contains("upcast :: < OrderPlacedV1 , Self >"),
+            "{code}"
+        );
+    }
+
+    #[test]
+    fn the_crate_path_can_be_overridden() {
+        let code = generated(parse_quote! {
+            #[factum(crate = "::reexport::factum")]
+            #[event(name = "x")]
+            struct X {}
+        });
+        assert!(code.contains("impl :: reexport :: factum :: Event for X"));
+        assert!(code.contains(":: reexport :: factum :: __private :: encode_json"));
+        assert!(!code.contains("{ :: factum ::") && !code.contains("(:: factum ::"));
+    }
+
+    #[test]
+    fn all_attribute_errors_are_reported_together_with_a_fallback_impl() {
+        let input: DeriveInput = parse_quote! {
+            #[event(prefix = "account", rename_all = "shouting", version = 2)]
+            enum AccountEvent {
+                #[event(name = "account.opened", verison = 2)]
+                Opened(Opened),
+                #[event(name = "account.opened", version = "2")]
+                Reopened(Opened),
+                Moved(String, String),
+            }
+        };
+        let tokens = expand(input).expect("expands");
+        let errors = emitted_errors(&tokens);
+        assert_eq!(errors.len(), 6, "{errors:#?}");
+        assert!(errors[0].contains("unknown `rename_all` rule"));
+        assert!(errors[1].contains("`version` is not allowed on the enum"));
+        assert!(errors[2].contains("unknown `event` attribute `verison`"));
+        assert!(errors[3].contains("expected a positive integer"));
+        assert!(errors[4].contains("not a tuple"));
+        assert!(errors[5].contains("duplicate wire name \"account.opened\""));
+        // The fallback keeps `AccountEvent: Event` true, so uses of it add no errors.
+        assert!(tokens.to_string().contains("unreachable"));
+    }
+
+    #[test]
+    fn duplicate_and_out_of_range_versions() {
+        let errors = errors(parse_quote! {
+            enum E {
+                #[event(name = "x", version = 2, upcast_from(A = 1, B = 1, C = 2, D = 3, F = 0))]
+                X(X),
+                #[event(name = "y", version = 2, upcast_from(A = 1))]
+                Y { a: u8 },
+            }
+        });
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert!(errors[0].starts_with("schema versions start at 1"));
+        assert!(errors[1].starts_with("duplicate version 1 of event \"x\""));
+        assert!(errors[2].starts_with("duplicate version 2 of event \"x\""));
+        assert!(errors[3].starts_with("version 3 is not older"));
+        assert!(errors[4].starts_with("`upcast_from` needs a newtype variant"));
+    }
+
+    #[test]
+    fn unsupported_items() {
+        let union = errors(parse_quote!(union U { a: u8 }));
+        assert_eq!(
+            union,
+            ["`#[derive(Event)]` supports enums and structs, not unions"]
+        );
+        let generic = errors(parse_quote!(
+            enum G<T> {
+                A(T),
+            }
+        ));
+        assert!(generic[0].contains("does not support generic types"));
+        let empty_name = errors(parse_quote!(
+            #[event(name = "")]
+            struct S {}
+        ));
+        assert_eq!(empty_name, ["the wire name must not be empty"]);
+    }
+}

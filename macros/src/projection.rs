@@ -109,3 +109,40 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         };
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attr::emitted_errors;
+    use syn::parse_quote;
+
+    #[test]
+    fn name_event_and_handler() {
+        let tokens = expand(parse_quote! {
+            #[projection(name = "balances", event = BalanceEvent)]
+            struct Balances {}
+        })
+        .expect("expands");
+        assert!(emitted_errors(&tokens).is_empty());
+        let code = tokens.to_string();
+        assert!(code.contains(r#"const NAME : & 'static str = "balances" ;"#));
+        assert!(code.contains("type Event = BalanceEvent ;"));
+        assert!(code.contains("HandlerResult :: into_result (Self :: handle (self , event))"));
+    }
+
+    #[test]
+    fn errors_are_reported_together() {
+        let errors = emitted_errors(
+            &expand(parse_quote! {
+                #[projection(name = "", handle = 5, extra)]
+                struct P {}
+            })
+            .expect("expands"),
+        );
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(errors[0].starts_with("the projection name must not be empty"));
+        assert!(errors[1].starts_with("expected a path to a function"));
+        assert!(errors[2].starts_with("unknown `projection` attribute `extra`"));
+        assert!(errors[3].starts_with("missing `event = EventType`"));
+    }
+}

@@ -1,6 +1,8 @@
 //! A bank account, run end to end on the in-memory backend:
 //! `cargo run -p bank`.
 
+#![allow(clippy::print_stdout, reason = "an example program: its output is the point")]
+
 use bank::{Account, AccountCommand};
 use factum::{CommandError, InMemoryStore, Repository};
 
@@ -11,17 +13,39 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let account = "ada-001".to_string();
 
     let steps = [
-        AccountCommand::Open { account: account.clone(), owner: "Ada Lovelace".into() },
-        AccountCommand::Deposit { account: account.clone(), amount: 10_000 },
-        AccountCommand::Withdraw { account: account.clone(), amount: 2_500 },
+        AccountCommand::Open {
+            account: account.clone(),
+            owner: "Ada Lovelace".into(),
+        },
+        AccountCommand::Deposit {
+            account: account.clone(),
+            amount: 10_000,
+        },
+        AccountCommand::Withdraw {
+            account: account.clone(),
+            amount: 2_500,
+        },
         // Rejected: the balance is 7 500 cents.
-        AccountCommand::Withdraw { account: account.clone(), amount: 9_000 },
+        AccountCommand::Withdraw {
+            account: account.clone(),
+            amount: 9_000,
+        },
         // Rejected: money is left.
-        AccountCommand::Close { account: account.clone() },
-        AccountCommand::Withdraw { account: account.clone(), amount: 7_500 },
-        AccountCommand::Close { account: account.clone() },
+        AccountCommand::Close {
+            account: account.clone(),
+        },
+        AccountCommand::Withdraw {
+            account: account.clone(),
+            amount: 7_500,
+        },
+        AccountCommand::Close {
+            account: account.clone(),
+        },
         // Rejected: a closed account rejects everything.
-        AccountCommand::Deposit { account: account.clone(), amount: 100 },
+        AccountCommand::Deposit {
+            account: account.clone(),
+            amount: 100,
+        },
     ];
 
     for command in steps {
@@ -43,7 +67,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "\n{} holds {} cents and is {}; {} events stored in {}",
         account.state.owner,
         account.state.balance,
-        if account.state.closed { "closed" } else { "open" },
+        if account.state.closed {
+            "closed"
+        } else {
+            "open"
+        },
         store.len(),
         account.stream_id,
     );
