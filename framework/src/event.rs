@@ -148,11 +148,7 @@ impl Metadata {
 
     /// Reads `key` as a `T`; `Ok(None)` when absent.
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, serde_json::Error> {
-        self.0
-            .get(key)
-            .map(|v| T::deserialize(v))
-            .transpose()
-            .map_err(Into::into)
+        self.0.get(key).map(T::deserialize).transpose()
     }
 
     /// True when no key is set.
