@@ -80,3 +80,8 @@ pub use store::{Health, PostgresStore};
 
 /// The sqlx version this crate is built on, for building pools by hand.
 pub use sqlx;
+
+/// The book's PostgreSQL chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/postgres.md")]
+mod postgres_chapter {}
