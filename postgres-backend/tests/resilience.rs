@@ -1,0 +1,436 @@
+//! `factum::resilience::Resilient` around a real `PostgresStore`: the database cut away in the
+//! middle of a stream of appends by a fault-injecting TCP proxy, and a provoked deadlock.
+//!
+//! The proxy runs inside the test, between the store's pool and the test's own throwaway
+//! database; the machine's PostgreSQL service is never touched.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use factum::resilience::{
+    CircuitBreakerConfig, CircuitState, Operation, Resilience, Resilient, RetryBudget, RetryPolicy,
+};
+use factum::{Error, ErrorKind, EventId, EventStore, ExpectedVersion, NewEvent, StreamId};
+use factum_postgres::{PostgresStore, StoreOptions};
+use factum_testkit::postgres::TestDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+/// A TCP proxy to the database that the test can cut (every connection dropped, new ones
+/// refused) and restore, or arm to cut right after the server answers a request, so that the
+/// request committed but its answer is lost.
+struct Proxy {
+    addr: SocketAddr,
+    state: Arc<ProxyState>,
+    accept: JoinHandle<()>,
+}
+
+struct ProxyState {
+    up: AtomicBool,
+    lose_next_answer: AtomicBool,
+    connections: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl ProxyState {
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for connection in self.connections.lock().expect("lock").drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let state = Arc::new(ProxyState {
+            up: AtomicBool::new(true),
+            lose_next_answer: AtomicBool::new(false),
+            connections: Mutex::new(Vec::new()),
+        });
+        let accept = tokio::spawn({
+            let state = state.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    if !state.up.load(Ordering::SeqCst) {
+                        drop(client); // refused: the client sees the connection closed
+                        continue;
+                    }
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        continue;
+                    };
+                    let connection = tokio::spawn(forward(client, server, state.clone()));
+                    let mut connections = state.connections.lock().expect("lock");
+                    connections.retain(|c| !c.is_finished());
+                    connections.push(connection);
+                }
+            }
+        });
+        Proxy {
+            addr,
+            state,
+            accept,
+        }
+    }
+
+    fn restore(&self) {
+        self.state.up.store(true, Ordering::SeqCst);
+    }
+
+    /// The next answer the server sends on any connection is dropped, and the proxy cut.
+    fn lose_next_answer(&self) {
+        self.state.lose_next_answer.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.state.cut();
+    }
+}
+
+async fn forward(client: TcpStream, server: TcpStream, state: Arc<ProxyState>) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let requests = tokio::io::copy(&mut client_read, &mut server_write);
+    let answers = async {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = server_read.read(&mut buffer).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+            if state.lose_next_answer.swap(false, Ordering::SeqCst) {
+                // The server has done the work and answered; the client never hears it.
+                state.cut();
+                return Ok(());
+            }
+            client_write.write_all(&buffer[..n]).await?;
+        }
+    };
+    tokio::select! {
+        _ = requests => {}
+        _ = answers => {}
+    }
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Acknowledged,
+    Failed(ErrorKind),
+}
+
+/// One append of the stream of appends: its stream, its batch, what it returned.
+type Attempted = (StreamId, Vec<NewEvent>, Outcome);
+
+fn event() -> NewEvent {
+    NewEvent {
+        event_id: EventId::new(),
+        event_type: "account.deposited".into(),
+        schema_version: 1,
+        payload: serde_json::value::to_raw_value(&serde_json::json!({ "amount": 10 }))
+            .expect("serialises"),
+        metadata: Default::default(),
+    }
+}
+
+fn ids(batch: &[NewEvent]) -> Vec<Uuid> {
+    batch.iter().map(|e| e.event_id.as_uuid()).collect()
+}
+
+/// How many times each event id is stored, read directly (not through the proxy).
+async fn copies(db: &TestDatabase) -> HashMap<Uuid, i64> {
+    sqlx::query_as::<_, (Uuid, i64)>(
+        "SELECT event_id, count(*) FROM factum.events GROUP BY event_id",
+    )
+    .fetch_all(db.pool())
+    .await
+    .expect("count events")
+    .into_iter()
+    .collect()
+}
+
+/// Waits (bounded) for a condition the test cannot be notified of.
+async fn eventually(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn upstream(db: &TestDatabase) -> (PgConnectOptions, SocketAddr) {
+    let options: PgConnectOptions = db.url().parse().expect("a PostgreSQL URL");
+    let host = options.get_host().to_owned();
+    let port = options.get_port();
+    let addr = format!("{host}:{port}")
+        .parse()
+        .expect("the test server listens on an IP address");
+    (options, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_survive_the_database_being_cut_away_and_restored() {
+    const WRITERS: usize = 4;
+    const APPENDS_PER_WRITER: usize = 25;
+    const CUT_AFTER: usize = 30;
+
+    let db = TestDatabase::create().await;
+    let (options, upstream) = upstream(&db);
+    let proxy = Proxy::start(upstream).await;
+    let pool = PgPoolOptions::new()
+        .max_connections(WRITERS as u32)
+        .acquire_timeout(Duration::from_millis(300))
+        // No ping before each use: the armed fault must hit an append, not a ping.
+        .test_before_acquire(false)
+        .connect_with(options.host("127.0.0.1").port(proxy.addr.port()))
+        .await
+        .expect("connect through the proxy");
+    // The outer layer does the retrying; the store only settles lost connections, briefly.
+    let pg = PostgresStore::with_options(
+        pool,
+        StoreOptions::default()
+            .with_max_attempts(1)
+            .with_outcome_check_timeout(Duration::from_millis(200)),
+    );
+    let resilience = Resilience::new("postgres")
+        .with_policy(
+            Operation::Append,
+            RetryPolicy::new()
+                .with_max_attempts(4)
+                .with_initial_delay(Duration::from_millis(20))
+                .with_max_delay(Duration::from_millis(100))
+                .with_max_elapsed(Some(Duration::from_secs(5))),
+        )
+        .with_budget(RetryBudget::unlimited())
+        .with_breaker_config(CircuitBreakerConfig {
+            consecutive_failures: 3,
+            cool_down: Duration::from_millis(300),
+            ..CircuitBreakerConfig::default()
+        });
+    let store = Arc::new(Resilient::with_resilience(pg, resilience.clone()));
+
+    let outcomes: Arc<Mutex<Vec<Attempted>>> = Arc::default();
+    let acknowledged = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+
+    let writers: Vec<JoinHandle<()>> = (0..WRITERS)
+        .map(|w| {
+            let (store, outcomes, acknowledged) =
+                (store.clone(), outcomes.clone(), acknowledged.clone());
+            tokio::spawn(async move {
+                for i in 0..APPENDS_PER_WRITER {
+                    let stream = StreamId::new(format!("account-{w}x{i}")).expect("valid");
+                    let batch = vec![event(), event()];
+                    let result = store
+                        .append(&stream, ExpectedVersion::NoStream, batch.clone())
+                        .await;
+                    let outcome = match result {
+                        Ok(appended) => {
+                            assert!(!appended.duplicate, "a fresh batch is no re-append");
+                            acknowledged.fetch_add(1, Ordering::SeqCst);
+                            Outcome::Acknowledged
+                        }
+                        Err(error) => {
+                            // While the circuit is open, wait as told before the next append.
+                            if let Error::Unavailable { retry_after, .. } = &error {
+                                tokio::time::sleep(*retry_after).await;
+                            }
+                            Outcome::Failed(error.kind())
+                        }
+                    };
+                    outcomes
+                        .lock()
+                        .expect("lock")
+                        .push((stream, batch, outcome));
+                }
+            })
+        })
+        .collect();
+
+    // Mid-stream: the next answer after CUT_AFTER acknowledged appends is lost, and the
+    // database stays unreachable until the breaker has opened.
+    eventually("appends before the cut", Duration::from_secs(30), || {
+        acknowledged.load(Ordering::SeqCst) >= CUT_AFTER
+    })
+    .await;
+    proxy.lose_next_answer();
+    eventually("the circuit to open", Duration::from_secs(30), || {
+        resilience.is_open()
+    })
+    .await;
+    let while_down = resilience.health();
+    assert!(while_down.circuit_open);
+    assert_eq!(while_down.dependency, "postgres");
+    proxy.restore();
+
+    for writer in writers {
+        writer.await.expect("writer task");
+    }
+    // The writers' last appends went through after the restore: the circuit closed again.
+    assert_eq!(resilience.breaker().state(), CircuitState::Closed);
+
+    let outcomes = std::mem::take(&mut *outcomes.lock().expect("lock"));
+    assert_eq!(outcomes.len(), WRITERS * APPENDS_PER_WRITER);
+    let stored = copies(&db).await;
+    let mut failed = Vec::new();
+    for (stream, batch, outcome) in outcomes {
+        match outcome {
+            Outcome::Acknowledged => {
+                for id in ids(&batch) {
+                    assert_eq!(
+                        stored.get(&id),
+                        Some(&1),
+                        "acknowledged {stream}: stored once"
+                    );
+                }
+            }
+            Outcome::Failed(kind) => {
+                assert!(
+                    matches!(
+                        kind,
+                        ErrorKind::UnknownOutcome | ErrorKind::Transient | ErrorKind::Unavailable
+                    ),
+                    "{stream}: unexpected {kind}"
+                );
+                for id in ids(&batch) {
+                    let n = stored.get(&id).copied().unwrap_or(0);
+                    if kind == ErrorKind::UnknownOutcome {
+                        assert!(n <= 1, "{stream}: {n} copies");
+                    } else {
+                        // Transient and unavailable promise that nothing was stored.
+                        assert_eq!(n, 0, "{stream} failed with {kind} but is stored");
+                    }
+                }
+                failed.push((stream, batch, kind));
+            }
+        }
+    }
+    assert!(
+        failed
+            .iter()
+            .any(|(_, _, kind)| *kind == ErrorKind::UnknownOutcome),
+        "the append whose answer was lost reports an unknown outcome: {:?}",
+        failed.iter().map(|(s, _, k)| (s, k)).collect::<Vec<_>>()
+    );
+
+    // Settling: re-append every failed batch unchanged. Each ends stored exactly once, whether
+    // or not its first attempt had landed.
+    for (stream, batch, _) in &failed {
+        store
+            .append(stream, ExpectedVersion::NoStream, batch.clone())
+            .await
+            .expect("re-append after the restore");
+    }
+    let stored = copies(&db).await;
+    assert_eq!(stored.len(), 2 * WRITERS * APPENDS_PER_WRITER);
+    assert!(stored.values().all(|&n| n == 1), "no duplicates");
+}
+
+/// A deadlock between the store's append and a raw transaction: PostgreSQL aborts the append
+/// (40P01), the store reports it as transient, `Resilient` retries it, and it is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_chosen_as_deadlock_victim_is_retried_and_stored_once() {
+    let db = TestDatabase::create().await;
+    let pg = db.store_with(StoreOptions::default().with_max_attempts(1));
+    let store = Arc::new(Resilient::with_resilience(
+        pg,
+        Resilience::new("postgres").with_policy(
+            Operation::Append,
+            RetryPolicy::new()
+                .with_max_attempts(3)
+                .with_initial_delay(Duration::from_millis(10)),
+        ),
+    ));
+    let stream = StreamId::new("account-1").expect("valid");
+    store
+        .append(&stream, ExpectedVersion::NoStream, vec![event()])
+        .await
+        .expect("the stream exists");
+    let deadlocks_before = deadlocks(&db).await;
+
+    // T1 stores (without committing) an event with the id the append will use, and will detect
+    // deadlocks late, so that PostgreSQL picks the append as the victim.
+    let batch = vec![event()];
+    let contested = batch[0].event_id.as_uuid();
+    let mut t1 = db.pool().begin().await.expect("begin");
+    sqlx::query("SET LOCAL deadlock_timeout = '10s'")
+        .execute(&mut *t1)
+        .await
+        .expect("set deadlock_timeout");
+    sqlx::query(
+        "INSERT INTO factum.events (stream_id, stream_version, event_id, event_type, schema_version, payload)
+         VALUES ('other-1', 1, $1, 'other.happened', 1, '{}')",
+    )
+    .bind(contested)
+    .execute(&mut *t1)
+    .await
+    .expect("raw insert");
+
+    // The append locks the stream's row, then waits for T1's uncommitted event id...
+    let append = tokio::spawn({
+        let (store, stream) = (store.clone(), stream.clone());
+        async move {
+            store
+                .append(
+                    &stream,
+                    ExpectedVersion::Exact(factum::StreamVersion::new(1)),
+                    batch,
+                )
+                .await
+        }
+    });
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>(waiting)
+        .fetch_one(db.pool())
+        .await
+        .expect("pg_stat_activity")
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the append never blocked on T1");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ...while T1 now waits for the stream's row: a cycle. The append's backend detects it first
+    // (1 s default deadlock_timeout) and is rolled back; T1's update then goes through.
+    sqlx::query("UPDATE factum.streams SET version = version WHERE stream_id = $1")
+        .bind(stream.as_str())
+        .execute(&mut *t1)
+        .await
+        .expect("T1 survives the deadlock");
+    t1.rollback().await.expect("rollback");
+
+    let appended = append
+        .await
+        .expect("append task")
+        .expect("the retried append succeeds");
+    assert!(!appended.duplicate);
+    assert_eq!(appended.stream_version.get(), 2);
+    // T1's update could only finish because the append's transaction was rolled back, yet the
+    // append succeeded: it was retried. The server's statistics confirm the deadlock (they are
+    // flushed asynchronously, hence the bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while deadlocks(&db).await == deadlocks_before {
+        assert!(Instant::now() < deadline, "no deadlock was recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored = copies(&db).await;
+    assert_eq!(stored.get(&contested), Some(&1), "stored once");
+    assert_eq!(stored.len(), 2);
+}
+
+async fn deadlocks(db: &TestDatabase) -> i64 {
+    sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        .fetch_one(db.pool())
+        .await
+        .expect("pg_stat_database")
+}
