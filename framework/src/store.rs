@@ -197,6 +197,8 @@ pub trait EventStore: Send + Sync {
     ///
     /// The provided implementation pages through the whole log; backends override it with a
     /// direct lookup.
+    // Spelled out rather than `async fn` so the future is promised `Send`.
+    #[allow(clippy::manual_async_fn)]
     fn head(&self) -> impl Future<Output = Result<LogPosition, Error>> + Send {
         async move {
             let mut head = LogPosition::START;
