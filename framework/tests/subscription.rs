@@ -333,3 +333,101 @@ async fn run_stops_on_shutdown_and_reports_stopped() {
         SubscriptionState::Stopped
     );
 }
+
+mod projections {
+    use super::*;
+    use factum::subscription::Projector;
+    use factum::{DecodeError, EncodeError, Envelope, Event, Projection};
+
+    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+    struct Deposited {
+        amount: u64,
+    }
+
+    impl Event for Deposited {
+        fn event_type(&self) -> &'static str {
+            "account.deposited"
+        }
+        fn schema_version(&self) -> u32 {
+            1
+        }
+        fn event_types() -> &'static [&'static str] {
+            &["account.deposited"]
+        }
+        fn encode(&self) -> Result<Box<RawValue>, EncodeError> {
+            factum::encode_json(self)
+        }
+        fn decode(t: &str, v: u32, payload: &RawValue) -> Result<Self, DecodeError> {
+            match (t, v) {
+                ("account.deposited", 1) => factum::decode_json(payload),
+                _ => Err(DecodeError::unknown(t, v)),
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct Total(u64);
+
+    impl Projection for Total {
+        const NAME: &'static str = "total";
+        type Event = Deposited;
+        fn apply(&mut self, event: &Envelope<Deposited>) -> Result<(), BoxError> {
+            self.0 += event.event.amount;
+            Ok(())
+        }
+    }
+
+    fn deposit(json: &str) -> NewEvent {
+        NewEvent {
+            payload: RawValue::from_string(json.to_owned()).unwrap(),
+            ..event("account.deposited")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_projection_reads_only_its_events_and_checkpoints_under_its_name() {
+        let store = InMemoryStore::new();
+        append(
+            &store,
+            "account-1",
+            vec![deposit(r#"{"amount":5}"#), event("account.opened")],
+        )
+        .await;
+        append(&store, "account-2", vec![deposit(r#"{"amount":7}"#)]).await;
+        let mut projector = Projector::new(Total::default());
+        Subscription::for_projection::<Total>(store.clone())
+            .catch_up(&mut projector)
+            .await
+            .unwrap();
+        assert_eq!(projector.get().0, 12);
+        assert_eq!(
+            store.load_checkpoint("total").await.unwrap(),
+            Some(store.head())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_event_stops_the_projection_naming_the_event() {
+        let store = InMemoryStore::new();
+        append(&store, "account-1", vec![deposit(r#"{"amount":5}"#)]).await;
+        append(&store, "account-1", vec![deposit(r#"{"amount":"lots"}"#)]).await;
+        append(&store, "account-1", vec![deposit(r#"{"amount":1}"#)]).await;
+        let mut projector = Projector::new(Total::default());
+        let err = Subscription::for_projection::<Total>(store.clone())
+            .handler_retries(1, Duration::ZERO)
+            .catch_up(&mut projector)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            projector.get().0,
+            5,
+            "nothing after the bad event is applied"
+        );
+        let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            text.contains("account-1") && text.contains("version 2"),
+            "{text}"
+        );
+        assert!(text.contains("account.deposited"), "{text}");
+    }
+}

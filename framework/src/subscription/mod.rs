@@ -57,6 +57,7 @@ pub use store::{CheckpointStore, DeadLetterStore, ParkedEvent};
 use crate::error::{BoxError, Error};
 use crate::event::RecordedEvent;
 use crate::ids::LogPosition;
+use crate::projection::Projection;
 use crate::store::{BoxFuture, EventFilter, EventStore};
 
 /// Handles the events a subscription delivers.
@@ -74,6 +75,52 @@ impl<H: EventHandler> EventHandler for &mut H {
         event: &RecordedEvent,
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
         (**self).handle(event)
+    }
+}
+
+/// Runs a [`Projection`] as a subscription's handler: decodes each event into the projection's
+/// event type (upcasting older versions) and applies it.
+///
+/// An event that does not decode is a handler failure naming its stream, version, type and
+/// position: the subscription stops on it, or parks it when configured to; it is never skipped
+/// silently.
+#[derive(Debug, Default)]
+pub struct Projector<P> {
+    projection: P,
+}
+
+impl<P: Projection> Projector<P> {
+    /// Wraps a projection.
+    pub fn new(projection: P) -> Self {
+        Self { projection }
+    }
+
+    /// The read model.
+    pub fn get(&self) -> &P {
+        &self.projection
+    }
+
+    /// The read model, mutably.
+    pub fn get_mut(&mut self) -> &mut P {
+        &mut self.projection
+    }
+
+    /// Unwraps the read model.
+    pub fn into_inner(self) -> P {
+        self.projection
+    }
+}
+
+impl<P: Projection> EventHandler for Projector<P> {
+    fn handle(
+        &mut self,
+        event: &RecordedEvent,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let result = event
+            .decode::<P::Event>()
+            .map_err(BoxError::from)
+            .and_then(|envelope| self.projection.apply(&envelope));
+        std::future::ready(result)
     }
 }
 
@@ -174,6 +221,12 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
             parker: None,
             status,
         }
+    }
+
+    /// A subscription feeding projection `P`: named [`Projection::NAME`], reading only the wire
+    /// names of [`Projection::Event`]. Run it with a [`Projector`].
+    pub fn for_projection<P: Projection>(store: S) -> Self {
+        Self::new(P::NAME, store).filter(EventFilter::for_event::<P::Event>())
     }
 
     /// Only events passing `filter` are read (filtered at the source).
