@@ -71,6 +71,50 @@
 //! # }).unwrap();
 //! ```
 //!
+//! # Derive macros
+//!
+//! With the default `derive` feature, the derives write those impls; the counter above becomes:
+//!
+//! ```
+//! use factum::{Aggregate, Command, Event};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Default, Aggregate)]
+//! #[aggregate(type = "counter", command = Increment, event = Incremented, error = TooBig)]
+//! struct Counter { value: u64 }
+//!
+//! #[derive(Command)]
+//! struct Increment { #[command(id)] counter: String, by: u64 }
+//!
+//! #[derive(Debug, PartialEq, Serialize, Deserialize, Event)]
+//! #[event(name = "counter.incremented")]
+//! struct Incremented { by: u64 }
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! #[error("a counter only goes up by 1 to 10 at a time")]
+//! struct TooBig;
+//!
+//! impl Counter {
+//!     fn handle(&self, command: &Increment) -> Result<Vec<Incremented>, TooBig> {
+//!         if !(1..=10).contains(&command.by) { return Err(TooBig); }
+//!         Ok(vec![Incremented { by: command.by }])
+//!     }
+//!
+//!     fn apply(&mut self, event: &Incremented) {
+//!         self.value += event.by;
+//!     }
+//! }
+//! # let mut counter = Counter::default();
+//! # for e in counter.decide(&Increment { counter: "c".into(), by: 3 }).unwrap() { counter.evolve(&e); }
+//! # assert_eq!((Counter::TYPE, counter.value), ("counter", 3));
+//! # assert_eq!(Increment { counter: "c".into(), by: 1 }.aggregate_id(), "c");
+//! ```
+//!
+//! Every attribute is documented, with an example, on its derive: [`Event`](macro@Event) (wire
+//! names, schema versions, upcasting), [`Command`](macro@Command),
+//! [`Aggregate`](macro@Aggregate) and [`Projection`](macro@Projection). Mistakes in attributes
+//! are compile errors on the offending token, all reported at once.
+//!
 //! # The pieces
 //! * **Domain model**: [`Aggregate`], [`Command`], [`Event`] (stable wire names, schema
 //!   versions, upcasting in [`Event::decode`]), [`Snapshot`] for aggregates that opt into

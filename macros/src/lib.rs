@@ -25,25 +25,25 @@ fn run(
         .into()
 }
 
-/// Implements `factum::Event`. Documented on the `factum::Event` re-export.
+/// The derive for factum's `Event` trait.
 #[proc_macro_derive(Event, attributes(event, factum))]
 pub fn derive_event(input: TokenStream) -> TokenStream {
     run(input, event::expand)
 }
 
-/// Implements `factum::Command`. Documented on the `factum::Command` re-export.
+/// The derive for factum's `Command` trait.
 #[proc_macro_derive(Command, attributes(command, factum))]
 pub fn derive_command(input: TokenStream) -> TokenStream {
     run(input, command::expand)
 }
 
-/// Implements `factum::Aggregate`. Documented on the `factum::Aggregate` re-export.
+/// The derive for factum's `Aggregate` trait.
 #[proc_macro_derive(Aggregate, attributes(aggregate, factum))]
 pub fn derive_aggregate(input: TokenStream) -> TokenStream {
     run(input, aggregate::expand)
 }
 
-/// Implements `factum::Projection`. Documented on the `factum::Projection` re-export.
+/// The derive for factum's `Projection` trait.
 #[proc_macro_derive(Projection, attributes(projection, factum))]
 pub fn derive_projection(input: TokenStream) -> TokenStream {
     run(input, projection::expand)
