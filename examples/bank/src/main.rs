@@ -1,7 +1,10 @@
 //! A bank account, run end to end on the in-memory backend:
 //! `cargo run -p bank`.
 
-#![allow(clippy::print_stdout, reason = "an example program: its output is the point")]
+#![allow(
+    clippy::print_stdout,
+    reason = "an example program: its output is the point"
+)]
 
 use bank::{Account, AccountCommand};
 use factum::{CommandError, InMemoryStore, Repository};

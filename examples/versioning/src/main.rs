@@ -3,7 +3,10 @@
 //! The store is seeded the way an old deployment would have left it: raw payloads written by
 //! earlier versions of the code. The current code reads them without a migration.
 
-#![allow(clippy::print_stdout, reason = "an example program: its output is the point")]
+#![allow(
+    clippy::print_stdout,
+    reason = "an example program: its output is the point"
+)]
 
 use factum::{
     EventMetadata, EventStore, ExpectedVersion, InMemoryStore, NewEvent, RawValue, Repository,
