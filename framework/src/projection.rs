@@ -8,6 +8,9 @@ use crate::event::{Envelope, Event};
 /// `Event` is the set of events the projection handles: usually an enum deriving
 /// [`Event`] whose variants are exactly those events (they may come from several aggregates).
 /// Subscriptions fetch only those wire names from the store ([`crate::EventFilter::for_event`]).
+///
+/// `#[derive(Projection)]` writes this impl from `#[projection(name = "...", event = ...)]` and
+/// an inherent `handle` method (see the derive's documentation).
 pub trait Projection: Send + 'static {
     /// A stable name: the key of the projection's checkpoint.
     const NAME: &'static str;
