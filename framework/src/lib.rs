@@ -10,7 +10,7 @@
 //! use serde_json::value::RawValue;
 //!
 //! // The state, rebuilt from events.
-//! #[derive(Default)]
+//! #[derive(Debug, Default)]
 //! struct Counter { value: u64 }
 //!
 //! struct Increment { counter: String, by: u64 }
@@ -266,3 +266,11 @@ pub use derives::{Aggregate, Command, Event, Projection};
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/reference/derives.md")]
 mod derives_chapter {}
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/tutorial.md")]
+mod tutorial_chapter {}
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/subscriptions.md")]
+mod subscriptions_chapter {}
