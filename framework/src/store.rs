@@ -303,27 +303,27 @@ impl<T: EventStore> DynEventStore for T {
 }
 
 impl EventStore for dyn DynEventStore {
-    fn append(
+    // An async fn, so the future may borrow `self` and `stream` for different lifetimes.
+    async fn append(
         &self,
         stream: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
-    ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
-        // An async block, so the future may borrow `self` and `stream` for different lifetimes.
-        async move { self.append_dyn(stream, expected, events).await }
+    ) -> Result<AppendResult, Error> {
+        self.append_dyn(stream, expected, events).await
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
         self.read_stream_dyn(stream, after)
     }
 
-    fn read_all(
+    async fn read_all(
         &self,
         after: LogPosition,
         limit: usize,
         filter: &EventFilter,
-    ) -> impl Future<Output = Result<Vec<RecordedEvent>, Error>> + Send {
-        async move { self.read_all_dyn(after, limit, filter).await }
+    ) -> Result<Vec<RecordedEvent>, Error> {
+        self.read_all_dyn(after, limit, filter).await
     }
 
     fn head(&self) -> impl Future<Output = Result<LogPosition, Error>> + Send {
@@ -392,11 +392,8 @@ impl SnapshotStore for dyn DynSnapshotStore {
         self.save_snapshot_dyn(snapshot)
     }
 
-    fn load_snapshot(
-        &self,
-        stream: &StreamId,
-    ) -> impl Future<Output = Result<Option<StoredSnapshot>, Error>> + Send {
-        async move { self.load_snapshot_dyn(stream).await }
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<StoredSnapshot>, Error> {
+        self.load_snapshot_dyn(stream).await
     }
 }
 
