@@ -169,3 +169,8 @@ impl Account {
         }
     }
 }
+
+// The README's example runs against this domain: compile it with the tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+mod readme {}
