@@ -72,6 +72,7 @@ mod error;
 mod migrate;
 mod schema;
 mod store;
+mod subscription;
 
 pub use config::{PoolConfig, StoreOptions};
 pub use migrate::migrate;

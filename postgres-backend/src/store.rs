@@ -436,7 +436,7 @@ impl Existing {
 
 /// An `events` row as the read queries select it.
 #[derive(sqlx::FromRow)]
-struct EventRow {
+pub(crate) struct EventRow {
     global_position: i64,
     commit_id: i64,
     stream_id: String,
@@ -452,7 +452,7 @@ struct EventRow {
 }
 
 impl EventRow {
-    fn into_recorded(self) -> Result<RecordedEvent, Error> {
+    pub(crate) fn into_recorded(self) -> Result<RecordedEvent, Error> {
         let stream_id = StreamId::new(self.stream_id).map_err(|e| Error::permanent("read", e))?;
         let stream_version = StreamVersion::new(to_u64(self.stream_version));
         let position = LogPosition::new(
@@ -522,7 +522,7 @@ struct Sql {
     applied_version: String,
 }
 
-const EVENT_COLUMNS_E: &str = "e.global_position, e.transaction_id::text::bigint AS commit_id, \
+pub(crate) const EVENT_COLUMNS_E: &str = "e.global_position, e.transaction_id::text::bigint AS commit_id, \
     e.stream_id, e.stream_version, e.event_id, e.event_type, e.schema_version, \
     e.payload::text AS payload, e.metadata::text AS metadata, e.correlation_id, e.causation_id, \
     e.recorded_at";

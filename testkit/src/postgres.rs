@@ -416,8 +416,13 @@ impl TestStore {
     /// Like [`TestDatabase::create`].
     pub async fn create() -> Self {
         let database = TestDatabase::create().await;
+        // The gap-safe horizon is cluster-wide: on a loaded machine other checks' transactions can
+        // hold it back longer than the default 250 ms, which would make read-your-writes checks
+        // flaky. Waiting longer changes no result, only how long a read may wait for them.
+        let options = factum_postgres::StoreOptions::default()
+            .with_read_settle_timeout(std::time::Duration::from_secs(10));
         Self {
-            store: database.store(),
+            store: database.store_with(options),
             database: std::sync::Arc::new(database),
         }
     }
