@@ -113,7 +113,8 @@ fn assert_names_the_event(error: &Error, stream_id: &StreamId, version: u64, eve
 async fn corrupted_payload_names_stream_version_type_and_position() {
     bounded(async {
         let db = TestDatabase::create().await;
-        let store = db.store();
+        // It reads the global log right after writing: wait for other tests' transactions.
+        let store = db.patient_store();
         let id = stream("account-1");
         store
             .append(&id, ExpectedVersion::NoStream, vec![deposit(5)])

@@ -23,10 +23,14 @@ fn event(n: u64) -> NewEvent {
 async fn a_late_commit_with_a_lower_position_is_not_skipped() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let db = TestDatabase::create().await;
-        let store = db.store();
-        // A reader that does not wait for transactions in flight: it shows the raw horizon.
+        // Three readers: one that does not wait for transactions in flight (it shows the raw
+        // horizon), one with the default wait, which gives up while A is open, and one that waits
+        // long enough for any other test's transactions once A has committed. The first two are
+        // the ones read while A is open: each of their reads returns only after its wait.
         let impatient =
             db.store_with(StoreOptions::default().with_read_settle_timeout(Duration::ZERO));
+        let store = db.store();
+        let patient = db.patient_store();
 
         // A: takes the lower position (and transaction id) and stays open.
         let mut a = db.pool().begin().await.expect("begin A");
@@ -63,7 +67,7 @@ async fn a_late_commit_with_a_lower_position_is_not_skipped() {
         a.commit().await.expect("commit A");
 
         // After A commits, both come back, A first.
-        let page = store
+        let page = patient
             .read_all(LogPosition::START, 10, &EventFilter::all())
             .await
             .expect("read all");
@@ -72,7 +76,7 @@ async fn a_late_commit_with_a_lower_position_is_not_skipped() {
         assert_eq!(ids[0], a_id, "A sorts first");
         assert!(page[0].position < page[1].position);
         // Resuming after A returns exactly B.
-        let rest = store
+        let rest = patient
             .read_all(page[0].position, 10, &EventFilter::all())
             .await
             .expect("read all");

@@ -39,6 +39,10 @@ const NOT_INSTALLED: &str = "install PostgreSQL (apt-get install -y postgresql) 
 static SERVER: OnceCell<Result<String, String>> = OnceCell::const_new();
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
+/// How long the [`TestDatabase::patient_store`]'s `read_all` waits for transactions that were in
+/// flight when it was called (10 s).
+pub const PATIENT_READ_SETTLE: Duration = Duration::from_secs(10);
+
 /// A freshly created, migrated database that is dropped when this value is dropped.
 pub struct TestDatabase {
     pool: PgPool,
@@ -130,6 +134,19 @@ impl TestDatabase {
     /// A store on this database's pool, in the migrated default schema.
     pub fn store(&self) -> PostgresStore {
         PostgresStore::new(self.pool.clone())
+    }
+
+    /// A store on this database's pool, in the migrated default schema, whose
+    /// [`read_all`](factum::EventStore::read_all) waits up to [`PATIENT_READ_SETTLE`] for the
+    /// transactions in flight when it was called.
+    ///
+    /// The gap-safe horizon is cluster-wide: on a loaded machine, other tests' transactions can
+    /// hold it back longer than the default 250 ms, so a test that appends and then reads the
+    /// global log (read-your-writes) should use this store. Waiting longer changes no result,
+    /// only how long a read may wait; a test that reads while it holds a transaction open on
+    /// purpose should not use it (each such read would wait the whole timeout).
+    pub fn patient_store(&self) -> PostgresStore {
+        self.store_with(StoreOptions::default().with_read_settle_timeout(PATIENT_READ_SETTLE))
     }
 
     /// A store on this database's pool with `options` (its schema must be migrated first, e.g.
@@ -416,13 +433,10 @@ impl TestStore {
     /// Like [`TestDatabase::create`].
     pub async fn create() -> Self {
         let database = TestDatabase::create().await;
-        // The gap-safe horizon is cluster-wide: on a loaded machine other checks' transactions can
-        // hold it back longer than the default 250 ms, which would make read-your-writes checks
-        // flaky. Waiting longer changes no result, only how long a read may wait for them.
-        let options = factum_postgres::StoreOptions::default()
-            .with_read_settle_timeout(std::time::Duration::from_secs(10));
+        // Read-your-writes checks must not depend on other tests' transactions ending within the
+        // default 250 ms: see `TestDatabase::patient_store`.
         Self {
-            store: database.store_with(options),
+            store: database.patient_store(),
             database: std::sync::Arc::new(database),
         }
     }
