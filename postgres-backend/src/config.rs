@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use factum::resilience::{Operation, RetryPolicies, RetryPolicy};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
@@ -94,26 +95,36 @@ impl PoolConfig {
 /// How a [`PostgresStore`](crate::PostgresStore) behaves on top of its pool.
 ///
 /// ```
+/// use std::time::Duration;
+/// use factum::resilience::RetryPolicy;
 /// use factum_postgres::{SchemaName, StoreOptions};
 ///
 /// let options = StoreOptions::default()
 ///     .with_schema(SchemaName::new("billing").unwrap())
-///     .with_max_attempts(5);
+///     .with_retry(RetryPolicy::new().with_max_attempts(3).with_initial_delay(Duration::from_millis(20)));
 /// assert_eq!(options.schema().as_str(), "billing");
+/// assert_eq!(options.retry().max_attempts(), 3);
+///
+/// // Under `factum::resilience::Resilient`, which retries by itself: one layer of retries.
+/// let wrapped = StoreOptions::default().with_retry(RetryPolicy::no_retry());
+/// assert_eq!(wrapped.retry().max_attempts(), 1);
 /// ```
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     schema: SchemaName,
-    max_attempts: u32,
+    retry: RetryPolicy,
     outcome_check_timeout: Duration,
     read_settle_timeout: Duration,
 }
 
 impl Default for StoreOptions {
+    /// Schema `factum`; retries by the default [`Operation::Append`] policy of
+    /// [`RetryPolicies`](factum::resilience::RetryPolicies) (5 attempts, 50 ms to 2 s, 10 s in
+    /// all); outcome checks for at most 10 s; `read_all` waits at most 250 ms.
     fn default() -> Self {
         Self {
             schema: SchemaName::default(),
-            max_attempts: 3,
+            retry: *RetryPolicies::default().get(Operation::Append),
             outcome_check_timeout: Duration::from_secs(10),
             read_settle_timeout: Duration::from_millis(250),
         }
@@ -128,17 +139,33 @@ impl StoreOptions {
         self
     }
 
-    /// How many times an append is tried when the server rolled it back (deadlock,
-    /// serialization failure, server starting...) or a lost connection turned out to have
-    /// stored nothing (default 3; 1 disables retries, e.g. when an outer retry layer exists).
+    /// How an append is retried inside the store: attempts, backoff with full jitter, time limit
+    /// (default: the [`Operation::Append`] policy of
+    /// [`RetryPolicies::default`](factum::resilience::RetryPolicies)).
+    ///
+    /// It applies to appends the server rolled back (deadlock, serialization failure, server
+    /// starting, statement timeout...), to the look-ups of a batch's event ids after a lost
+    /// connection, and to the retry of a batch those look-ups found not stored. These retries
+    /// pass no retry budget and no circuit breaker: when the store is wrapped in
+    /// [`Resilient`](factum::resilience::Resilient), which has both and retries the same
+    /// failures, pass [`RetryPolicy::no_retry`] here so that attempts do not multiply.
     #[must_use]
-    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
-        self.max_attempts = attempts.max(1);
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
         self
     }
 
-    /// How long an append whose connection was lost keeps trying to look its event ids up
-    /// before giving up with [`factum::Error::UnknownOutcome`] (default 10 s).
+    /// Shorthand for [`with_retry`](Self::with_retry) with the current policy's attempts
+    /// replaced (1 disables retries).
+    #[must_use]
+    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
+        self.retry = self.retry.with_max_attempts(attempts);
+        self
+    }
+
+    /// The longest an append whose connection was lost keeps looking its event ids up before
+    /// giving up with [`factum::Error::UnknownOutcome`] (default 10 s), on top of the retry
+    /// policy's own limits.
     #[must_use]
     pub fn with_outcome_check_timeout(mut self, timeout: Duration) -> Self {
         self.outcome_check_timeout = timeout;
@@ -169,9 +196,9 @@ impl StoreOptions {
         &self.schema
     }
 
-    /// How many times an append is tried.
-    pub fn max_attempts(&self) -> u32 {
-        self.max_attempts
+    /// How an append is retried inside the store.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
     }
 
     /// How long a lost connection's outcome is checked for.

@@ -44,11 +44,15 @@
 //! conflicting append.
 //!
 //! Failures are classified once: a transaction the server rolled back (deadlock, serialization
-//! failure, too many connections...) is retried up to [`StoreOptions::with_max_attempts`] and
-//! then reported as [`factum::Error::Transient`]; a connection lost while the statement was in
-//! flight leaves the outcome unknown, so the append waits for the database (bounded) and looks
-//! the batch's ids up: stored means success, absent means retry, unreachable means
-//! [`factum::Error::UnknownOutcome`] (re-append the same events to settle it).
+//! failure, too many connections...) is retried by the store's
+//! [`RetryPolicy`](factum::resilience::RetryPolicy) ([`StoreOptions::with_retry`]; by default
+//! the framework's policy for appends) and then reported as [`factum::Error::Transient`]; a
+//! connection lost while the statement was in flight leaves the outcome unknown, so the append
+//! looks the batch's ids up (waiting for the database by the same policy): stored means
+//! success, absent means retry, unreachable means [`factum::Error::UnknownOutcome`] (re-append
+//! the same events to settle it). Wrapped in [`factum::resilience::Resilient`], give the store
+//! [`RetryPolicy::no_retry`](factum::resilience::RetryPolicy::no_retry) so that only the outer
+//! layer, with its budget and circuit breaker, retries.
 //!
 //! # Gap-safe global log
 //! Positions come from a sequence, so they are handed out in append order but become visible in

@@ -12,6 +12,7 @@ use factum::{
     Metadata, NewEvent, RawValue, RecordedEvent, SnapshotStore, StoredSnapshot, StreamId,
     StreamVersion, validate_batch,
 };
+use factum::resilience::{FullJitter, RetryPolicy};
 use futures_util::StreamExt;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -167,11 +168,10 @@ impl PostgresStore {
     ) -> Result<AppendResult, Error> {
         validate_batch(stream, &events)?;
         let batch = Batch::new(stream, &events)?;
-        let max_attempts = self.inner.options.max_attempts();
-        let mut attempt = 0;
+        // One schedule for the whole call: every wait (before retrying the statement or looking
+        // the batch up again) takes the policy's next delay, so the policy bounds the call.
+        let mut retries = Retries::new(self.inner.options.retry());
         loop {
-            attempt += 1;
-            let retry = attempt < max_attempts;
             let failure = match self.try_append(stream, expected, &batch).await {
                 Ok(Some(result)) => return Ok(result),
                 // Zero rows: the version did not match, or some id of the batch is stored.
@@ -187,8 +187,9 @@ impl PostgresStore {
                     }
                     let actual = self.stream_version(stream).await?;
                     // Versions only grow: a mismatch now is a real conflict. A match means the
-                    // stream moved between the statement and this read: try again.
-                    if !(expected.matches(actual) && retry) {
+                    // stream moved between the statement and this read: try again at once (the
+                    // attempt still counts).
+                    if !(expected.matches(actual) && retries.next().is_some()) {
                         return Err(Error::Conflict {
                             stream: stream.clone(),
                             expected,
@@ -204,23 +205,26 @@ impl PostgresStore {
                     });
                 }
                 Some(Failure::Transient(e)) => {
-                    if !retry {
+                    let Some(delay) = retries.next() else {
                         return Err(Error::transient("append", e));
-                    }
-                    tracing::debug!(%stream, attempt, error = %e, "append rolled back; retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
+                    };
+                    tracing::debug!(%stream, retry = retries.count, ?delay, error = %e, "append rolled back; retrying");
+                    tokio::time::sleep(delay).await;
                 }
                 Some(Failure::UnknownOutcome(e)) => {
                     tracing::warn!(%stream, error = %e, "connection lost during append; checking whether it was stored");
-                    match self.settle(stream, &batch).await {
+                    match self.settle(stream, &batch, &mut retries).await {
                         Some(Existing::Stored(mut result)) => {
                             // Stored by the lost attempt: for the caller, this append stored it.
                             result.duplicate = false;
                             return Ok(result);
                         }
                         Some(Existing::Elsewhere(error)) => return Err(error),
-                        Some(Existing::NotStored) if retry => {}
-                        Some(Existing::NotStored) => return Err(Error::transient("append", e)),
+                        // Not stored: retrying is safe; no retry left means nothing happened.
+                        Some(Existing::NotStored) => match retries.next() {
+                            Some(delay) => tokio::time::sleep(delay).await,
+                            None => return Err(Error::transient("append", e)),
+                        },
                         None => {
                             return Err(Error::UnknownOutcome {
                                 operation: "append",
@@ -290,21 +294,25 @@ impl PostgresStore {
         Ok(Existing::judge(stream, batch, rows))
     }
 
-    /// After a lost connection: waits for the database (bounded) and looks the ids up.
-    /// `None` when it could not be reached in time.
-    async fn settle(&self, stream: &StreamId, batch: &Batch<'_>) -> Option<Existing> {
+    /// After a lost connection: looks the ids up, waiting for the database between look-ups by
+    /// the retry schedule and at most the outcome check timeout. `None` when it could not be
+    /// reached in time.
+    async fn settle(
+        &self,
+        stream: &StreamId,
+        batch: &Batch<'_>,
+        retries: &mut Retries,
+    ) -> Option<Existing> {
         let deadline = Instant::now() + self.inner.options.outcome_check_timeout();
-        let mut attempt = 0;
         loop {
-            attempt += 1;
             match self.existing(stream, batch).await {
                 Ok(existing) => return Some(existing),
                 Err(e) if e.is_transient() => {
-                    let delay = backoff(attempt);
+                    let delay = retries.next()?;
                     if Instant::now() + delay > deadline {
                         return None;
                     }
-                    tracing::debug!(%stream, error = %e, "database unreachable; will look the batch up again");
+                    tracing::debug!(%stream, ?delay, error = %e, "database unreachable; will look the batch up again");
                     tokio::time::sleep(delay).await;
                 }
                 Err(_) => return None,
@@ -313,14 +321,37 @@ impl PostgresStore {
     }
 }
 
-/// Exponential backoff with full jitter: a random delay in [0, 20 ms * 2^attempt), capped at 1 s.
-fn backoff(attempt: u32) -> Duration {
-    use std::hash::BuildHasher;
-    let cap = Duration::from_millis(20)
-        .saturating_mul(1 << attempt.min(6))
-        .min(Duration::from_secs(1));
-    let random = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
-    cap.mul_f64((random % 10_000) as f64 / 10_000.0)
+/// The delays of one call's retries, from its [`RetryPolicy`]: full jitter, at most
+/// `max_attempts - 1` of them, none that would end past `max_elapsed`.
+struct Retries {
+    delays: FullJitter,
+    max_elapsed: Option<Duration>,
+    started: Instant,
+    count: u32,
+}
+
+impl Retries {
+    fn new(policy: &RetryPolicy) -> Self {
+        Self {
+            delays: policy.backoff(),
+            max_elapsed: policy.max_elapsed(),
+            started: Instant::now(),
+            count: 0,
+        }
+    }
+
+    /// The delay before the next retry, or `None` when the policy allows no more.
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.delays.next()?;
+        if self
+            .max_elapsed
+            .is_some_and(|max| self.started.elapsed() + delay > max)
+        {
+            return None;
+        }
+        self.count += 1;
+        Some(delay)
+    }
 }
 
 fn to_i64(v: u64) -> i64 {

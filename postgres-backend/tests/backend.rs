@@ -366,3 +366,113 @@ async fn health_reports_the_schema_and_connect_applies_pool_settings() {
     })
     .await;
 }
+
+/// An append cancelled by `statement_timeout` was rolled back: the store retries it by its
+/// [`RetryPolicy`](factum::resilience::RetryPolicy), and with `no_retry` it reports it at once.
+#[tokio::test]
+async fn a_rolled_back_append_is_retried_by_the_store_policy() {
+    use factum::resilience::RetryPolicy;
+
+    bounded(async {
+        let db = TestDatabase::create().await;
+        let id = stream("account-9");
+        db.store()
+            .append(&id, ExpectedVersion::NoStream, vec![deposit(1)])
+            .await
+            .expect("the stream exists");
+        let config = factum_postgres::PoolConfig {
+            max_connections: 2,
+            statement_timeout: Some(Duration::from_millis(300)),
+            ..Default::default()
+        };
+        let connect = |policy: RetryPolicy| {
+            let config = config.clone();
+            let url = db.url().to_owned();
+            async move {
+                PostgresStore::connect_with(
+                    &url,
+                    &config,
+                    StoreOptions::default().with_retry(policy),
+                )
+                .await
+                .expect("connect")
+            }
+        };
+        let policy = RetryPolicy::new()
+            .with_max_attempts(3)
+            .with_initial_delay(Duration::from_millis(10));
+
+        // Another transaction holds the stream's row, so each attempt waits and is cancelled.
+        let lock_row = |db: &TestDatabase| {
+            let pool = db.pool().clone();
+            let id = id.clone();
+            async move {
+                let mut tx = pool.begin().await.expect("begin");
+                sqlx::query("SELECT 1 FROM factum.streams WHERE stream_id = $1 FOR UPDATE")
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .expect("lock");
+                tx
+            }
+        };
+
+        // Without retries: the first cancellation is the answer, a transient error.
+        let once = connect(RetryPolicy::no_retry()).await;
+        let holder = lock_row(&db).await;
+        let error = once
+            .append(
+                &id,
+                ExpectedVersion::Exact(StreamVersion::new(1)),
+                vec![deposit(2)],
+            )
+            .await
+            .expect_err("cancelled");
+        assert!(error.is_transient(), "{error:?}");
+        holder.rollback().await.expect("rollback");
+
+        // With retries: the lock is released only once a second attempt is seen waiting.
+        let store = connect(policy).await;
+        let holder = lock_row(&db).await;
+        let append = tokio::spawn({
+            let (store, id) = (store.clone(), id.clone());
+            async move {
+                store
+                    .append(
+                        &id,
+                        ExpectedVersion::Exact(StreamVersion::new(1)),
+                        vec![deposit(3)],
+                    )
+                    .await
+            }
+        });
+        let waiting = "SELECT query_start::text FROM pg_stat_activity \
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut starts: Vec<String> = Vec::new();
+        while starts.len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no second attempt was seen: {starts:?}"
+            );
+            let start: Option<String> = sqlx::query_scalar(waiting)
+                .fetch_optional(db.pool())
+                .await
+                .expect("pg_stat_activity");
+            if let Some(start) = start {
+                if starts.last() != Some(&start) {
+                    starts.push(start);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        holder.rollback().await.expect("rollback");
+        let appended = append
+            .await
+            .expect("append task")
+            .expect("a later attempt went through");
+        assert_eq!(appended.stream_version.get(), 2);
+        assert!(!appended.duplicate);
+    })
+    .await;
+}
