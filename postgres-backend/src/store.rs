@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use factum::resilience::{FullJitter, RetryPolicy};
 use factum::{
     AppendResult, CATEGORY_SEPARATOR, CausationId, CorrelationId, DecodeError, Error, EventFilter,
     EventId, EventMetadata, EventStore, EventStream, ExpectedVersion, GlobalPosition, LogPosition,
     Metadata, NewEvent, RawValue, RecordedEvent, SnapshotStore, StoredSnapshot, StreamId,
     StreamVersion, validate_batch,
 };
-use factum::resilience::{FullJitter, RetryPolicy};
 use futures_util::StreamExt;
 use sqlx::PgPool;
 use uuid::Uuid;
