@@ -74,6 +74,7 @@
 mod config;
 mod error;
 mod migrate;
+pub mod projection;
 mod schema;
 mod store;
 mod subscription;

@@ -49,7 +49,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 pub use store::{CheckpointStore, DeadLetterStore, ParkedEvent};
@@ -148,6 +148,9 @@ pub enum SubscriptionState {
     CatchingUp,
     /// Caught up; polling for new events.
     Live,
+    /// Waiting: another instance of the same consumer holds its lease (a PostgreSQL advisory
+    /// lock, for instance) and applies the events; this one takes over when that one stops.
+    Standby,
     /// Stopped on request.
     Stopped,
     /// Stopped on an error (the message says which event and why).
@@ -155,6 +158,10 @@ pub enum SubscriptionState {
 }
 
 /// A subscription's health, published as it runs ([`Subscription::status`]).
+///
+/// Lag is measured two ways: in events (global positions between the subscription's position
+/// and the head of the log it last saw) and in time (how long ago the last event it handled was
+/// recorded, while it is behind). Both are zero once it is caught up.
 #[derive(Clone, PartialEq, Eq, Debug)]
 #[non_exhaustive]
 pub struct SubscriptionStatus {
@@ -162,10 +169,66 @@ pub struct SubscriptionStatus {
     pub state: SubscriptionState,
     /// The position of the last event it handled (or skipped past).
     pub position: LogPosition,
+    /// The head of the log when last looked at: refreshed when the subscription falls behind
+    /// (a full batch), and equal to [`position`](Self::position) once it is caught up.
+    pub head: LogPosition,
+    /// Roughly how many events it is behind: global positions between `position` and `head`
+    /// (an upper bound: filtered-out events and rolled-back positions count too).
+    pub lag_events: u64,
+    /// How far behind it is in time: now minus when the last handled event was recorded, while
+    /// it is behind; zero once it is caught up.
+    pub lag: Duration,
+    /// When the last handled event was recorded.
+    pub last_event_at: Option<DateTime<Utc>>,
     /// How many events it handled since it started.
     pub handled: u64,
     /// How many events it parked since it started.
     pub parked: u64,
+}
+
+impl SubscriptionStatus {
+    /// The status of a consumer that has not started yet, at `position`.
+    pub fn starting(position: LogPosition) -> Self {
+        Self {
+            state: SubscriptionState::Starting,
+            position,
+            head: position,
+            lag_events: 0,
+            lag: Duration::ZERO,
+            last_event_at: None,
+            handled: 0,
+            parked: 0,
+        }
+    }
+
+    /// Records the head of the log and recomputes the lag in events.
+    pub fn set_head(&mut self, head: LogPosition) {
+        self.head = head.max(self.position);
+        self.lag_events = self
+            .head
+            .global
+            .get()
+            .saturating_sub(self.position.global.get());
+    }
+
+    /// Records that the consumer moved past an event recorded at `recorded_at`.
+    pub fn advance(&mut self, position: LogPosition, recorded_at: DateTime<Utc>) {
+        self.position = position;
+        self.head = self.head.max(position);
+        self.lag_events = self.head.global.get().saturating_sub(position.global.get());
+        self.last_event_at = Some(recorded_at);
+        self.lag = (Utc::now() - recorded_at)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+    }
+
+    /// Records that the consumer has read everything there is: no lag.
+    pub fn caught_up(&mut self) {
+        self.state = SubscriptionState::Live;
+        self.head = self.head.max(self.position);
+        self.lag_events = 0;
+        self.lag = Duration::ZERO;
+    }
 }
 
 type Parker = Arc<dyn Fn(ParkedEvent) -> BoxFuture<'static, Result<(), Error>> + Send + Sync>;
@@ -202,12 +265,7 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
     /// checkpoint. Defaults: every event, from its checkpoint, batches of 500, idle polling from
     /// 10 ms backing off to 1 s, 3 handler attempts 100 ms apart, stop on failure.
     pub fn new(name: impl Into<String>, store: S) -> Self {
-        let (status, _) = watch::channel(SubscriptionStatus {
-            state: SubscriptionState::Starting,
-            position: LogPosition::START,
-            handled: 0,
-            parked: 0,
-        });
+        let (status, _) = watch::channel(SubscriptionStatus::starting(LogPosition::START));
         Self {
             name: name.into(),
             store,
@@ -342,7 +400,10 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
             (StartFrom::Checkpoint, None) => LogPosition::START,
             (StartFrom::Now, None) => self.store.head().await?,
         };
-        self.status.send_modify(|s| s.position = position);
+        self.status.send_modify(|s| {
+            s.position = position;
+            s.head = position;
+        });
         Ok(position)
     }
 
@@ -359,14 +420,26 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
         let full = batch.len() >= self.batch_size;
         if batch.is_empty() {
             self.status.send_if_modified(|s| {
-                let changed = s.state != SubscriptionState::Live;
-                s.state = SubscriptionState::Live;
+                let changed = s.state != SubscriptionState::Live || s.lag_events != 0;
+                s.caught_up();
                 changed
             });
             return Ok(false);
         }
-        self.status
-            .send_modify(|s| s.state = SubscriptionState::CatchingUp);
+        // Falling behind (a full batch after being caught up): look the head up once, so the lag
+        // in events is known. Live following (partial batches) never pays for it.
+        let behind = full && self.status.borrow().state != SubscriptionState::CatchingUp;
+        let head = if behind {
+            Some(self.store.head().await?)
+        } else {
+            None
+        };
+        self.status.send_modify(|s| {
+            s.state = SubscriptionState::CatchingUp;
+            if let Some(head) = head {
+                s.set_head(head);
+            }
+        });
         for event in &batch {
             match self.handle_with_retries(handler, event).await {
                 Ok(()) => self.status.send_modify(|s| s.handled += 1),
@@ -411,9 +484,14 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
                 },
             }
             *position = event.position;
-            self.status.send_modify(|s| s.position = event.position);
+            self.status
+                .send_modify(|s| s.advance(event.position, event.recorded_at));
         }
         self.store.save_checkpoint(&self.name, *position).await?;
+        if !full {
+            // A partial batch: this was everything there is.
+            self.status.send_modify(SubscriptionStatus::caught_up);
+        }
         Ok(full)
     }
 

@@ -1,0 +1,252 @@
+//! Transactional projections: read models in PostgreSQL tables, updated **exactly once**.
+//!
+//! A [`PgProjection`] applies events with SQL on the transaction it is handed. A
+//! [`PgProjectionRunner`] reads the global log in batches (gap-safe, filtered to the projection's
+//! event types at the source) and, for each batch, opens **one** transaction that applies the
+//! events and moves the projection's checkpoint. Either both commit or neither does, so after any
+//! crash the runner resumes exactly where the read model stands: no event is applied twice, none
+//! is skipped.
+//!
+//! ```no_run
+//! use factum::{BoxError, Envelope};
+//! use factum_postgres::projection::{PgProjection, PgProjectionRunner, ProjectionTx};
+//! # #[derive(Debug)]
+//! # enum AccountEvent { Deposited { amount: i64 } }
+//! # impl factum::Event for AccountEvent {
+//! #     fn event_type(&self) -> &'static str { "account.deposited" }
+//! #     fn schema_version(&self) -> u32 { 1 }
+//! #     fn event_types() -> &'static [&'static str] { &["account.deposited"] }
+//! #     fn encode(&self) -> Result<Box<factum::RawValue>, factum::EncodeError> { unimplemented!() }
+//! #     fn decode(_: &str, _: u32, _: &factum::RawValue) -> Result<Self, factum::DecodeError> {
+//! #         Ok(AccountEvent::Deposited { amount: 1 })
+//! #     }
+//! # }
+//!
+//! /// Balances per account, in table `balances(account text primary key, balance bigint)`.
+//! struct Balances;
+//!
+//! impl PgProjection for Balances {
+//!     const NAME: &'static str = "balances";
+//!     const TABLES: &'static [&'static str] = &["balances"];
+//!     type Event = AccountEvent;
+//!
+//!     async fn apply(
+//!         &mut self,
+//!         tx: &mut ProjectionTx<'_>,
+//!         event: &Envelope<AccountEvent>,
+//!     ) -> Result<(), BoxError> {
+//!         let AccountEvent::Deposited { amount } = &event.event;
+//!         let sql = format!(
+//!             "INSERT INTO {0} AS b (account, balance) VALUES ($1, $2) \
+//!              ON CONFLICT (account) DO UPDATE SET balance = b.balance + $2",
+//!             tx.table("balances"),
+//!         );
+//!         sqlx::query(&sql)
+//!             .bind(event.stream_id.aggregate_id())
+//!             .bind(amount)
+//!             .execute(tx.conn())
+//!             .await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn run(store: factum_postgres::PostgresStore) -> Result<(), factum::Error> {
+//! let mut runner = PgProjectionRunner::new(store, Balances);
+//! let shutdown = std::future::pending::<()>(); // e.g. a ctrl-c signal
+//! runner.run(shutdown).await?; // catches up, then follows the log until shutdown
+//! # Ok(()) }
+//! ```
+//!
+//! # Failures
+//! A handler error rolls the batch back; the runner then applies the batch's events one per
+//! transaction, retrying the failing one ([`handler_retries`](PgProjectionRunner::handler_retries)).
+//! If it keeps failing, the runner stops with [`factum::Error::Handler`] (its checkpoint just
+//! before the event), or — with [`park_failures`](PgProjectionRunner::park_failures) — parks it in
+//! the dead-letter table in the same transaction that moves the checkpoint past it, and goes on.
+//! [`retry_parked`](PgProjectionRunner::retry_parked) applies a parked event later (after the
+//! handler is fixed), again in one transaction with its removal from the dead-letter table.
+//!
+//! # Several instances
+//! Only one runner of a projection applies events at a time: the runner holds a session-level
+//! advisory lock (keyed by schema and projection name) on a dedicated connection while it works.
+//! Other instances wait in [`SubscriptionState::Standby`](factum::subscription::SubscriptionState)
+//! and take over when the holder's connection ends (its process died, its task was dropped).
+//! Independently of the lock, every batch transaction locks the checkpoint row and checks it is
+//! where the runner left it, so two writers can never both apply a batch.
+//!
+//! # In-memory state
+//! The read model lives in the tables: fields of the projection value are a cache at best, since
+//! `apply` can run for events whose transaction is then rolled back (a later event of the batch
+//! failed) and run again.
+
+mod lease;
+mod rebuild;
+mod runner;
+
+use std::future::Future;
+
+use factum::{BoxError, Envelope, Error, Event};
+use sqlx::PgConnection;
+
+pub use rebuild::Progress;
+pub use runner::PgProjectionRunner;
+
+/// A read model kept in PostgreSQL tables, updated in the runner's transaction.
+///
+/// Implement `apply` with `async fn`; write with SQL on [`ProjectionTx::conn`], naming tables
+/// through [`ProjectionTx::table`] so a [rebuild](PgProjectionRunner::rebuild) can redirect the
+/// writes into fresh tables.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a PostgreSQL projection",
+    note = "implement `factum_postgres::projection::PgProjection` for `{Self}`: a NAME, its TABLES, an Event type and an `async fn apply`"
+)]
+pub trait PgProjection: Send + 'static {
+    /// A stable name: the key of the projection's checkpoint and lease.
+    const NAME: &'static str;
+    /// The tables the projection writes (`name` or `schema.name`, lowercase identifiers), so a
+    /// rebuild can build fresh copies and swap them in. Tables not listed are written in place.
+    const TABLES: &'static [&'static str] = &[];
+    /// The events it handles; the runner reads only their wire names.
+    type Event: Event;
+
+    /// Applies one event within the runner's transaction. An error rolls the transaction back.
+    fn apply(
+        &mut self,
+        tx: &mut ProjectionTx<'_>,
+        event: &Envelope<Self::Event>,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send;
+}
+
+/// The transaction a [`PgProjection`] writes in, and where its tables are.
+pub struct ProjectionTx<'a> {
+    conn: &'a mut PgConnection,
+    tables: &'a Tables,
+}
+
+impl std::fmt::Debug for ProjectionTx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionTx")
+            .field("tables", &self.tables)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> ProjectionTx<'a> {
+    pub(crate) fn new(conn: &'a mut PgConnection, tables: &'a Tables) -> Self {
+        Self { conn, tables }
+    }
+
+    /// The connection, inside the batch's transaction: run the read model's SQL on it.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        self.conn
+    }
+
+    /// The SQL name (quoted) to use for the declared table `name`: the live table normally, its
+    /// `_rebuild` copy during a rebuild. Names not in [`PgProjection::TABLES`] are returned as
+    /// given.
+    pub fn table<'n>(&'n self, name: &'n str) -> &'n str {
+        self.tables.get(name).unwrap_or(name)
+    }
+}
+
+/// A projection's declared tables and the names its writes go to.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Tables {
+    /// (declared name, quoted name to write to)
+    entries: Vec<(String, String)>,
+}
+
+/// A table name split into its optional schema and its name, validated.
+#[derive(Clone, Debug)]
+pub(crate) struct TableName {
+    schema: Option<String>,
+    name: String,
+}
+
+impl TableName {
+    pub(crate) fn parse(declared: &str) -> Result<Self, Error> {
+        let valid = |part: &str| {
+            let mut chars = part.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && part.len() <= 50
+        };
+        let (schema, name) = match declared.split_once('.') {
+            Some((schema, name)) => (Some(schema), name),
+            None => (None, declared),
+        };
+        if !valid(name) || !schema.is_none_or(valid) {
+            return Err(Error::InvalidArgument(format!(
+                "projection table {declared:?} is invalid: use `name` or `schema.name` with 1 to 50 lowercase ASCII letters, digits or `_` each"
+            )));
+        }
+        Ok(Self {
+            schema: schema.map(str::to_owned),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The quoted, schema-qualified name with `suffix` appended to the table name.
+    pub(crate) fn quoted(&self, suffix: &str) -> String {
+        match &self.schema {
+            Some(schema) => format!("\"{schema}\".\"{}{suffix}\"", self.name),
+            None => format!("\"{}{suffix}\"", self.name),
+        }
+    }
+
+    /// The bare table name with `suffix`, quoted (for `ALTER TABLE ... RENAME TO`).
+    pub(crate) fn bare(&self, suffix: &str) -> String {
+        format!("\"{}{suffix}\"", self.name)
+    }
+}
+
+impl Tables {
+    /// The declared tables, each written to its name with `suffix` appended.
+    pub(crate) fn new(declared: &[&str], suffix: &str) -> Result<Self, Error> {
+        let entries = declared
+            .iter()
+            .map(|d| Ok(((*d).to_owned(), TableName::parse(d)?.quoted(suffix))))
+            .collect::<Result<_, Error>>()?;
+        Ok(Self { entries })
+    }
+
+    fn get(&self, declared: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|(d, _)| d == declared)
+            .map(|(_, q)| q.as_str())
+    }
+}
+
+/// Checks a projection's declaration once, so errors come at construction, not mid-run.
+pub(crate) fn validate<P: PgProjection>() -> Result<(), Error> {
+    if P::NAME.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a projection needs a non-empty NAME".to_owned(),
+        ));
+    }
+    for table in P::TABLES {
+        TableName::parse(table)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_validated_and_quoted() {
+        let t = TableName::parse("read.balances").unwrap();
+        assert_eq!(t.quoted("_rebuild"), "\"read\".\"balances_rebuild\"");
+        assert_eq!(t.bare(""), "\"balances\"");
+        assert!(TableName::parse("Balances").is_err());
+        assert!(TableName::parse("x; drop table y").is_err());
+        assert!(TableName::parse("a.b.c").is_err());
+        let tables = Tables::new(&["balances"], "_rebuild").unwrap();
+        assert_eq!(tables.get("balances"), Some("\"balances_rebuild\""));
+        assert_eq!(tables.get("other"), None);
+    }
+}
