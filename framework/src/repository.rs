@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use crate::aggregate::{Aggregate, Command, Snapshot};
 use crate::error::{CommandError, Error};
-use crate::event::{EventMetadata, Metadata, NewEvent};
+use crate::event::{EventMetadata, Metadata, NewEvent, RecordedEvent};
 use crate::ids::{CausationId, CommandId, CorrelationId, GlobalPosition, StreamId, StreamVersion};
 use crate::store::{DynSnapshotStore, EventStore, ExpectedVersion, SnapshotStore, StoredSnapshot};
 
@@ -238,6 +238,65 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         Ok(loaded)
     }
 
+    /// Rebuilds the state of the aggregate instance `id` as it was at stream version `version`
+    /// (after its first `version` events; [`StreamVersion::INITIAL`] gives the default state).
+    /// A snapshot is used when it was taken at or before that version.
+    ///
+    /// Fails with [`Error::InvalidArgument`] when the stream has fewer events than `version`.
+    ///
+    /// ```
+    /// # use factum::{Aggregate, Repository, InMemoryStore, StreamVersion};
+    /// # async fn run<A: Aggregate>(repository: Repository<A, InMemoryStore>) -> Result<(), factum::Error> {
+    /// let then = repository.load_at("42", StreamVersion::new(3)).await?;
+    /// assert_eq!(then.version, StreamVersion::new(3));
+    /// # Ok(()) }
+    /// ```
+    pub async fn load_at(&self, id: &str, version: StreamVersion) -> Result<Loaded<A>, Error> {
+        let stream_id = Self::stream_id(id)?;
+        let mut loaded = self.load_snapshot(stream_id).await?;
+        if loaded.version > version {
+            // Taken after the version asked for: useless here.
+            loaded = Loaded {
+                stream_id: loaded.stream_id,
+                state: A::default(),
+                version: StreamVersion::INITIAL,
+            };
+        }
+        self.catch_up_while(&mut loaded, |recorded| recorded.stream_version <= version)
+            .await?;
+        if loaded.version < version {
+            return Err(Error::InvalidArgument(format!(
+                "stream `{}` has {} events; it has no version {version}",
+                loaded.stream_id, loaded.version
+            )));
+        }
+        Ok(loaded)
+    }
+
+    /// Rebuilds the state of the aggregate instance `id` as it was at time `at`: from the events
+    /// recorded at or before `at` (by the store's clock). Before the first event it is the
+    /// default state at [`StreamVersion::INITIAL`]. Snapshots are not used (they do not say when
+    /// their last event was recorded).
+    ///
+    /// ```
+    /// # use factum::{Aggregate, Repository, InMemoryStore};
+    /// # async fn run<A: Aggregate>(repository: Repository<A, InMemoryStore>) -> Result<(), factum::Error> {
+    /// let yesterday = chrono::Utc::now() - chrono::Duration::days(1);
+    /// let then = repository.load_as_of("42", yesterday).await?;
+    /// println!("version {} as of {yesterday}", then.version);
+    /// # Ok(()) }
+    /// ```
+    pub async fn load_as_of(&self, id: &str, at: DateTime<Utc>) -> Result<Loaded<A>, Error> {
+        let mut loaded = Loaded {
+            stream_id: Self::stream_id(id)?,
+            state: A::default(),
+            version: StreamVersion::INITIAL,
+        };
+        self.catch_up_while(&mut loaded, |recorded| recorded.recorded_at <= at)
+            .await?;
+        Ok(loaded)
+    }
+
     /// Executes a command that starts a new workflow (fresh correlation id).
     pub async fn execute(
         &self,
@@ -399,8 +458,20 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
 
     /// Applies every event after `loaded.version`.
     async fn catch_up(&self, loaded: &mut Loaded<A>) -> Result<(), Error> {
+        self.catch_up_while(loaded, |_| true).await
+    }
+
+    /// Applies the events after `loaded.version` up to the first one `keep` refuses.
+    async fn catch_up_while(
+        &self,
+        loaded: &mut Loaded<A>,
+        keep: impl Fn(&RecordedEvent) -> bool,
+    ) -> Result<(), Error> {
         let mut events = self.store.read_stream(&loaded.stream_id, loaded.version);
         while let Some(recorded) = events.try_next().await? {
+            if !keep(&recorded) {
+                break;
+            }
             let envelope = recorded.decode::<A::Event>()?;
             loaded.state.evolve(&envelope.event);
             loaded.version = recorded.stream_version;

@@ -431,3 +431,49 @@ mod projections {
         assert!(text.contains("account.deposited"), "{text}");
     }
 }
+
+/// Reads the subscription's status each time it handles an event.
+struct StatusProbe {
+    status: tokio::sync::watch::Receiver<factum::subscription::SubscriptionStatus>,
+    seen: Vec<factum::subscription::SubscriptionStatus>,
+}
+
+impl EventHandler for StatusProbe {
+    async fn handle(&mut self, _event: &RecordedEvent) -> Result<(), BoxError> {
+        self.seen.push(self.status.borrow().clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_status_reports_the_head_and_the_lag_while_behind_and_none_once_caught_up() {
+    let store = InMemoryStore::new();
+    for _ in 0..5 {
+        append(&store, "a-1", vec![event("a.x"), event("a.y")]).await;
+    }
+    let head = store.head();
+    let subscription = Subscription::new("lag", store.clone()).batch_size(3);
+    let mut probe = StatusProbe {
+        status: subscription.status(),
+        seen: Vec::new(),
+    };
+    subscription.catch_up(&mut probe).await.unwrap();
+
+    // While behind: the head is known, and the lag in events shrinks as it goes.
+    let first = &probe.seen[0];
+    assert_eq!(first.state, SubscriptionState::CatchingUp);
+    assert_eq!(first.head, head);
+    assert_eq!(first.lag_events, 10);
+    let second = &probe.seen[1];
+    assert_eq!(second.lag_events, 9);
+    assert!(second.last_event_at.is_some());
+
+    // Caught up: no lag, the head is where it stands.
+    let done = subscription.status().borrow().clone();
+    assert_eq!(done.state, SubscriptionState::Live);
+    assert_eq!(done.position, head);
+    assert_eq!(done.head, head);
+    assert_eq!(done.lag_events, 0);
+    assert_eq!(done.lag, Duration::ZERO);
+    assert_eq!(done.handled, 10);
+}
