@@ -396,8 +396,8 @@ async fn an_interrupted_rebuild_resumes_where_it_stopped() {
             .await
             .expect("rebuild");
         assert_eq!(
-            reports[0].done, 200,
-            "resumed after the two applied batches"
+            reports[0].done, 250,
+            "resumed after the two applied batches and the 50 events before the failing one"
         );
         assert_eq!(reports.last().map(|p| p.done), Some(1000));
         assert_eq!(read_model(db.pool()).await, fold.model);

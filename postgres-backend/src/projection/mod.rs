@@ -115,6 +115,24 @@ pub trait PgProjection: Send + 'static {
         tx: &mut ProjectionTx<'_>,
         event: &Envelope<Self::Event>,
     ) -> impl Future<Output = Result<(), BoxError>> + Send;
+
+    /// Applies a batch of events (in log order) within the runner's transaction; by default,
+    /// [`apply`](Self::apply) for each. Override it to write a whole batch in a few statements
+    /// (e.g. `unnest`ed arrays): the runner's throughput is then bound by reading, not by round
+    /// trips. An error rolls the transaction back; the runner then retries the events one per
+    /// transaction with [`apply`](Self::apply), to find and handle the failing one.
+    fn apply_batch(
+        &mut self,
+        tx: &mut ProjectionTx<'_>,
+        events: &[Envelope<Self::Event>],
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        async move {
+            for event in events {
+                self.apply(tx, event).await?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The transaction a [`PgProjection`] writes in, and where its tables are.

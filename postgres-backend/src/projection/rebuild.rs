@@ -6,7 +6,7 @@ use factum::{Error, EventStore, LogPosition};
 
 use super::lease;
 use super::runner::{PgProjectionRunner, commit, rollback, save_checkpoint_as};
-use super::{PgProjection, TableName, Tables};
+use super::{PgProjection, ProjectionTx, TableName, Tables};
 use crate::error::to_error;
 
 /// How far a rebuild is, as reported to its progress callback after each batch.
@@ -111,43 +111,51 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             let Some(last) = batch.last().map(|e| e.position) else {
                 break;
             };
-            let mut tx = self
-                .store
-                .pool()
-                .begin()
-                .await
-                .map_err(|e| to_error(e, "begin rebuild transaction"))?;
-            if let Some(stored) = self.lock_checkpoint(&mut tx, &name, position).await? {
+            let mut tx = self.begin_rebuild(&name, position).await?;
+            let applied = match batch
+                .iter()
+                .map(factum::RecordedEvent::decode::<P::Event>)
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(envelopes) => {
+                    let mut ptx = ProjectionTx::new(&mut tx, &rebuild_tables);
+                    self.projection.apply_batch(&mut ptx, &envelopes).await
+                }
+                Err(error) => Err(error.into()),
+            };
+            if applied.is_ok() {
+                save_checkpoint_as(&self.sql, &mut tx, &name, last).await?;
+                commit(tx).await?;
+            } else {
+                // Find the failing event: one transaction per event, keeping those before it.
                 rollback(tx).await;
-                return Err(Error::InvalidArgument(format!(
-                    "the rebuild checkpoint of projection `{}` moved to {stored} under the rebuild; is another rebuild running without the lease?",
-                    self.name
-                )));
-            }
-            for event in &batch {
-                if let Err(source) = super::runner::apply_event(
-                    &mut self.projection,
-                    &rebuild_tables,
-                    &mut tx,
-                    event,
-                )
-                .await
-                {
-                    rollback(tx).await;
-                    return Err(Error::Handler {
-                        subscription: name,
-                        stream: event.stream_id.clone(),
-                        version: event.stream_version,
-                        event_type: event.event_type.clone(),
-                        event_id: event.event_id,
-                        position: event.position,
-                        attempts: 1,
-                        source,
-                    });
+                for event in &batch {
+                    let mut tx = self.begin_rebuild(&name, position).await?;
+                    let result = super::runner::apply_event(
+                        &mut self.projection,
+                        &rebuild_tables,
+                        &mut tx,
+                        event,
+                    )
+                    .await;
+                    if let Err(source) = result {
+                        rollback(tx).await;
+                        return Err(Error::Handler {
+                            subscription: name,
+                            stream: event.stream_id.clone(),
+                            version: event.stream_version,
+                            event_type: event.event_type.clone(),
+                            event_id: event.event_id,
+                            position: event.position,
+                            attempts: 1,
+                            source,
+                        });
+                    }
+                    save_checkpoint_as(&self.sql, &mut tx, &name, event.position).await?;
+                    commit(tx).await?;
+                    position = event.position;
                 }
             }
-            save_checkpoint_as(&self.sql, &mut tx, &name, last).await?;
-            commit(tx).await?;
             position = last;
             done += batch.len() as u64;
             report(done, position, &mut on_progress);
@@ -155,6 +163,28 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         self.swap(&name, &tables, position).await?;
         self.status.send_modify(|s| s.position = position);
         Ok(position)
+    }
+
+    /// Begins a rebuild transaction, holding the rebuild checkpoint (which must be at `position`).
+    async fn begin_rebuild(
+        &self,
+        name: &str,
+        position: LogPosition,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, Error> {
+        let mut tx = self
+            .store
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| to_error(e, "begin rebuild transaction"))?;
+        if let Some(stored) = self.lock_checkpoint(&mut tx, name, position).await? {
+            rollback(tx).await;
+            return Err(Error::InvalidArgument(format!(
+                "the rebuild checkpoint of projection `{}` moved to {stored} under the rebuild; is another rebuild running without the lease?",
+                self.name
+            )));
+        }
+        Ok(tx)
     }
 
     /// Resumes an interrupted rebuild, or creates empty `_rebuild` tables and a checkpoint at the

@@ -82,8 +82,8 @@ enum Outcome {
     /// The checkpoint was not where this runner left it (another writer, or a commit whose
     /// acknowledgement was lost): resume from the stored one.
     Moved(LogPosition),
-    /// The handler failed on the event at this index; the transaction was rolled back.
-    Failed(usize, BoxError),
+    /// The handler failed on some event of the batch; the transaction was rolled back.
+    Failed(BoxError),
 }
 
 /// Runs a [`PgProjection`] over the global log with exactly-once application. See the
@@ -464,8 +464,8 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 self.status.send_modify(|s| s.position = stored);
                 return Ok(true);
             }
-            Outcome::Failed(index, error) => {
-                tracing::debug!(projection = %self.name, position = %batch[index].position, %error, "batch failed; applying its events one by one");
+            Outcome::Failed(error) => {
+                tracing::debug!(projection = %self.name, %error, "batch failed; applying its events one by one");
                 for event in &batch {
                     if !self.apply_one(event, position).await? {
                         return Ok(true);
@@ -489,13 +489,20 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             rollback(tx).await;
             return Ok(Outcome::Moved(stored));
         }
-        for (index, event) in batch.iter().enumerate() {
-            if let Err(error) =
-                apply_event(&mut self.projection, &self.tables, &mut tx, event).await
-            {
-                rollback(tx).await;
-                return Ok(Outcome::Failed(index, error));
+        let applied = match batch
+            .iter()
+            .map(RecordedEvent::decode::<P::Event>)
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(envelopes) => {
+                let mut ptx = ProjectionTx::new(&mut tx, &self.tables);
+                self.projection.apply_batch(&mut ptx, &envelopes).await
             }
+            Err(error) => Err(error.into()),
+        };
+        if let Err(error) = applied {
+            rollback(tx).await;
+            return Ok(Outcome::Failed(error));
         }
         let last = batch.last().map_or(from, |e| e.position);
         self.save_checkpoint(&mut tx, last).await?;
