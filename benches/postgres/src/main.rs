@@ -1,86 +1,78 @@
-//! Prints factum-postgres figures next to raw sqlx baselines measured in the same run against
-//! the same (throwaway) database. `cargo run --release -p factum-bench [-- SCALE]`; SCALE (default
-//! 1.0) multiplies the operation counts.
+//! Prints factum-postgres figures next to baselines measured in the same run against the same
+//! (throwaway) database: raw sqlx on a table identical to `events`, and cqrs-es + postgres-es on
+//! the same bank workload.
+//!
+//! `cargo run --release -p factum-bench [-- SCALE]`; SCALE (default 1.0) multiplies the
+//! operation counts and stream lengths. Needs `DATABASE_URL` (an admin URL) or a local
+//! PostgreSQL installation, like the tests.
 
 #![allow(clippy::print_stdout, clippy::result_large_err)]
 
-use std::time::{Duration, Instant};
+mod peer;
 
-use factum::{EventStore, ExpectedVersion, NewEvent, StreamId, StreamVersion};
-use factum_postgres::PostgresStore;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bank::{Account, AccountCommand, AccountEvent, Deposited};
+use chrono::{DateTime, Utc};
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{AggregateContext, EventStore as _};
+use factum::{
+    EventMetadata, EventStore, ExpectedVersion, Metadata, NewEvent, RawValue, Repository, StreamId,
+    StreamVersion,
+};
+use factum_postgres::{PostgresStore, SchemaName};
 use factum_testkit::postgres::TestDatabase;
 use futures_util::TryStreamExt;
+use peer::{PeerAccount, PeerCommand};
+use postgres_es::{PostgresCqrs, PostgresEventRepository};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-fn event() -> NewEvent {
-    NewEvent {
-        event_id: factum::EventId::new(),
-        event_type: "account.deposited".into(),
-        schema_version: 1,
-        payload: serde_json::value::to_raw_value(
-            &serde_json::json!({"amount": 100, "note": "bench"}),
-        )
-        .expect("json"),
-        metadata: Default::default(),
-    }
-}
+/// Deposits per account after its opening: each account's stream stays short, so a command's
+/// load is one short read, as in a typical service.
+const DEPOSITS_PER_ACCOUNT: usize = 9;
 
-const PAYLOAD: &str = r#"{"amount": 100, "note": "bench"}"#;
-
-/// The raw baseline: a table shaped like `events`, written with plain INSERTs.
-async fn raw_table(pool: &PgPool) {
-    sqlx::raw_sql(
-        "CREATE SEQUENCE raw_seq; \
-         CREATE TABLE raw_events (LIKE factum.events INCLUDING DEFAULTS); \
-         ALTER TABLE raw_events ALTER COLUMN global_position SET DEFAULT nextval('raw_seq'); \
-         ALTER TABLE raw_events ADD PRIMARY KEY (global_position); \
-         CREATE UNIQUE INDEX ON raw_events (stream_id, stream_version); \
-         CREATE UNIQUE INDEX ON raw_events (event_id); \
-         CREATE INDEX ON raw_events (transaction_id, global_position);",
+fn deposit(amount: u64) -> NewEvent {
+    NewEvent::encode(
+        &AccountEvent::Deposited(Deposited { amount }),
+        EventMetadata::default(),
     )
-    .execute(pool)
-    .await
-    .expect("raw table");
+    .expect("encode")
 }
 
-async fn raw_insert(pool: &PgPool, stream: &str, version: i64) {
-    sqlx::query(
-        "INSERT INTO raw_events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
-         VALUES ($1, $2, $3, 'account.deposited', 1, $4::jsonb)",
-    )
-    .bind(stream)
-    .bind(version)
-    .bind(Uuid::now_v7())
-    .bind(PAYLOAD)
-    .execute(pool)
-    .await
-    .expect("raw insert");
-}
-
-async fn raw_batch(pool: &PgPool, stream: &str, first: i64, n: i64) {
-    let mut sql = String::from(
-        "INSERT INTO raw_events (stream_id, stream_version, event_id, event_type, schema_version, payload) VALUES ",
-    );
-    for i in 0..n {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push_str(&format!(
-            "($1, {}, ${}, 'account.deposited', 1, $2::jsonb)",
-            first + i,
-            i + 3
-        ));
+/// Raw single-row inserts, `clients` concurrent clients on their own streams, into `raw.events`:
+/// the same migrations as the store's schema, so the same partitioned table and indexes.
+async fn raw_inserts(pool: &PgPool, clients: usize, per_client: usize, tag: &str) -> f64 {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let pool = pool.clone();
+            let stream = format!("{tag}-{c}");
+            tokio::spawn(async move {
+                for v in 0..per_client {
+                    sqlx::query(
+                        "INSERT INTO raw.events (stream_id, stream_version, event_id, event_type, \
+                         schema_version, payload) VALUES ($1, $2, $3, 'account.deposited', 1, $4::jsonb)",
+                    )
+                    .bind(&stream)
+                    .bind(v as i64 + 1)
+                    .bind(Uuid::now_v7())
+                    .bind(format!(r#"{{"amount":{}}}"#, v + 1))
+                    .execute(&pool)
+                    .await
+                    .expect("raw insert");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
     }
-    let mut q = sqlx::query(&sql).bind(stream).bind(PAYLOAD);
-    for _ in 0..n {
-        q = q.bind(Uuid::now_v7());
-    }
-    q.execute(pool).await.expect("raw batch");
+    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Single-event appends with an exact expected version, `clients` concurrent clients, each on its
-/// own streams. Returns events per second.
+/// Single-event appends with an exact expected version through the store (no load, no decide).
 async fn factum_appends(
     store: &PostgresStore,
     clients: usize,
@@ -98,7 +90,7 @@ async fn factum_appends(
                         .append(
                             &stream,
                             ExpectedVersion::Exact(StreamVersion::new(v as u64)),
-                            vec![event()],
+                            vec![deposit(v as u64 + 1)],
                         )
                         .await
                         .expect("append");
@@ -112,15 +104,42 @@ async fn factum_appends(
     (clients * per_client) as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn raw_appends(pool: &PgPool, clients: usize, per_client: usize, tag: &str) -> f64 {
+/// The bank workload: each client opens its accounts and deposits into each
+/// [`DEPOSITS_PER_ACCOUNT`] times; every command loads, decides and appends.
+fn bank_workload(per_client: usize) -> Vec<(usize, u64)> {
+    // (account index, amount): amount 0 stands for Open.
+    (0..per_client)
+        .map(|i| {
+            let k = i / (DEPOSITS_PER_ACCOUNT + 1);
+            let step = i % (DEPOSITS_PER_ACCOUNT + 1);
+            (k, step as u64)
+        })
+        .collect()
+}
+
+async fn factum_commands(
+    repo: &Arc<Repository<Account, PostgresStore>>,
+    clients: usize,
+    per_client: usize,
+    tag: &str,
+) -> f64 {
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
-            let pool = pool.clone();
-            let stream = format!("{tag}-{c}");
+            let repo = Arc::clone(repo);
+            let tag = tag.to_owned();
             tokio::spawn(async move {
-                for v in 0..per_client {
-                    raw_insert(&pool, &stream, v as i64 + 1).await;
+                for (k, amount) in bank_workload(per_client) {
+                    let account = format!("{tag}{c}x{k}");
+                    let command = if amount == 0 {
+                        AccountCommand::Open {
+                            account,
+                            owner: "Ada".into(),
+                        }
+                    } else {
+                        AccountCommand::Deposit { account, amount }
+                    };
+                    repo.execute(command).await.expect("command");
                 }
             })
         })
@@ -131,68 +150,332 @@ async fn raw_appends(pool: &PgPool, clients: usize, per_client: usize, tag: &str
     (clients * per_client) as f64 / started.elapsed().as_secs_f64()
 }
 
-fn row(name: &str, ours: f64, raw: f64, unit: &str, target: f64) {
-    let ratio = ours / raw;
+async fn peer_commands(
+    cqrs: &Arc<PostgresCqrs<PeerAccount>>,
+    clients: usize,
+    per_client: usize,
+    tag: &str,
+) -> f64 {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let cqrs = Arc::clone(cqrs);
+            let tag = tag.to_owned();
+            tokio::spawn(async move {
+                for (k, amount) in bank_workload(per_client) {
+                    let command = if amount == 0 {
+                        PeerCommand::Open {
+                            owner: "Ada".into(),
+                        }
+                    } else {
+                        PeerCommand::Deposit { amount }
+                    };
+                    cqrs.execute(&format!("{tag}{c}x{k}"), command)
+                        .await
+                        .expect("cqrs-es command");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn header() {
+    println!("| benchmark | factum | baseline | ratio | target | |");
+    println!("| --- | ---: | ---: | ---: | ---: | --- |");
+}
+
+fn row(name: &str, ours: f64, baseline: &str, base: f64, unit: &str, target: f64) {
+    let ratio = ours / base;
+    let (ratio_text, target_text) = if target >= 1.0 {
+        (format!("{ratio:.1}x"), format!("{target:.0}x"))
+    } else {
+        (
+            format!("{:.0}%", ratio * 100.0),
+            format!("{:.0}%", target * 100.0),
+        )
+    };
     println!(
-        "| {name} | {ours:>10.0} {unit} | {raw:>10.0} {unit} | {:>5.1}% | {:>3.0}% | {} |",
-        ratio * 100.0,
-        target * 100.0,
+        "| {name} | {ours:.0} {unit} | {baseline}: {base:.0} {unit} | {ratio_text} | {target_text} | {} |",
         if ratio >= target { "met" } else { "missed" }
     );
 }
 
+/// The columns the store's stream read selects (`EVENT_COLUMNS` in `store.rs`).
+const STORE_COLUMNS: &str = "global_position, transaction_id::text::bigint AS commit_id, \
+    stream_id, stream_version, event_id, event_type, schema_version, payload::text AS payload, \
+    metadata::text AS metadata, correlation_id, causation_id, recorded_at";
+
+/// A row as the store decodes it, for the raw side of (d).
+#[derive(sqlx::FromRow)]
+#[allow(dead_code)]
+struct RawRow {
+    global_position: i64,
+    commit_id: i64,
+    stream_id: String,
+    stream_version: i64,
+    event_id: Uuid,
+    event_type: String,
+    schema_version: i32,
+    payload: String,
+    metadata: String,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    recorded_at: DateTime<Utc>,
+}
+
+/// Raw sqlx streaming of a stream's rows: the store's columns, decoded as the store decodes
+/// them (payload checked as JSON, metadata parsed), without the store's types around them.
+async fn raw_stream_read(pool: &PgPool, stream: &str) -> usize {
+    let sql = format!(
+        "SELECT {STORE_COLUMNS} FROM factum.events WHERE stream_id = $1 AND stream_version > $2 \
+         ORDER BY stream_version"
+    );
+    let mut rows = sqlx::query_as::<_, RawRow>(&sql)
+        .bind(stream)
+        .bind(0i64)
+        .fetch(pool);
+    let mut count = 0;
+    while let Some(row) = rows.try_next().await.expect("raw read") {
+        let payload = RawValue::from_string(row.payload).expect("json");
+        let metadata: Metadata = serde_json::from_str(&row.metadata).expect("metadata");
+        count += usize::from(!payload.get().is_empty() && metadata.is_empty());
+    }
+    count
+}
+
+/// Fills `account-{id}` with `n` deposits by SQL (fast), for the load and memory runs.
+async fn fill_by_sql(pool: &PgPool, id: &str, n: usize) {
+    let stream = format!("account-{id}");
+    sqlx::query(
+        "INSERT INTO factum.streams (stream_id, category, version) VALUES ($1, 'account', $2)",
+    )
+    .bind(&stream)
+    .bind(n as i64)
+    .execute(pool)
+    .await
+    .expect("stream row");
+    sqlx::query(
+        "INSERT INTO factum.events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
+         SELECT $1, g, gen_random_uuid(), 'account.deposited', 1, jsonb_build_object('amount', 1) \
+         FROM generate_series(1, $2::bigint) g",
+    )
+    .bind(&stream)
+    .bind(n as i64)
+    .execute(pool)
+    .await
+    .expect("fill");
+}
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The child process of the memory measurement: loads `account-{id}` (read, decode, evolve)
+/// and prints its peak RSS before and after.
+async fn rss_child(url: &str, id: &str, n: u64) {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .expect("connect");
+    let repo = Repository::<Account, _>::new(PostgresStore::new(pool));
+    let before = vm_hwm_kib();
+    let loaded = repo.load(id).await.expect("load");
+    assert_eq!(loaded.version.get(), n);
+    assert_eq!(loaded.state.balance, n);
+    println!("rss {before} {}", vm_hwm_kib());
+}
+
+/// Peak RSS (KiB) of a child process that loads `account-{id}`.
+fn peak_rss_of_load(url: &str, id: &str, n: usize) -> (u64, u64) {
+    let output = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args(["rss", url, id, &n.to_string()])
+        .output()
+        .expect("child");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("rss "))
+        .expect("rss line");
+    let mut parts = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().expect("number"));
+    (parts.next().expect("before"), parts.next().expect("after"))
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let scale: f64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0);
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("rss") {
+        let n = args[4].parse().expect("n");
+        return rss_child(&args[2], &args[3], n).await;
+    }
+    let scale: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let n = |base: f64| ((base * scale) as usize).max(1);
     let db = TestDatabase::create().await;
+    let pool = db.pool().clone();
     let store = db.store();
-    raw_table(db.pool()).await;
+    factum_postgres::migrate(&pool, &SchemaName::new("raw").expect("name"))
+        .await
+        .expect("raw schema");
+    sqlx::raw_sql(peer::SCHEMA)
+        .execute(&pool)
+        .await
+        .expect("cqrs-es schema");
+    let repo = Arc::new(Repository::<Account, _>::new(store.clone()));
+    let cqrs = Arc::new(postgres_es::postgres_cqrs::<PeerAccount>(
+        pool.clone(),
+        Vec::new(),
+        (),
+    ));
 
-    println!("| benchmark | factum | raw sqlx | ratio | target | |");
-    println!("| --- | --- | --- | --- | --- | --- |");
-
-    // Warm up both paths (connections, plans).
+    // Warm up every path (connections, prepared statements).
+    raw_inserts(&pool, 4, 20, "warm").await;
     factum_appends(&store, 4, 20, "warm").await;
-    raw_appends(db.pool(), 4, 20, "warm").await;
+    factum_commands(&repo, 4, 20, "warm").await;
+    peer_commands(&cqrs, 4, 20, "warm").await;
 
-    let seq = n(2000.0);
-    let raw = raw_appends(db.pool(), 1, seq, "raw1").await;
-    let ours = factum_appends(&store, 1, seq, "seq").await;
-    row("(a) 1 client, 1-event appends", ours, raw, "ev/s", 0.8);
+    header();
+    let per = (n(2000.0) / 10).max(1) * 10;
+    let raw = raw_inserts(&pool, 1, per, "raw1").await;
+    let appends = factum_appends(&store, 1, per, "app1").await;
+    let commands = factum_commands(&repo, 1, per, "cmd1").await;
+    let peer = peer_commands(&cqrs, 1, per, "peer1").await;
+    row(
+        "(a) 1 client, 1-event appends",
+        appends,
+        "raw inserts",
+        raw,
+        "ev/s",
+        0.8,
+    );
+    row(
+        "(a) 1 client, commands",
+        commands,
+        "raw inserts",
+        raw,
+        "cmd/s",
+        0.8,
+    );
+    row(
+        "(a) 1 client, commands",
+        commands,
+        "cqrs-es",
+        peer,
+        "cmd/s",
+        1.0,
+    );
 
-    let per = n(400.0);
-    let raw = raw_appends(db.pool(), 16, per, "raw16").await;
-    let ours = factum_appends(&store, 16, per, "par").await;
-    row("(b) 16 clients, 1-event appends", ours, raw, "ev/s", 0.6);
+    let per = (n(400.0) / 10).max(1) * 10;
+    let raw = raw_inserts(&pool, 16, per, "raw16").await;
+    let appends = factum_appends(&store, 16, per, "app16").await;
+    let commands = factum_commands(&repo, 16, per, "cmd16").await;
+    let peer = peer_commands(&cqrs, 16, per, "peer16").await;
+    row(
+        "(b) 16 clients, 1-event appends",
+        appends,
+        "raw inserts",
+        raw,
+        "ev/s",
+        0.6,
+    );
+    row(
+        "(b) 16 clients, commands",
+        commands,
+        "raw inserts",
+        raw,
+        "cmd/s",
+        0.6,
+    );
+    row(
+        "(b) 16 clients, commands",
+        commands,
+        "cqrs-es",
+        peer,
+        "cmd/s",
+        5.0,
+    );
 
+    // (c) 100-event batches, each event with its own payload on both sides; batches are built
+    // before the clock starts.
     let batches = n(100.0);
+    let raw_sql = {
+        let mut sql = String::from(
+            "INSERT INTO raw.events (stream_id, stream_version, event_id, event_type, schema_version, payload) VALUES ",
+        );
+        for i in 0..100 {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!(
+                "($1, {}, ${}, 'account.deposited', 1, ${}::jsonb)",
+                i + 1,
+                2 * i + 2,
+                2 * i + 3
+            ));
+        }
+        sql
+    };
+    let raw_batches: Vec<Vec<(Uuid, String)>> = (0..batches)
+        .map(|_| {
+            (0..100u64)
+                .map(|i| (Uuid::now_v7(), format!(r#"{{"amount":{}}}"#, i + 1)))
+                .collect()
+        })
+        .collect();
     let started = Instant::now();
-    for b in 0..batches {
-        raw_batch(db.pool(), &format!("rawbatch-{b}"), 1, 100).await;
+    for (b, rows) in raw_batches.iter().enumerate() {
+        let mut q = sqlx::query(&raw_sql).bind(format!("rawbatch-{b}"));
+        for (id, payload) in rows {
+            q = q.bind(id).bind(payload);
+        }
+        q.execute(&pool).await.expect("raw batch");
     }
     let raw = (batches * 100) as f64 / started.elapsed().as_secs_f64();
+    let our_batches: Vec<Vec<NewEvent>> = (0..batches)
+        .map(|_| (0..100u64).map(|i| deposit(i + 1)).collect())
+        .collect();
     let started = Instant::now();
-    for b in 0..batches {
+    for (b, events) in our_batches.into_iter().enumerate() {
         let stream = StreamId::new(format!("batch-{b}")).expect("id");
         store
-            .append(
-                &stream,
-                ExpectedVersion::NoStream,
-                (0..100).map(|_| event()).collect(),
-            )
+            .append(&stream, ExpectedVersion::NoStream, events)
             .await
             .expect("batch");
     }
     let ours = (batches * 100) as f64 / started.elapsed().as_secs_f64();
-    row("(c) 100-event batch appends", ours, raw, "ev/s", 0.8);
+    row(
+        "(c) 100-event batch appends",
+        ours,
+        "raw multi-row insert",
+        raw,
+        "ev/s",
+        0.8,
+    );
 
-    // (d) one long stream, loaded through read_stream vs raw streaming of the same rows.
+    // (d) one long stream: the store's read against raw streaming of the same rows and columns,
+    // decoded the same way; and a whole aggregate load (read, decode, evolve) against cqrs-es.
     let long = n(100_000.0);
-    let stream = StreamId::new("long-1").expect("id");
+    let id = "long";
+    let stream = StreamId::new(format!("account-{id}")).expect("id");
     let mut version = 0u64;
     while (version as usize) < long {
         let size = 1000.min(long - version as usize);
@@ -200,38 +483,93 @@ async fn main() {
             .append(
                 &stream,
                 ExpectedVersion::Exact(StreamVersion::new(version)),
-                (0..size).map(|_| event()).collect(),
+                (0..size).map(|_| deposit(1)).collect(),
             )
             .await
             .expect("fill");
         version += size as u64;
     }
-    let started = Instant::now();
-    let mut count = 0usize;
-    let mut rows = sqlx::query_as::<_, (i64, String)>(
-        "SELECT stream_version, payload::text FROM factum.events WHERE stream_id = $1 ORDER BY stream_version",
+    sqlx::query(
+        "INSERT INTO public.events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         SELECT 'account', $1, g, 'Deposited', '1.0', '{\"Deposited\":{\"amount\":1}}', '{}' \
+         FROM generate_series(1, $2::bigint) g",
     )
-    .bind(stream.as_str())
-    .fetch(db.pool());
-    while let Some((_, payload)) = rows.try_next().await.expect("raw read") {
-        count += usize::from(!payload.is_empty());
+    .bind(id)
+    .bind(long as i64)
+    .execute(&pool)
+    .await
+    .expect("fill cqrs-es");
+    for table in ["factum.events", "public.events"] {
+        sqlx::raw_sql(&format!("VACUUM ANALYZE {table}"))
+            .execute(&pool)
+            .await
+            .expect("vacuum");
     }
-    let raw_elapsed = started.elapsed();
+
+    let per_sec = |started: Instant| long as f64 / started.elapsed().as_secs_f64();
     let started = Instant::now();
-    let mut events = store.read_stream(&stream, StreamVersion::INITIAL);
-    let mut ours_count = 0usize;
-    while let Some(e) = events.try_next().await.expect("read") {
-        ours_count += usize::from(e.stream_version.get() > 0);
-    }
-    let ours_elapsed = started.elapsed();
+    assert_eq!(raw_stream_read(&pool, stream.as_str()).await, long);
+    let raw = per_sec(started);
+    let started = Instant::now();
+    let count = store
+        .read_stream(&stream, StreamVersion::INITIAL)
+        .try_fold(0usize, |n, e| async move {
+            Ok(n + usize::from(e.stream_version.get() > 0))
+        })
+        .await
+        .expect("read");
+    let ours = per_sec(started);
     assert_eq!(count, long);
-    assert_eq!(ours_count, long);
-    let per_sec = |d: Duration| long as f64 / d.as_secs_f64();
     row(
-        &format!("(d) load a {long}-event stream"),
-        per_sec(ours_elapsed),
-        per_sec(raw_elapsed),
+        &format!("(d) read a {long}-event stream"),
+        ours,
+        "raw sqlx, same columns",
+        raw,
         "ev/s",
         0.7,
+    );
+
+    let started = Instant::now();
+    let loaded = repo.load(id).await.expect("load");
+    let ours = per_sec(started);
+    assert_eq!(loaded.state.balance, long as u64);
+    let peer_store = PersistedEventStore::<PostgresEventRepository, PeerAccount>::new_event_store(
+        PostgresEventRepository::new(pool.clone()),
+    );
+    let started = Instant::now();
+    let mut context = peer_store.load_aggregate(id).await.expect("cqrs-es load");
+    let peer = per_sec(started);
+    assert_eq!(context.aggregate().balance, long as u64);
+    row(
+        &format!("(d) load a {long}-event aggregate"),
+        ours,
+        "cqrs-es",
+        peer,
+        "ev/s",
+        3.0,
+    );
+
+    // Streaming: the peak RSS of a process loading a 1M-event aggregate vs a 10k-event one.
+    let (small, big) = (n(10_000.0), n(1_000_000.0));
+    fill_by_sql(&pool, "small", small).await;
+    fill_by_sql(&pool, "big", big).await;
+    let (small_before, small_peak) = peak_rss_of_load(db.url(), "small", small);
+    let (big_before, big_peak) = peak_rss_of_load(db.url(), "big", big);
+    println!();
+    println!("| load (read, decode, evolve) | peak RSS before | peak RSS after |");
+    println!("| --- | ---: | ---: |");
+    println!(
+        "| {small} events | {:.1} MiB | {:.1} MiB |",
+        small_before as f64 / 1024.0,
+        small_peak as f64 / 1024.0
+    );
+    println!(
+        "| {big} events | {:.1} MiB | {:.1} MiB |",
+        big_before as f64 / 1024.0,
+        big_peak as f64 / 1024.0
+    );
+    println!(
+        "\npeak RSS of the {big}-event load is {:+.1} MiB from the {small}-event load's",
+        (big_peak as f64 - small_peak as f64) / 1024.0
     );
 }
