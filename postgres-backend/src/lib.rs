@@ -73,6 +73,7 @@
 
 mod config;
 mod error;
+mod maintenance;
 mod migrate;
 pub mod projection;
 mod schema;
@@ -80,6 +81,7 @@ mod store;
 mod subscription;
 
 pub use config::{PoolConfig, StoreOptions};
+pub use maintenance::Partition;
 pub use migrate::migrate;
 pub use schema::SchemaName;
 pub use store::{Health, PostgresStore};

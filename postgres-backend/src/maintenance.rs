@@ -1,0 +1,298 @@
+//! Partition maintenance: range partitions of `events` created ahead of need, and partitions of
+//! archived streams detached for archival.
+//!
+//! `events` is partitioned by range of global position (see the crate docs). The first migration
+//! creates `events_p0` for positions below 1 000 000 000 and a default partition that catches
+//! anything beyond the last range, so appends never fail for lack of a partition; a maintenance
+//! task (a cron job, a periodic task of the service, the operator CLI) calls
+//! [`PostgresStore::ensure_partitions`] so that positions land in real range partitions, each with
+//! its own unique `(stream_id, stream_version)` and `event_id` indexes.
+
+use factum::{Error, StreamId};
+
+use crate::error::to_error;
+use crate::store::PostgresStore;
+
+/// One partition of the `events` table.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub struct Partition {
+    /// The table's name, in the store's schema (e.g. `events_p1000000000`).
+    pub name: String,
+    /// The first global position it holds; `None` for the default partition, or for a range
+    /// unbounded below.
+    pub from: Option<u64>,
+    /// The first global position past it; `None` for the default partition, or for a range
+    /// unbounded above.
+    pub to: Option<u64>,
+    /// True for the default partition, which catches positions beyond every range.
+    pub is_default: bool,
+}
+
+impl Partition {
+    /// True when `position` falls in this range partition.
+    pub fn contains(&self, position: u64) -> bool {
+        !self.is_default
+            && self.from.is_none_or(|from| from <= position)
+            && self.to.is_none_or(|to| position < to)
+    }
+}
+
+/// Parses `FOR VALUES FROM (MINVALUE) TO ('1000')` / `DEFAULT` (`pg_get_expr` of a bound).
+fn parse_bound(bound: &str) -> (Option<u64>, Option<u64>, bool) {
+    if bound.trim() == "DEFAULT" {
+        return (None, None, true);
+    }
+    let value = |part: &str| -> Option<u64> {
+        let digits: String = part.chars().filter(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    match bound.split_once(" TO ") {
+        Some((from, to)) => (value(from), value(to), false),
+        None => (None, None, false),
+    }
+}
+
+/// Partition names this module creates (and the migration's `events_p0`): nothing to escape.
+fn is_partition_name(name: &str) -> bool {
+    name.strip_prefix("events_p")
+        .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit()))
+}
+
+impl PostgresStore {
+    /// The partitions of `events`, range partitions in position order, the default one last.
+    pub async fn partitions(&self) -> Result<Vec<Partition>, Error> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid) \
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = to_regclass($1)",
+        )
+        .bind(format!("{}.events", self.schema().quoted()))
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| to_error(e, "list partitions"))?;
+        let mut partitions: Vec<Partition> = rows
+            .into_iter()
+            .map(|(name, bound)| {
+                let (from, to, is_default) = parse_bound(&bound);
+                Partition {
+                    name,
+                    from,
+                    to,
+                    is_default,
+                }
+            })
+            .collect();
+        partitions.sort_by_key(|p| (p.is_default, p.from));
+        Ok(partitions)
+    }
+
+    /// Creates range partitions of `size` positions each after the last one, until the
+    /// partitions cover every position up to `ahead` past the last one handed out, and returns
+    /// the partitions it created (none when there was enough headroom already).
+    ///
+    /// Run it periodically with `ahead` well above the events written between two runs, so that
+    /// appends land in range partitions rather than the default one. Each new partition gets the
+    /// unique `(stream_id, stream_version)` and `event_id` indexes before it is attached, and is
+    /// attached with `ATTACH PARTITION`, which does not block appends or reads of the other
+    /// partitions (it locks the default partition briefly to check that none of its rows belong
+    /// to the new range). Positions that already went to the default partition stay there: the
+    /// first new range starts above them. Concurrent calls are serialised by an advisory lock.
+    ///
+    /// ```no_run
+    /// # async fn run(store: factum_postgres::PostgresStore) -> Result<(), factum::Error> {
+    /// // Partitions of 10 million positions, always 20 million positions ahead.
+    /// let created = store.ensure_partitions(10_000_000, 20_000_000).await?;
+    /// for partition in created {
+    ///     println!("created {} for positions {:?}..{:?}", partition.name, partition.from, partition.to);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn ensure_partitions(&self, size: u64, ahead: u64) -> Result<Vec<Partition>, Error> {
+        if size == 0 || size > i64::MAX as u64 / 4 {
+            return Err(Error::InvalidArgument(format!(
+                "partition size {size} must be between 1 and {}",
+                i64::MAX / 4
+            )));
+        }
+        let fail = |e| to_error(e, "ensure partitions");
+        let s = self.schema().quoted();
+        let mut tx = self.pool().begin().await.map_err(fail)?;
+        // Waiting for a lock behind a long transaction would block appends queued behind us.
+        sqlx::query("SET LOCAL lock_timeout = '5s'")
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("factum partitions {}", self.schema()))
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        let partitions = self.partitions().await?;
+        if partitions.iter().any(|p| !p.is_default && p.to.is_none()) {
+            // A range unbounded above: nothing can come after it.
+            return Ok(Vec::new());
+        }
+        let last_to = partitions.iter().filter_map(|p| p.to).max().unwrap_or(0);
+        let handed_out: i64 = sqlx::query_scalar(&format!(
+            "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
+             FROM {s}.events_global_position_seq"
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(fail)?;
+        let in_default: Option<i64> = if partitions.iter().any(|p| p.is_default) {
+            sqlx::query_scalar(&format!(
+                "SELECT max(global_position) FROM {s}.events_default"
+            ))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(fail)?
+        } else {
+            None
+        };
+        let target = u64::try_from(handed_out).unwrap_or(0).saturating_add(ahead);
+        let mut from = last_to.max(in_default.map_or(0, |m| u64::try_from(m).unwrap_or(0) + 1));
+        let mut created = Vec::new();
+        while from <= target {
+            let to = from + size;
+            let name = format!("events_p{from}");
+            let statements = [
+                format!(
+                    "CREATE TABLE {s}.{name} (LIKE {s}.events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+                ),
+                format!(
+                    "CREATE UNIQUE INDEX {name}_stream_version_uq ON {s}.{name} (stream_id, stream_version)"
+                ),
+                format!("CREATE UNIQUE INDEX {name}_event_id_uq ON {s}.{name} (event_id)"),
+                format!(
+                    "ALTER TABLE {s}.events ATTACH PARTITION {s}.{name} FOR VALUES FROM ({from}) TO ({to})"
+                ),
+            ];
+            for statement in statements {
+                sqlx::query(&statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(fail)?;
+            }
+            tracing::info!(schema = %self.schema(), partition = %name, from, to, "created an events partition");
+            created.push(Partition {
+                name,
+                from: Some(from),
+                to: Some(to),
+                is_default: false,
+            });
+            from = to;
+        }
+        tx.commit().await.map_err(fail)?;
+        Ok(created)
+    }
+
+    /// Marks a stream archived, the condition for [`detach_partition`](Self::detach_partition)
+    /// to release its events. Returns false when the stream does not exist.
+    ///
+    /// Archiving does not stop appends: a later append puts its events in a current partition,
+    /// and keeps the older partitions of the stream from being detached only if the stream is
+    /// un-archived; stop writing to a stream before archiving it.
+    pub async fn archive_stream(&self, stream: &StreamId) -> Result<bool, Error> {
+        let updated = sqlx::query(&format!(
+            "UPDATE {}.streams SET archived = true WHERE stream_id = $1",
+            self.schema().quoted()
+        ))
+        .bind(stream.as_str())
+        .execute(self.pool())
+        .await
+        .map_err(|e| to_error(e, "archive stream"))?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Detaches the range partition `name` from `events`, once every event in it belongs to an
+    /// archived stream. The table stays in the schema, outside the log, to be dumped and dropped
+    /// by the operator; its events no longer appear in reads, and its event ids no longer count
+    /// for idempotent re-appends.
+    ///
+    /// The default partition and the partition of the newest position cannot be detached.
+    /// PostgreSQL refuses `DETACH PARTITION ... CONCURRENTLY` while a default partition exists,
+    /// so this is a plain `DETACH`: a catalogue change that takes a brief exclusive lock on
+    /// `events` (waiting at most 5 s for it rather than queueing appends behind a long
+    /// transaction).
+    pub async fn detach_partition(&self, name: &str) -> Result<(), Error> {
+        let partitions = self.partitions().await?;
+        let Some(partition) = partitions.iter().find(|p| p.name == name) else {
+            return Err(Error::InvalidArgument(format!(
+                "`{name}` is not a partition of {}.events; see PostgresStore::partitions",
+                self.schema()
+            )));
+        };
+        if partition.is_default || !is_partition_name(name) {
+            return Err(Error::InvalidArgument(format!(
+                "`{name}` is the default partition, which catches positions beyond every range: it cannot be detached"
+            )));
+        }
+        let fail = |e| to_error(e, "detach partition");
+        let s = self.schema().quoted();
+        let newest: Option<i64> =
+            sqlx::query_scalar(&format!("SELECT max(global_position) FROM {s}.events"))
+                .fetch_one(self.pool())
+                .await
+                .map_err(fail)?;
+        if newest.is_some_and(|n| partition.contains(u64::try_from(n).unwrap_or(0))) {
+            return Err(Error::InvalidArgument(format!(
+                "`{name}` holds the newest event of the log: it is still being written"
+            )));
+        }
+        let live: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT e.stream_id FROM {s}.{name} e JOIN {s}.streams st USING (stream_id) \
+             WHERE NOT st.archived LIMIT 1"
+        ))
+        .fetch_optional(self.pool())
+        .await
+        .map_err(fail)?;
+        if let Some(stream) = live {
+            return Err(Error::InvalidArgument(format!(
+                "`{name}` holds events of stream `{stream}`, which is not archived: archive its streams first (PostgresStore::archive_stream)"
+            )));
+        }
+        let mut tx = self.pool().begin().await.map_err(fail)?;
+        sqlx::query("SET LOCAL lock_timeout = '5s'")
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        sqlx::query(&format!(
+            "ALTER TABLE {s}.events DETACH PARTITION {s}.{name}"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(fail)?;
+        tx.commit().await.map_err(fail)?;
+        tracing::info!(schema = %self.schema(), partition = %name, "detached an events partition");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_and_names_parse() {
+        assert_eq!(
+            parse_bound("FOR VALUES FROM (MINVALUE) TO ('1000000000')"),
+            (None, Some(1_000_000_000), false)
+        );
+        assert_eq!(
+            parse_bound("FOR VALUES FROM ('10') TO ('20')"),
+            (Some(10), Some(20), false)
+        );
+        assert_eq!(
+            parse_bound("FOR VALUES FROM ('10') TO (MAXVALUE)"),
+            (Some(10), None, false)
+        );
+        assert_eq!(parse_bound("DEFAULT"), (None, None, true));
+        assert!(is_partition_name("events_p0"));
+        assert!(is_partition_name("events_p1000000000"));
+        assert!(!is_partition_name("events_default"));
+        assert!(!is_partition_name("events_p1; DROP TABLE x"));
+    }
+}
