@@ -247,26 +247,44 @@ impl PostgresStore {
         expected: ExpectedVersion,
         batch: &Batch<'_>,
     ) -> Result<Option<AppendResult>, Failure> {
-        let sql = &self.inner.sql;
+        // A single event (what most commands yield) binds scalars: no arrays to build, send and
+        // unnest, which makes the statement measurably cheaper for the server.
+        let single = batch.ids.len() == 1;
+        let sql = if single {
+            &self.inner.sql.append_one
+        } else {
+            &self.inner.sql.append_many
+        };
         let query = match expected {
             ExpectedVersion::Exact(v) if v != StreamVersion::INITIAL => {
-                sqlx::query_as::<_, (i64, i64)>(&sql.append_exact).bind(to_i64(v.get()))
+                sqlx::query_as::<_, (i64, i64)>(&sql.exact).bind(to_i64(v.get()))
             }
             ExpectedVersion::Exact(_) | ExpectedVersion::NoStream => {
-                sqlx::query_as(&sql.append_no_stream).bind(stream.category())
+                sqlx::query_as(&sql.no_stream).bind(stream.category())
             }
-            ExpectedVersion::Any => sqlx::query_as(&sql.append_any).bind(stream.category()),
+            ExpectedVersion::Any => sqlx::query_as(&sql.any).bind(stream.category()),
+        };
+        let query = query.bind(stream.as_str()).bind(batch.ids.len() as i64);
+        let query = if single {
+            query
+                .bind(batch.ids[0])
+                .bind(batch.types[0])
+                .bind(batch.schema_versions[0])
+                .bind(batch.payloads[0])
+                .bind(&batch.metadata[0])
+                .bind(batch.correlation_ids[0])
+                .bind(batch.causation_ids[0])
+        } else {
+            query
+                .bind(&batch.ids)
+                .bind(&batch.types)
+                .bind(&batch.schema_versions)
+                .bind(&batch.payloads)
+                .bind(&batch.metadata)
+                .bind(&batch.correlation_ids)
+                .bind(&batch.causation_ids)
         };
         let mut rows: Vec<(i64, i64)> = query
-            .bind(stream.as_str())
-            .bind(batch.ids.len() as i64)
-            .bind(&batch.ids)
-            .bind(&batch.types)
-            .bind(&batch.schema_versions)
-            .bind(&batch.payloads)
-            .bind(&batch.metadata)
-            .bind(&batch.correlation_ids)
-            .bind(&batch.causation_ids)
             .fetch_all(&self.inner.pool)
             .await
             .map_err(|e| classify(e, Op::Write))?;
@@ -540,9 +558,9 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for LogRow {
 
 /// The store's SQL, with the schema name quoted in once.
 struct Sql {
-    append_exact: String,
-    append_no_stream: String,
-    append_any: String,
+    /// Appends of one event (scalar parameters) and of several (arrays).
+    append_one: AppendSql,
+    append_many: AppendSql,
     find_ids: String,
     stream_version: String,
     read_stream: String,
@@ -551,6 +569,42 @@ struct Sql {
     save_snapshot: String,
     load_snapshot: String,
     applied_version: String,
+}
+
+/// The append statement for each kind of expected version.
+///
+/// $1: the variant's parameter (expected version or category), $2 stream, $3 batch size, $4..$10
+/// the batch's columns (scalars or arrays). The stream row is bumped only when no id of the batch
+/// is stored in any partition (so a re-append stores nothing and the caller can look the ids
+/// up), and no sequence value is taken when it is not bumped.
+struct AppendSql {
+    exact: String,
+    no_stream: String,
+    any: String,
+}
+
+impl AppendSql {
+    fn new(s: &str, not_stored: &str, insert: &str) -> Self {
+        Self {
+            exact: format!(
+                "WITH bump AS (UPDATE {s}.streams SET version = version + $3 \
+                 WHERE stream_id = $2 AND version = $1 AND {not_stored} \
+                 RETURNING version - $3 AS base) {insert}"
+            ),
+            no_stream: format!(
+                "WITH bump AS (INSERT INTO {s}.streams (stream_id, category, version) \
+                 SELECT $2::text, $1::text, $3::bigint WHERE {not_stored} \
+                 ON CONFLICT (stream_id) DO NOTHING \
+                 RETURNING 0::bigint AS base) {insert}"
+            ),
+            any: format!(
+                "WITH bump AS (INSERT INTO {s}.streams AS st (stream_id, category, version) \
+                 SELECT $2::text, $1::text, $3::bigint WHERE {not_stored} \
+                 ON CONFLICT (stream_id) DO UPDATE SET version = st.version + EXCLUDED.version \
+                 RETURNING st.version - $3 AS base) {insert}"
+            ),
+        }
+    }
 }
 
 pub(crate) const EVENT_COLUMNS_E: &str = "e.global_position, e.transaction_id::text::bigint AS commit_id, \
@@ -565,26 +619,26 @@ const EVENT_COLUMNS: &str = "global_position, transaction_id::text::bigint AS co
 impl Sql {
     fn new(schema: &SchemaName) -> Self {
         let s = schema.quoted();
-        // $1: the variant's parameter (expected version or category), $2 stream, $3 batch size,
-        // $4..$10 the batch's columns. The stream row is bumped only when no id of the batch is
-        // stored (so a re-append stores nothing and the caller can look the ids up), and no
-        // sequence value is taken when it is not bumped.
-        let not_stored = format!("NOT EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY($4))");
-        let append = |bump: String| {
-            format!(
-                "WITH bump AS ({bump}) \
-                 INSERT INTO {s}.events (stream_id, stream_version, event_id, event_type, \
-                     schema_version, payload, metadata, correlation_id, causation_id) \
-                 SELECT $2, bump.base + b.n, b.event_id, b.event_type, b.schema_version, \
-                     b.payload::jsonb, b.metadata::jsonb, b.correlation_id, b.causation_id \
-                 FROM bump CROSS JOIN unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], \
-                     $8::text[], $9::uuid[], $10::uuid[]) WITH ORDINALITY \
-                     AS b(event_id, event_type, schema_version, payload, metadata, \
-                          correlation_id, causation_id, n) \
-                 ORDER BY b.n \
-                 RETURNING global_position, stream_version"
-            )
-        };
+        let insert_many = format!(
+            "INSERT INTO {s}.events (stream_id, stream_version, event_id, event_type, \
+                 schema_version, payload, metadata, correlation_id, causation_id) \
+             SELECT $2, bump.base + b.n, b.event_id, b.event_type, b.schema_version, \
+                 b.payload::jsonb, b.metadata::jsonb, b.correlation_id, b.causation_id \
+             FROM bump CROSS JOIN unnest($4::uuid[], $5::text[], $6::int4[], $7::text[], \
+                 $8::text[], $9::uuid[], $10::uuid[]) WITH ORDINALITY \
+                 AS b(event_id, event_type, schema_version, payload, metadata, \
+                      correlation_id, causation_id, n) \
+             ORDER BY b.n \
+             RETURNING global_position, stream_version"
+        );
+        let insert_one = format!(
+            "INSERT INTO {s}.events (stream_id, stream_version, event_id, event_type, \
+                 schema_version, payload, metadata, correlation_id, causation_id) \
+             SELECT $2, bump.base + 1, $4::uuid, $5::text, $6::int4, $7::text::jsonb, \
+                 $8::text::jsonb, $9::uuid, $10::uuid \
+             FROM bump \
+             RETURNING global_position, stream_version"
+        );
         // The horizon (oldest transaction in flight) and the next transaction id come back on every
         // row, and alone on one row when no event qualifies, so the caller can tell whether a
         // transaction that began before the read could still add rows below the page's end.
@@ -615,23 +669,16 @@ impl Sql {
             )
         };
         Self {
-            append_exact: append(format!(
-                "UPDATE {s}.streams SET version = version + $3 \
-                 WHERE stream_id = $2 AND version = $1 AND {not_stored} \
-                 RETURNING version - $3 AS base"
-            )),
-            append_no_stream: append(format!(
-                "INSERT INTO {s}.streams (stream_id, category, version) \
-                 SELECT $2::text, $1::text, $3::bigint WHERE {not_stored} \
-                 ON CONFLICT (stream_id) DO NOTHING \
-                 RETURNING 0::bigint AS base"
-            )),
-            append_any: append(format!(
-                "INSERT INTO {s}.streams AS st (stream_id, category, version) \
-                 SELECT $2::text, $1::text, $3::bigint WHERE {not_stored} \
-                 ON CONFLICT (stream_id) DO UPDATE SET version = st.version + EXCLUDED.version \
-                 RETURNING st.version - $3 AS base"
-            )),
+            append_one: AppendSql::new(
+                &s,
+                &format!("NOT EXISTS (SELECT 1 FROM {s}.events WHERE event_id = $4::uuid)"),
+                &insert_one,
+            ),
+            append_many: AppendSql::new(
+                &s,
+                &format!("NOT EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY($4::uuid[]))"),
+                &insert_many,
+            ),
             find_ids: format!(
                 "SELECT event_id, stream_id, stream_version, global_position \
                  FROM {s}.events WHERE event_id = ANY($1)"
