@@ -270,6 +270,27 @@ async fn fill_by_sql(pool: &PgPool, id: &str, n: usize) {
     .expect("fill");
 }
 
+/// CPU time used so far by all of this process's threads, in microseconds (from
+/// `/proc/self/task/*/schedstat`): the client side's share of a run.
+fn process_cpu_us() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>()
+        / 1000
+}
+
+/// Runs `f` and returns its result with the client CPU it took per operation (µs).
+async fn with_cpu<F: std::future::Future<Output = f64>>(ops: usize, f: F) -> (f64, f64) {
+    let before = process_cpu_us();
+    let rate = f.await;
+    (rate, (process_cpu_us() - before) as f64 / ops as f64)
+}
+
 fn vm_hwm_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -347,6 +368,17 @@ async fn main() {
         (),
     ));
 
+    // `FACTUM_BENCH_PROFILE=commands|appends`: only that workload, 1 client, for a profiler.
+    if let Ok(phase) = std::env::var("FACTUM_BENCH_PROFILE") {
+        let ops = n(5000.0);
+        let (rate, cpu) = match phase.as_str() {
+            "appends" => with_cpu(ops, factum_appends(&store, 1, ops, "prof")).await,
+            _ => with_cpu(ops, factum_commands(&repo, 1, ops, "prof")).await,
+        };
+        println!("{phase}: {rate:.0}/s, client CPU {cpu:.0} µs per operation");
+        return;
+    }
+
     // Warm up every path (connections, prepared statements).
     raw_inserts(&pool, 4, 20, "warm").await;
     factum_appends(&store, 4, 20, "warm").await;
@@ -355,10 +387,14 @@ async fn main() {
 
     header();
     let per = (n(2000.0) / 10).max(1) * 10;
-    let raw = raw_inserts(&pool, 1, per, "raw1").await;
-    let appends = factum_appends(&store, 1, per, "app1").await;
-    let commands = factum_commands(&repo, 1, per, "cmd1").await;
-    let peer = peer_commands(&cqrs, 1, per, "peer1").await;
+    let (raw, raw_cpu) = with_cpu(per, raw_inserts(&pool, 1, per, "raw1")).await;
+    let (appends, appends_cpu) = with_cpu(per, factum_appends(&store, 1, per, "app1")).await;
+    let (commands, commands_cpu) = with_cpu(per, factum_commands(&repo, 1, per, "cmd1")).await;
+    let (peer, peer_cpu) = with_cpu(per, peer_commands(&cqrs, 1, per, "peer1")).await;
+    let client_cpu = format!(
+        "client CPU per operation, 1 client: raw insert {raw_cpu:.0} µs, factum append \
+         {appends_cpu:.0} µs, factum command {commands_cpu:.0} µs, cqrs-es command {peer_cpu:.0} µs"
+    );
     row(
         "(a) 1 client, 1-event appends",
         appends,
@@ -555,6 +591,8 @@ async fn main() {
     fill_by_sql(&pool, "big", big).await;
     let (small_before, small_peak) = peak_rss_of_load(db.url(), "small", small);
     let (big_before, big_peak) = peak_rss_of_load(db.url(), "big", big);
+    println!();
+    println!("{client_cpu}");
     println!();
     println!("| load (read, decode, evolve) | peak RSS before | peak RSS after |");
     println!("| --- | ---: | ---: |");
