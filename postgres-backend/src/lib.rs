@@ -93,3 +93,13 @@ pub use sqlx;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/postgres.md")]
 mod postgres_chapter {}
+
+/// The book's projections chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/projections.md")]
+mod projections_chapter {}
+
+/// The book's replay and rebuild chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/replay.md")]
+mod replay_chapter {}
