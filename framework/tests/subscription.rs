@@ -452,7 +452,9 @@ async fn the_status_reports_the_head_and_the_lag_while_behind_and_none_once_caug
         append(&store, "a-1", vec![event("a.x"), event("a.y")]).await;
     }
     let head = store.head();
-    let subscription = Subscription::new("lag", store.clone()).batch_size(3);
+    let subscription = Subscription::new("lag", store.clone())
+        .batch_size(3)
+        .track_head();
     let mut probe = StatusProbe {
         status: subscription.status(),
         seen: Vec::new(),

@@ -169,8 +169,9 @@ pub struct SubscriptionStatus {
     pub state: SubscriptionState,
     /// The position of the last event it handled (or skipped past).
     pub position: LogPosition,
-    /// The head of the log when last looked at: refreshed when the subscription falls behind
-    /// (a full batch), and equal to [`position`](Self::position) once it is caught up.
+    /// The head of the log when last looked at: refreshed when the consumer falls behind (a
+    /// full batch; for a [`Subscription`], only with [`track_head`](Subscription::track_head)),
+    /// and equal to [`position`](Self::position) once it is caught up.
     pub head: LogPosition,
     /// Roughly how many events it is behind: global positions between `position` and `head`
     /// (an upper bound: filtered-out events and rolled-back positions count too).
@@ -245,6 +246,7 @@ pub struct Subscription<S> {
     handler_attempts: u32,
     handler_backoff: Duration,
     parker: Option<Parker>,
+    track_head: bool,
     status: watch::Sender<SubscriptionStatus>,
 }
 
@@ -277,6 +279,7 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
             handler_attempts: 3,
             handler_backoff: Duration::from_millis(100),
             parker: None,
+            track_head: false,
             status,
         }
     }
@@ -337,6 +340,18 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
             let store = store.clone();
             Box::pin(async move { store.park(parked).await })
         }));
+        self
+    }
+
+    /// Looks the head of the log up ([`EventStore::head`]) each time the subscription falls
+    /// behind (reads a full batch after being caught up), so [`SubscriptionStatus::head`] and
+    /// [`lag_events`](SubscriptionStatus::lag_events) are known while it catches up. Off by
+    /// default, because `head` can be a scan of the log on a backend without a direct lookup;
+    /// without it the head is only learnt from the events handled, and the lag in time
+    /// ([`lag`](SubscriptionStatus::lag)) is reported either way.
+    #[must_use]
+    pub fn track_head(mut self) -> Self {
+        self.track_head = true;
         self
     }
 
@@ -428,7 +443,8 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
         }
         // Falling behind (a full batch after being caught up): look the head up once, so the lag
         // in events is known. Live following (partial batches) never pays for it.
-        let behind = full && self.status.borrow().state != SubscriptionState::CatchingUp;
+        let behind =
+            self.track_head && full && self.status.borrow().state != SubscriptionState::CatchingUp;
         let head = if behind {
             Some(self.store.head().await?)
         } else {
