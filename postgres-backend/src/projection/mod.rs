@@ -2,8 +2,9 @@
 //!
 //! A [`PgProjection`] applies events with SQL on the transaction it is handed. A
 //! [`PgProjectionRunner`] reads the global log in batches (gap-safe, filtered to the projection's
-//! event types at the source) and, for each batch, opens **one** transaction that applies the
-//! events and moves the projection's checkpoint. Either both commit or neither does, so after any
+//! event types at the source; while catching up, the next batch is read while the current one is
+//! applied) and, for each batch, opens **one** transaction that applies the events and moves the
+//! projection's checkpoint. Either both commit or neither does, so after any
 //! crash the runner resumes exactly where the read model stands: no event is applied twice, none
 //! is skipped.
 //!

@@ -104,6 +104,8 @@ pub struct PgProjectionRunner<P> {
     pub(crate) tables: Tables,
     pub(crate) sql: Sql,
     pub(crate) status: watch::Sender<SubscriptionStatus>,
+    /// The batch after a position, read while the previous batch was applied.
+    prefetched: Option<(LogPosition, Vec<RecordedEvent>)>,
 }
 
 impl<P> std::fmt::Debug for PgProjectionRunner<P> {
@@ -148,6 +150,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             park: false,
             tables,
             status,
+            prefetched: None,
         }
     }
 
@@ -416,10 +419,14 @@ impl<P: PgProjection> PgProjectionRunner<P> {
 
     /// Applies one batch. `Ok(true)` when there may be more to read.
     async fn step(&mut self, position: &mut LogPosition) -> Result<bool, Error> {
-        let batch = self
-            .store
-            .read_all(*position, self.batch_size, &self.filter)
-            .await?;
+        let batch = match self.prefetched.take() {
+            Some((after, batch)) if after == *position => batch,
+            _ => {
+                self.store
+                    .read_all(*position, self.batch_size, &self.filter)
+                    .await?
+            }
+        };
         if batch.is_empty() {
             // Nothing to lock a checkpoint for: check it did not move (a rebuild swapped its
             // tables in, or an operator rewound it) while this runner had nothing to do.
@@ -445,7 +452,25 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         }
         self.status
             .send_modify(|s| s.state = SubscriptionState::CatchingUp);
-        match self.apply_batch(&batch, *position).await? {
+        let outcome = if full {
+            // Catching up: read the next batch while this one is applied, so reading and
+            // writing overlap. (The read is gap-safe on its own; it is used only if this batch
+            // commits.)
+            let last = batch.last().map_or(*position, |e| e.position);
+            let (store, filter, size) = (self.store.clone(), self.filter.clone(), self.batch_size);
+            let (outcome, next) = tokio::join!(self.apply_batch(&batch, *position), async move {
+                store.read_all(last, size, &filter).await
+            });
+            let outcome = outcome?;
+            if matches!(outcome, Outcome::Applied) {
+                // A failed read is simply done again by the next step.
+                self.prefetched = next.ok().map(|next| (last, next));
+            }
+            outcome
+        } else {
+            self.apply_batch(&batch, *position).await?
+        };
+        match outcome {
             Outcome::Applied => {
                 let last = batch.last().map_or(*position, |e| e.position);
                 *position = last;
