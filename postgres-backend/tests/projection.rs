@@ -406,3 +406,77 @@ async fn an_interrupted_rebuild_resumes_where_it_stopped() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_whose_lease_connection_dies_stands_by_and_the_other_instance_takes_over() {
+    bounded(60, async {
+        let db = TestDatabase::create().await;
+        let store = patient_store(&db);
+        create_tables(db.pool()).await;
+        let mut fold = Fold::default();
+        let instance = || {
+            PgProjectionRunner::new(store.clone(), Ledger::default())
+                .idle_backoff(Duration::from_millis(5), Duration::from_millis(20))
+                .standby_poll(Duration::from_millis(20))
+        };
+        let mut a = instance();
+        let mut a_status = a.status();
+        let a_task = tokio::spawn(async move { a.run(std::future::pending::<()>()).await });
+        wait_for(&mut a_status, "A to lead", |s| {
+            s.state == SubscriptionState::Live
+        })
+        .await;
+        let mut b = instance();
+        let mut b_status = b.status();
+        let b_task = tokio::spawn(async move { b.run(std::future::pending::<()>()).await });
+        wait_for(&mut b_status, "B to stand by", |s| {
+            s.state == SubscriptionState::Standby
+        })
+        .await;
+
+        // A's lease connection dies (a network cut, an operator's pg_terminate_backend) while
+        // A itself keeps running.
+        let holder = || async {
+            sqlx::query_scalar::<_, i32>(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_all(db.pool())
+            .await
+            .expect("pg_locks")
+        };
+        let before = holder().await;
+        assert_eq!(before.len(), 1, "one lease holder: {before:?}");
+        let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(before[0])
+            .fetch_one(db.pool())
+            .await
+            .expect("terminate");
+        assert!(terminated);
+
+        wait_for(&mut b_status, "B to take over", |s| {
+            s.state == SubscriptionState::Live
+        })
+        .await;
+        wait_for(&mut a_status, "A to notice and stand by", |s| {
+            s.state == SubscriptionState::Standby
+        })
+        .await;
+        let after = holder().await;
+        assert_eq!(after.len(), 1, "one lease holder: {after:?}");
+        assert_ne!(after[0], before[0]);
+
+        append(&store, &mut fold, "ledger-1", 0, 30).await;
+        wait_for(&mut b_status, "B to apply the new events", |s| {
+            s.handled == 30
+        })
+        .await;
+        assert_eq!(a_status.borrow().handled, 0);
+        assert_eq!(read_model(db.pool()).await, fold.model);
+        for task in [a_task, b_task] {
+            task.abort();
+            let _ = task.await;
+        }
+    })
+    .await;
+}
