@@ -408,7 +408,7 @@ async fn an_interrupted_rebuild_resumes_where_it_stopped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_leader_whose_lease_connection_dies_stands_by_and_the_other_instance_takes_over() {
+async fn when_the_leaders_lease_connection_dies_exactly_one_instance_leads_again() {
     bounded(60, async {
         let db = TestDatabase::create().await;
         let store = patient_store(&db);
@@ -435,8 +435,9 @@ async fn a_leader_whose_lease_connection_dies_stands_by_and_the_other_instance_t
         .await;
 
         // A's lease connection dies (a network cut, an operator's pg_terminate_backend) while
-        // A itself keeps running.
-        let holder = || async {
+        // A itself keeps running: A notices on its next poll, B on its next try; either may win
+        // the lease, never both.
+        let holders = || async {
             sqlx::query_scalar::<_, i32>(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
@@ -445,7 +446,7 @@ async fn a_leader_whose_lease_connection_dies_stands_by_and_the_other_instance_t
             .await
             .expect("pg_locks")
         };
-        let before = holder().await;
+        let before = holders().await;
         assert_eq!(before.len(), 1, "one lease holder: {before:?}");
         let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
             .bind(before[0])
@@ -453,26 +454,35 @@ async fn a_leader_whose_lease_connection_dies_stands_by_and_the_other_instance_t
             .await
             .expect("terminate");
         assert!(terminated);
-
-        wait_for(&mut b_status, "B to take over", |s| {
-            s.state == SubscriptionState::Live
-        })
-        .await;
-        wait_for(&mut a_status, "A to notice and stand by", |s| {
-            s.state == SubscriptionState::Standby
-        })
-        .await;
-        let after = holder().await;
-        assert_eq!(after.len(), 1, "one lease holder: {after:?}");
-        assert_ne!(after[0], before[0]);
+        // The lock table is the shared truth here: wait (bounded) for a new holder.
+        let mut after = Vec::new();
+        for _ in 0..600 {
+            after = holders().await;
+            if after.len() == 1 && after[0] != before[0] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            after.len() == 1 && after[0] != before[0],
+            "a new single holder: {after:?}"
+        );
 
         append(&store, &mut fold, "ledger-1", 0, 30).await;
-        wait_for(&mut b_status, "B to apply the new events", |s| {
-            s.handled == 30
-        })
-        .await;
-        assert_eq!(a_status.borrow().handled, 0);
+        assert!(
+            model_reaches(&db, 30).await,
+            "the events were applied: {:?}",
+            read_model(db.pool()).await
+        );
         assert_eq!(read_model(db.pool()).await, fold.model);
+        let (a_now, b_now) = (a_status.borrow().clone(), b_status.borrow().clone());
+        assert_eq!(a_now.handled + b_now.handled, 30, "applied once in total");
+        let live = [&a_now, &b_now]
+            .iter()
+            .filter(|s| s.state == SubscriptionState::Live)
+            .count();
+        assert_eq!(live, 1, "one leader: {a_now:?} {b_now:?}");
+        assert_eq!(holders().await.len(), 1);
         for task in [a_task, b_task] {
             task.abort();
             let _ = task.await;
