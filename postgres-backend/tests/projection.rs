@@ -490,3 +490,31 @@ async fn when_the_leaders_lease_connection_dies_exactly_one_instance_leads_again
     })
     .await;
 }
+
+/// A projection that declares no tables.
+struct Undeclared;
+
+impl factum_postgres::projection::PgProjection for Undeclared {
+    const NAME: &'static str = "undeclared";
+    type Event = Entry;
+
+    async fn apply(
+        &mut self,
+        _tx: &mut factum_postgres::projection::ProjectionTx<'_>,
+        _event: &factum::Envelope<Entry>,
+    ) -> Result<(), factum::BoxError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_projection_without_declared_tables_cannot_be_rebuilt() {
+    bounded(30, async {
+        let db = TestDatabase::create().await;
+        let mut runner = PgProjectionRunner::new(patient_store(&db), Undeclared);
+        let error = runner.rebuild(|_| {}).await.expect_err("refused");
+        assert!(matches!(error, Error::InvalidArgument(_)), "{error:?}");
+        assert!(error.to_string().contains("TABLES"), "{error}");
+    })
+    .await;
+}

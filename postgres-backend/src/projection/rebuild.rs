@@ -59,10 +59,22 @@ impl<P: PgProjection> PgProjectionRunner<P> {
     /// where it stopped. `on_progress` is called after each batch. A handler error stops the
     /// rebuild (retry it after fixing the projection: it resumes). Only one rebuild of a
     /// projection runs at a time; another waits for it.
+    ///
+    /// Every table the projection writes must be listed in [`PgProjection::TABLES`] and named
+    /// through [`ProjectionTx::table`]: a write to any other table would be applied to the live
+    /// model a second time. A projection with no `TABLES` is refused
+    /// ([`Error::InvalidArgument`]).
     pub async fn rebuild(
         &mut self,
         mut on_progress: impl FnMut(&Progress) + Send,
     ) -> Result<LogPosition, Error> {
+        if P::TABLES.is_empty() {
+            // Its writes would go to the live tables and apply every event a second time.
+            return Err(Error::InvalidArgument(format!(
+                "projection `{}` declares no TABLES, so it cannot be rebuilt beside its live model; list the tables it writes in `PgProjection::TABLES`",
+                self.name
+            )));
+        }
         let name = format!("{}:rebuild", self.name);
         let mut spare = None;
         let _lease = loop {
