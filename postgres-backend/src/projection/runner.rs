@@ -275,7 +275,14 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                     () = tokio::time::sleep(self.standby_poll) => {}
                 }
             };
-            let mut position = self.initial_position().await?;
+            let mut position = match self.initial_position().await {
+                Ok(position) => position,
+                Err(e) => {
+                    self.status
+                        .send_modify(|s| s.state = SubscriptionState::Failed(e.to_string()));
+                    return Err(e);
+                }
+            };
             let mut idle = self.idle_min;
             loop {
                 let work = tokio::select! {
@@ -287,11 +294,8 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 match work {
                     None => break 'lease,
                     Some(Err(e)) => {
-                        if let Error::Handler { .. } = &e {
-                            self.status.send_modify(|s| {
-                                s.state = SubscriptionState::Failed(e.to_string())
-                            });
-                        }
+                        self.status
+                            .send_modify(|s| s.state = SubscriptionState::Failed(e.to_string()));
                         return Err(e);
                     }
                     Some(Ok(true)) => idle = self.idle_min,
