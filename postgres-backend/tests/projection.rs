@@ -73,6 +73,7 @@ async fn a_poison_event_stops_the_runner_or_is_parked_with_the_checkpoint_and_re
             store.clone(),
             Ledger {
                 poison: [3].into_iter().collect(),
+                ..Ledger::default()
             },
         )
         .handler_retries(2, Duration::ZERO);
@@ -99,6 +100,7 @@ async fn a_poison_event_stops_the_runner_or_is_parked_with_the_checkpoint_and_re
             store.clone(),
             Ledger {
                 poison: [3].into_iter().collect(),
+                ..Ledger::default()
             },
         )
         .handler_retries(2, Duration::ZERO)
@@ -374,6 +376,7 @@ async fn an_interrupted_rebuild_resumes_where_it_stopped() {
             store.clone(),
             Ledger {
                 poison: [2050].into_iter().collect(),
+                ..Ledger::default()
             },
         )
         .batch_size(100);
@@ -515,6 +518,40 @@ async fn a_projection_without_declared_tables_cannot_be_rebuilt() {
         let error = runner.rebuild(|_| {}).await.expect_err("refused");
         assert!(matches!(error, Error::InvalidArgument(_)), "{error:?}");
         assert!(error.to_string().contains("TABLES"), "{error}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_status_reports_the_head_and_the_lag_while_behind_and_none_once_caught_up() {
+    bounded(30, async {
+        let db = TestDatabase::create().await;
+        let store = patient_store(&db);
+        create_tables(db.pool()).await;
+        let mut fold = Fold::default();
+        append(&store, &mut fold, "ledger-1", 0, 100).await;
+
+        let mut runner = PgProjectionRunner::new(store.clone(), Ledger::default()).batch_size(10);
+        let status = runner.status();
+        runner.projection_mut().probe = Some((runner.status(), Vec::new()));
+        let reached = runner.catch_up().await.expect("catch up");
+        let seen = runner.projection_mut().probe.take().expect("probe").1;
+
+        // Behind: the head (the last event) is known from the first batch on, and the lag in
+        // events shrinks batch by batch.
+        assert_eq!(seen[0].state, SubscriptionState::CatchingUp);
+        assert_eq!(seen[0].head, reached);
+        assert_eq!(seen[0].lag_events, 100);
+        let lags: Vec<u64> = seen.iter().step_by(10).map(|s| s.lag_events).collect();
+        assert_eq!(lags, [100, 90, 80, 70, 60, 50, 40, 30, 20, 10]);
+        assert!(seen[10].last_event_at.is_some());
+
+        // Caught up: no lag.
+        let done = status.borrow().clone();
+        assert_eq!(done.state, SubscriptionState::Live);
+        assert_eq!((done.position, done.head), (reached, reached));
+        assert_eq!((done.lag_events, done.lag), (0, Duration::ZERO));
+        assert_eq!(read_model(db.pool()).await, fold.model);
     })
     .await;
 }

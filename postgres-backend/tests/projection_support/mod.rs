@@ -49,10 +49,12 @@ impl factum::Event for Entry {
     }
 }
 
-/// The projection under test; fails on entries whose `n` is in `poison`.
+/// The projection under test; fails on entries whose `n` is in `poison`. With a `probe`, it
+/// records its runner's status each time it applies an event.
 #[derive(Default)]
 pub struct Ledger {
     pub poison: HashSet<i64>,
+    pub probe: Option<(watch::Receiver<SubscriptionStatus>, Vec<SubscriptionStatus>)>,
 }
 
 impl PgProjection for Ledger {
@@ -65,6 +67,9 @@ impl PgProjection for Ledger {
         tx: &mut ProjectionTx<'_>,
         event: &Envelope<Entry>,
     ) -> Result<(), BoxError> {
+        if let Some((status, seen)) = &mut self.probe {
+            seen.push(status.borrow().clone());
+        }
         if self.poison.contains(&event.event.n) {
             return Err(format!("entry {} is poisoned", event.event.n).into());
         }
