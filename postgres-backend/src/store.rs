@@ -569,6 +569,7 @@ struct Sql {
     save_snapshot: String,
     load_snapshot: String,
     applied_version: String,
+    head: String,
 }
 
 /// The append statement for each kind of expected version.
@@ -706,6 +707,13 @@ impl Sql {
                 "SELECT stream_version, schema_version, state::text, taken_at \
                  FROM {s}.snapshots WHERE stream_id = $1"
             ),
+            // The newest settled event (below the oldest transaction in flight), by the log's
+            // index read backwards.
+            head: format!(
+                "SELECT e.transaction_id::text::bigint, e.global_position FROM {s}.events e \
+                 WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1"
+            ),
             applied_version: format!("SELECT max(version) FROM {s}._sqlx_migrations WHERE success"),
         }
     }
@@ -729,6 +737,16 @@ impl EventStore for PostgresStore {
         Box::pin(rows.map(|row| {
             row.map_err(|e| to_error(e, "read stream"))
                 .and_then(EventRow::into_recorded)
+        }))
+    }
+
+    async fn head(&self) -> Result<LogPosition, Error> {
+        let row: Option<(i64, i64)> = sqlx::query_as(&self.inner.sql.head)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| to_error(e, "read the log head"))?;
+        Ok(row.map_or(LogPosition::START, |(commit, global)| {
+            LogPosition::new(to_u64(commit), GlobalPosition::new(to_u64(global)))
         }))
     }
 

@@ -55,6 +55,7 @@ macro_rules! conformance_tests {
             global_log_is_total_and_in_append_order,
             global_log_pages_resume_after_a_position,
             global_log_filters_at_the_source,
+            head_is_the_last_readable_position,
             payload_and_metadata_round_trip,
             snapshots_keep_the_latest,
             repository_retries_after_losing_a_race,
@@ -640,6 +641,45 @@ pub async fn global_log_filters_at_the_source<S: Backend>(store: S) {
         .await
         .expect("read_all");
     assert!(rest.is_empty());
+}
+
+/// `head` is `START` on an empty log and the position of the last readable event afterwards.
+pub async fn head_is_the_last_readable_position<S: Backend>(store: S) {
+    assert_eq!(store.head().await.expect("head"), LogPosition::START);
+    append(
+        &store,
+        &stream("order-1"),
+        ExpectedVersion::Any,
+        vec![event(1), event(2)],
+    )
+    .await;
+    append(
+        &store,
+        &stream("order-2"),
+        ExpectedVersion::Any,
+        vec![event(3)],
+    )
+    .await;
+    let last = read_all(&store, &EventFilter::all())
+        .await
+        .last()
+        .map(|e| e.position)
+        .expect("events were appended");
+    // A gap-safe backend may report an older head while unrelated transactions are in flight
+    // (PostgreSQL's horizon is cluster-wide); it must never pass the last event, and must reach it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let head = store.head().await.expect("head");
+        assert!(head <= last, "head {head} is past the last event {last}");
+        if head == last {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "head stayed at {head}, never reached the last event {last}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// Payload, type, schema version, ids and metadata come back exactly as appended.

@@ -35,7 +35,6 @@ pub(crate) struct Sql {
     pub(crate) save_checkpoint: String,
     pub(crate) park: String,
     pub(crate) claim_parked: String,
-    pub(crate) head: String,
 }
 
 impl Sql {
@@ -63,13 +62,6 @@ impl Sql {
             ),
             claim_parked: format!(
                 "DELETE FROM {s}.dead_letters WHERE subscription = $1 AND event_id = $2 RETURNING event_id"
-            ),
-            // The newest settled event (below the oldest transaction in flight), by the log's
-            // index read backwards.
-            head: format!(
-                "SELECT e.transaction_id::text::bigint, e.global_position FROM {s}.events e \
-                 WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-                 ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1"
             ),
         }
     }
@@ -369,11 +361,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
 
     /// The newest settled position of the log (for lag and "start from now").
     pub(crate) async fn head(&self) -> Result<LogPosition, Error> {
-        let row: Option<(i64, i64)> = sqlx::query_as(&self.sql.head)
-            .fetch_optional(self.store.pool())
-            .await
-            .map_err(|e| to_error(e, "read the log head"))?;
-        Ok(row.map_or(LogPosition::START, |(c, g)| position(c, g)))
+        self.store.head().await
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, Error> {
