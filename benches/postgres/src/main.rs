@@ -362,6 +362,9 @@ async fn main() {
         .await
         .expect("cqrs-es schema");
     let repo = Arc::new(Repository::<Account, _>::new(store.clone()));
+    // The same repository keeping recently used states in memory: a command is then one round
+    // trip (the append) instead of a load and an append.
+    let cached = Arc::new(Repository::<Account, _>::new(store.clone()).with_cache(100_000));
     let cqrs = Arc::new(postgres_es::postgres_cqrs::<PeerAccount>(
         pool.clone(),
         Vec::new(),
@@ -373,6 +376,7 @@ async fn main() {
         let ops = n(5000.0);
         let (rate, cpu) = match phase.as_str() {
             "appends" => with_cpu(ops, factum_appends(&store, 1, ops, "prof")).await,
+            "cached" => with_cpu(ops, factum_commands(&cached, 1, ops, "prof")).await,
             _ => with_cpu(ops, factum_commands(&repo, 1, ops, "prof")).await,
         };
         println!("{phase}: {rate:.0}/s, client CPU {cpu:.0} µs per operation");
@@ -383,6 +387,7 @@ async fn main() {
     raw_inserts(&pool, 4, 20, "warm").await;
     factum_appends(&store, 4, 20, "warm").await;
     factum_commands(&repo, 4, 20, "warm").await;
+    factum_commands(&cached, 4, 20, "warmc").await;
     peer_commands(&cqrs, 4, 20, "warm").await;
 
     header();
@@ -390,10 +395,12 @@ async fn main() {
     let (raw, raw_cpu) = with_cpu(per, raw_inserts(&pool, 1, per, "raw1")).await;
     let (appends, appends_cpu) = with_cpu(per, factum_appends(&store, 1, per, "app1")).await;
     let (commands, commands_cpu) = with_cpu(per, factum_commands(&repo, 1, per, "cmd1")).await;
+    let (cached1, cached_cpu) = with_cpu(per, factum_commands(&cached, 1, per, "cch1")).await;
     let (peer, peer_cpu) = with_cpu(per, peer_commands(&cqrs, 1, per, "peer1")).await;
     let client_cpu = format!(
         "client CPU per operation, 1 client: raw insert {raw_cpu:.0} µs, factum append \
-         {appends_cpu:.0} µs, factum command {commands_cpu:.0} µs, cqrs-es command {peer_cpu:.0} µs"
+         {appends_cpu:.0} µs, factum command {commands_cpu:.0} µs (cached state \
+         {cached_cpu:.0} µs), cqrs-es command {peer_cpu:.0} µs"
     );
     row(
         "(a) 1 client, 1-event appends",
@@ -412,6 +419,14 @@ async fn main() {
         0.8,
     );
     row(
+        "(a) 1 client, commands, cached states",
+        cached1,
+        "raw inserts",
+        raw,
+        "cmd/s",
+        0.8,
+    );
+    row(
         "(a) 1 client, commands",
         commands,
         "cqrs-es",
@@ -424,6 +439,7 @@ async fn main() {
     let raw = raw_inserts(&pool, 16, per, "raw16").await;
     let appends = factum_appends(&store, 16, per, "app16").await;
     let commands = factum_commands(&repo, 16, per, "cmd16").await;
+    let cached16 = factum_commands(&cached, 16, per, "cch16").await;
     let peer = peer_commands(&cqrs, 16, per, "peer16").await;
     row(
         "(b) 16 clients, 1-event appends",
@@ -442,8 +458,24 @@ async fn main() {
         0.6,
     );
     row(
+        "(b) 16 clients, commands, cached states",
+        cached16,
+        "raw inserts",
+        raw,
+        "cmd/s",
+        0.6,
+    );
+    row(
         "(b) 16 clients, commands",
         commands,
+        "cqrs-es",
+        peer,
+        "cmd/s",
+        5.0,
+    );
+    row(
+        "(b) 16 clients, commands, cached states",
+        cached16,
         "cqrs-es",
         peer,
         "cmd/s",

@@ -14,6 +14,10 @@ use crate::event::{EventMetadata, Metadata, NewEvent, RecordedEvent};
 use crate::ids::{CausationId, CommandId, CorrelationId, GlobalPosition, StreamId, StreamVersion};
 use crate::store::{DynSnapshotStore, EventStore, ExpectedVersion, SnapshotStore, StoredSnapshot};
 
+mod cache;
+
+use cache::StateCache;
+
 /// Where a command comes from: its id, the workflow it belongs to, and metadata to stamp on every
 /// event it produces.
 ///
@@ -166,6 +170,7 @@ pub struct Repository<A: Aggregate, S> {
     store: S,
     max_conflict_retries: u32,
     snapshots: Option<Snapshots<A>>,
+    cache: Option<StateCache<A>>,
 }
 
 impl<A: Aggregate, S: std::fmt::Debug> std::fmt::Debug for Repository<A, S> {
@@ -175,6 +180,7 @@ impl<A: Aggregate, S: std::fmt::Debug> std::fmt::Debug for Repository<A, S> {
             .field("store", &self.store)
             .field("max_conflict_retries", &self.max_conflict_retries)
             .field("snapshots", &self.snapshots.as_ref().map(|s| s.policy))
+            .field("cache", &self.cache.is_some())
             .finish()
     }
 }
@@ -186,7 +192,37 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             store,
             max_conflict_retries: 3,
             snapshots: None,
+            cache: None,
         }
+    }
+
+    /// Keeps the states of up to about `capacity` recently used aggregates in memory, so a
+    /// command on a cached aggregate is one round trip to the store (the append) instead of a
+    /// load and an append.
+    ///
+    /// The store stays the authority, so the cache is safe with other writers (other
+    /// repositories, other processes): a cached state is used to decide, and the append's
+    /// expected version is the cached version, so a state that another writer made stale meets
+    /// a conflict and the command catches up and decides again, as without the cache. A
+    /// rejection or an empty decision, which append nothing and so cannot meet a conflict, is
+    /// checked against the store before it is returned (one read of the events after the cached
+    /// version). Two commands on one aggregate never share a cached state: the second loads
+    /// from the store. A command that fails for any other reason (an unavailable store, an
+    /// unknown outcome) drops the aggregate's cached state.
+    ///
+    /// ```
+    /// # use factum::{Aggregate, InMemoryStore, Repository};
+    /// # fn build<A: Aggregate + Clone>() {
+    /// let repository = Repository::<A, _>::new(InMemoryStore::new()).with_cache(10_000);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_cache(mut self, capacity: usize) -> Self
+    where
+        A: Clone,
+    {
+        self.cache = Some(StateCache::new(capacity, A::clone));
+        self
     }
 
     /// How many times a command is decided again after a concurrency conflict before the
@@ -323,15 +359,66 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         async move {
             let stream_id = Self::stream_id(&aggregate_id)?;
             tracing::Span::current().record("stream", stream_id.as_str());
-            let mut loaded = self.load_snapshot(stream_id).await?;
-            self.catch_up(&mut loaded).await?;
+            let cached = self.cache.as_ref().and_then(|cache| cache.take(&stream_id));
+            // Whether the state may be behind the store without an append having told us so.
+            let mut unverified = cached.is_some();
+            let mut loaded = match cached {
+                Some(loaded) => loaded,
+                None => {
+                    let mut loaded = self.load_snapshot(stream_id).await?;
+                    self.catch_up(&mut loaded).await?;
+                    loaded
+                }
+            };
             let mut attempts = 1;
             loop {
-                let result = self.decide_and_append(&command, context, loaded, attempts).await;
-                match result {
+                let events = match loaded.state.decide(&command) {
+                    Ok(events) if !events.is_empty() => events,
+                    decided => {
+                        if unverified {
+                            // Nothing to append means no conflict to reveal a stale state: read
+                            // what the store has after the cached version, and decide again if
+                            // anything.
+                            unverified = false;
+                            let before = loaded.version;
+                            self.catch_up(&mut loaded).await?;
+                            if loaded.version != before {
+                                attempts += 1;
+                                continue;
+                            }
+                        }
+                        tracing::Span::current().record("attempts", attempts);
+                        let events = match decided {
+                            Ok(events) => events,
+                            Err(rejection) => {
+                                if let Some(cache) = &self.cache {
+                                    cache.put(loaded);
+                                }
+                                return Err(CommandError::Rejected(rejection));
+                            }
+                        };
+                        if let Some(cache) = &self.cache {
+                            cache.put(Loaded {
+                                stream_id: loaded.stream_id.clone(),
+                                state: cache.copy(&loaded.state),
+                                version: loaded.version,
+                            });
+                        }
+                        return Ok(Committed {
+                            stream_id: loaded.stream_id,
+                            events,
+                            positions: Vec::new(),
+                            version: loaded.version,
+                            state: loaded.state,
+                            attempts,
+                        });
+                    }
+                };
+                match self.append(context, loaded, events, attempts).await {
                     Err(Retry::Conflict(conflict, mut state)) if attempts <= self.max_conflict_retries => {
                         tracing::debug!(error = %conflict, attempts, "conflict; catching up and deciding again");
                         self.catch_up(&mut state).await?;
+                        unverified = false;
                         loaded = state;
                         attempts += 1;
                     }
@@ -342,6 +429,13 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                     Err(Retry::Fail(e)) => return Err(e),
                     Ok(committed) => {
                         tracing::Span::current().record("attempts", attempts);
+                        if let Some(cache) = &self.cache {
+                            cache.put(Loaded {
+                                stream_id: committed.stream_id.clone(),
+                                state: cache.copy(&committed.state),
+                                version: committed.version,
+                            });
+                        }
                         return Ok(committed);
                     }
                 }
@@ -351,11 +445,12 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         .await
     }
 
-    async fn decide_and_append(
+    /// Appends the decided `events` at `loaded.version` and evolves the state with them.
+    async fn append(
         &self,
-        command: &A::Command,
         context: &CommandContext,
         loaded: Loaded<A>,
+        events: Vec<A::Event>,
         attempts: u32,
     ) -> Result<Committed<A>, Retry<A>> {
         let Loaded {
@@ -363,19 +458,6 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             mut state,
             version,
         } = loaded;
-        let events = state
-            .decide(command)
-            .map_err(|e| Retry::Fail(CommandError::Rejected(e)))?;
-        if events.is_empty() {
-            return Ok(Committed {
-                stream_id,
-                events,
-                positions: Vec::new(),
-                version,
-                state,
-                attempts,
-            });
-        }
         let metadata = context.event_metadata();
         let batch = events
             .iter()
