@@ -155,8 +155,8 @@ pub use process::*;
 pub use projection::Projection;
 pub use repository::{CommandContext, Committed, Loaded, Repository, SnapshotPolicy};
 pub use store::{
-    AppendResult, BoxFuture, DynEventStore, DynSnapshotStore, EventFilter, EventStore, EventStream,
-    ExpectedVersion, SnapshotStore, StoredSnapshot,
+    AppendResult, BoxFuture, DynEventStore, DynSnapshotStore, EventFilter, EventPayload,
+    EventStore, EventStream, ExpectedVersion, PayloadStream, SnapshotStore, StoredSnapshot,
 };
 
 /// A JSON payload kept as text: how events and snapshots are stored and handed to

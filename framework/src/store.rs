@@ -37,6 +37,38 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A stream of stored events, read lazily (bounded memory however long the stream).
 pub type EventStream<'a> = Pin<Box<dyn Stream<Item = Result<RecordedEvent, Error>> + Send + 'a>>;
 
+/// A stream of [`EventPayload`]s, as [`EventStore::read_stream_payloads`] returns them.
+pub type PayloadStream<'a> = Pin<Box<dyn Stream<Item = Result<EventPayload, Error>> + Send + 'a>>;
+
+/// A stream's event with only what folding it into state needs: what
+/// [`EventStore::read_stream_payloads`] returns, and what a [`Repository`](crate::Repository)
+/// loads aggregates from.
+#[derive(Clone, Debug)]
+pub struct EventPayload {
+    /// Its version within the stream.
+    pub stream_version: StreamVersion,
+    /// The wire name.
+    pub event_type: String,
+    /// The schema version the payload was written with.
+    pub schema_version: u32,
+    /// The JSON payload as stored.
+    pub payload: Box<RawValue>,
+    /// When the store recorded it.
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl From<RecordedEvent> for EventPayload {
+    fn from(event: RecordedEvent) -> Self {
+        Self {
+            stream_version: event.stream_version,
+            event_type: event.event_type,
+            schema_version: event.schema_version,
+            payload: event.payload,
+            recorded_at: event.recorded_at,
+        }
+    }
+}
+
 /// What the writer believes the stream's version to be; the append fails with
 /// [`Error::Conflict`] otherwise.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -183,6 +215,21 @@ pub trait EventStore: Send + Sync {
     /// A stream that does not exist reads as empty.
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a>;
 
+    /// Reads the same events as [`read_stream`](Self::read_stream), with only their version,
+    /// type, schema version, payload and recording time: what rebuilding an aggregate needs, and
+    /// what [`Repository`](crate::Repository) loads from.
+    ///
+    /// The provided implementation maps [`read_stream`](Self::read_stream); a backend overrides
+    /// it when reading fewer columns is cheaper (the PostgreSQL backend does).
+    fn read_stream_payloads<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> PayloadStream<'a> {
+        use futures_util::TryStreamExt as _;
+        Box::pin(self.read_stream(stream, after).map_ok(EventPayload::from))
+    }
+
     /// Reads up to `limit` events of the global log that sort after `after` and pass `filter`.
     fn read_all(
         &self,
@@ -258,6 +305,13 @@ pub trait DynEventStore: Send + Sync {
     fn read_stream_dyn<'a>(&'a self, stream: &'a StreamId, after: StreamVersion)
     -> EventStream<'a>;
 
+    /// See [`EventStore::read_stream_payloads`].
+    fn read_stream_payloads_dyn<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> PayloadStream<'a>;
+
     /// See [`EventStore::read_all`].
     fn read_all_dyn<'a>(
         &'a self,
@@ -286,6 +340,14 @@ impl<T: EventStore> DynEventStore for T {
         after: StreamVersion,
     ) -> EventStream<'a> {
         self.read_stream(stream, after)
+    }
+
+    fn read_stream_payloads_dyn<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> PayloadStream<'a> {
+        self.read_stream_payloads(stream, after)
     }
 
     fn read_all_dyn<'a>(
@@ -317,6 +379,14 @@ impl EventStore for dyn DynEventStore {
         self.read_stream_dyn(stream, after)
     }
 
+    fn read_stream_payloads<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> PayloadStream<'a> {
+        self.read_stream_payloads_dyn(stream, after)
+    }
+
     async fn read_all(
         &self,
         after: LogPosition,
@@ -343,6 +413,14 @@ impl<T: EventStore + ?Sized> EventStore for Arc<T> {
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
         (**self).read_stream(stream, after)
+    }
+
+    fn read_stream_payloads<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> PayloadStream<'a> {
+        (**self).read_stream_payloads(stream, after)
     }
 
     fn read_all(

@@ -9,9 +9,9 @@ use chrono::{DateTime, Utc};
 use factum::resilience::{FullJitter, RetryPolicy};
 use factum::{
     AppendResult, CATEGORY_SEPARATOR, CausationId, CorrelationId, DecodeError, Error, EventFilter,
-    EventId, EventMetadata, EventStore, EventStream, ExpectedVersion, GlobalPosition, LogPosition,
-    Metadata, NewEvent, RawValue, RecordedEvent, SnapshotStore, StoredSnapshot, StreamId,
-    StreamVersion, validate_batch,
+    EventId, EventMetadata, EventPayload, EventStore, EventStream, ExpectedVersion, GlobalPosition,
+    LogPosition, Metadata, NewEvent, PayloadStream, RawValue, RecordedEvent, SnapshotStore,
+    StoredSnapshot, StreamId, StreamVersion, validate_batch,
 };
 use futures_util::StreamExt;
 use sqlx::PgPool;
@@ -537,6 +537,33 @@ impl EventRow {
     }
 }
 
+/// An [`EventPayload`] from a row of the payload query, by column index (the columns of
+/// `Sql::read_payloads`).
+fn payload_from_row(stream: &StreamId, row: &sqlx::postgres::PgRow) -> Result<EventPayload, Error> {
+    use sqlx::Row;
+    let column = |e: sqlx::Error| to_error(e, "read stream");
+    let stream_version = StreamVersion::new(to_u64(row.try_get(0).map_err(column)?));
+    let event_type: String = row.try_get(1).map_err(column)?;
+    let schema_version = u32::try_from(row.try_get::<i32, _>(2).map_err(column)?).unwrap_or(0);
+    let payload: String = row.try_get(3).map_err(column)?;
+    let recorded_at = row.try_get(4).map_err(column)?;
+    let payload = RawValue::from_string(payload).map_err(|source| Error::Decode {
+        stream: stream.clone(),
+        version: stream_version,
+        event_type: event_type.clone(),
+        schema_version,
+        position: LogPosition::START,
+        source: DecodeError::Payload(source),
+    })?;
+    Ok(EventPayload {
+        stream_version,
+        event_type,
+        schema_version,
+        payload,
+        recorded_at,
+    })
+}
+
 /// A row of the global-log query: the snapshot horizon, and an event unless none qualified.
 struct LogRow {
     horizon: i64,
@@ -564,6 +591,7 @@ struct Sql {
     find_ids: String,
     stream_version: String,
     read_stream: String,
+    read_payloads: String,
     /// Indexed by `has event types + 2 * has categories`.
     read_all: [String; 4],
     save_snapshot: String,
@@ -689,6 +717,13 @@ impl Sql {
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \
                  WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
             ),
+            // Only what folding into state needs: about half the server's work per row of
+            // `read_stream` (no ids, no metadata, no transaction id to convert).
+            read_payloads: format!(
+                "SELECT stream_version, event_type, schema_version, payload::text, recorded_at \
+                 FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 \
+                 ORDER BY stream_version"
+            ),
             read_all: [
                 read_all(false, false),
                 read_all(true, false),
@@ -727,6 +762,21 @@ impl EventStore for PostgresStore {
         events: Vec<NewEvent>,
     ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
         self.append_batch(stream, expected, events)
+    }
+
+    fn read_stream_payloads<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> PayloadStream<'a> {
+        let rows = sqlx::query(&self.inner.sql.read_payloads)
+            .bind(stream.as_str())
+            .bind(to_i64(after.get()))
+            .fetch(&self.inner.pool);
+        Box::pin(rows.map(move |row| {
+            let row = row.map_err(|e| to_error(e, "read stream"))?;
+            payload_from_row(stream, &row)
+        }))
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {

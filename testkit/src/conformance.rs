@@ -24,9 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use factum::{
     Aggregate, AppendResult, Command, CommandContext, CorrelationId, DecodeError, EncodeError,
-    Error, Event, EventFilter, EventId, EventMetadata, EventStore, EventStream, ExpectedVersion,
-    LogPosition, Metadata, NewEvent, RawValue, RecordedEvent, Repository, Snapshot, SnapshotPolicy,
-    SnapshotStore, StoredSnapshot, StreamId, StreamVersion,
+    Error, Event, EventFilter, EventId, EventMetadata, EventPayload, EventStore, EventStream,
+    ExpectedVersion, LogPosition, Metadata, NewEvent, RawValue, RecordedEvent, Repository,
+    Snapshot, SnapshotPolicy, SnapshotStore, StoredSnapshot, StreamId, StreamVersion,
 };
 use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,7 @@ macro_rules! conformance_tests {
             correlation_and_causation_reach_every_event,
             undecodable_event_fails_the_command_and_stores_nothing,
             repository_uses_and_validates_snapshots,
+            payload_reads_match_stream_reads,
         );
     };
 }
@@ -985,6 +986,7 @@ pub async fn undecodable_event_fails_the_command_and_stores_nothing<S: Backend>(
         ],
     )
     .await;
+    let stored = read(&store, &id, 0).await;
     let err = counters
         .execute(Increment {
             id: "bad".into(),
@@ -998,12 +1000,17 @@ pub async fn undecodable_event_fails_the_command_and_stores_nothing<S: Backend>(
             version,
             event_type,
             schema_version,
+            position,
             ..
         }) => {
             assert_eq!(stream, &id);
             assert_eq!(*version, StreamVersion::new(2));
             assert_eq!(event_type, INCREMENTED);
             assert_eq!(*schema_version, 1);
+            assert_eq!(
+                *position, stored[1].position,
+                "the error names the position"
+            );
         }
         other => panic!("expected a decode error, got {other:?}"),
     }
@@ -1098,4 +1105,46 @@ pub async fn repository_uses_and_validates_snapshots<S: Backend>(store: S) {
     let loaded = counters.load("c1").await.expect("load");
     assert_eq!(loaded.state.value, 5000, "the snapshot was not used");
     assert_eq!(loaded.version, StreamVersion::new(7));
+}
+
+/// [`EventStore::read_stream_payloads`] returns the same events as `read_stream`, from the same
+/// version, with the same type, schema version, payload and recording time.
+pub async fn payload_reads_match_stream_reads<S: Backend>(store: S) {
+    let id = stream("order-1");
+    append(
+        &store,
+        &id,
+        ExpectedVersion::NoStream,
+        (1..=5).map(event).collect(),
+    )
+    .await;
+    append(
+        &store,
+        &stream("order-2"),
+        ExpectedVersion::NoStream,
+        vec![event(9)],
+    )
+    .await;
+    for after in [0, 2, 5] {
+        let full = read(&store, &id, after).await;
+        let payloads: Vec<EventPayload> = store
+            .read_stream_payloads(&id, StreamVersion::new(after))
+            .try_collect()
+            .await
+            .expect("read payloads");
+        assert_eq!(payloads.len(), full.len(), "after version {after}");
+        for (payload, recorded) in payloads.iter().zip(&full) {
+            assert_eq!(payload.stream_version, recorded.stream_version);
+            assert_eq!(payload.event_type, recorded.event_type);
+            assert_eq!(payload.schema_version, recorded.schema_version);
+            assert_eq!(payload.payload.get(), recorded.payload.get());
+            assert_eq!(payload.recorded_at, recorded.recorded_at);
+        }
+    }
+    let missing: Vec<EventPayload> = store
+        .read_stream_payloads(&stream("order-404"), StreamVersion::INITIAL)
+        .try_collect()
+        .await
+        .expect("read payloads");
+    assert!(missing.is_empty());
 }

@@ -472,6 +472,20 @@ impl factum::EventStore for TestStore {
         self.store.read_stream(stream, after)
     }
 
+    fn read_stream_payloads<'a>(
+        &'a self,
+        stream: &'a factum::StreamId,
+        after: factum::StreamVersion,
+    ) -> factum::PayloadStream<'a> {
+        self.store.read_stream_payloads(stream, after)
+    }
+
+    fn head(
+        &self,
+    ) -> impl std::future::Future<Output = Result<factum::LogPosition, factum::Error>> + Send {
+        self.store.head()
+    }
+
     fn read_all(
         &self,
         after: factum::LogPosition,

@@ -10,9 +10,13 @@ use tracing::Instrument;
 
 use crate::aggregate::{Aggregate, Command, Snapshot};
 use crate::error::{CommandError, Error};
-use crate::event::{EventMetadata, Metadata, NewEvent, RecordedEvent};
-use crate::ids::{CausationId, CommandId, CorrelationId, GlobalPosition, StreamId, StreamVersion};
-use crate::store::{DynSnapshotStore, EventStore, ExpectedVersion, SnapshotStore, StoredSnapshot};
+use crate::event::{Event, EventMetadata, Metadata, NewEvent};
+use crate::ids::{
+    CausationId, CommandId, CorrelationId, GlobalPosition, LogPosition, StreamId, StreamVersion,
+};
+use crate::store::{
+    DynSnapshotStore, EventPayload, EventStore, ExpectedVersion, SnapshotStore, StoredSnapshot,
+};
 
 mod cache;
 
@@ -547,18 +551,55 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
     async fn catch_up_while(
         &self,
         loaded: &mut Loaded<A>,
-        keep: impl Fn(&RecordedEvent) -> bool,
+        keep: impl Fn(&EventPayload) -> bool,
     ) -> Result<(), Error> {
-        let mut events = self.store.read_stream(&loaded.stream_id, loaded.version);
-        while let Some(recorded) = events.try_next().await? {
-            if !keep(&recorded) {
+        let mut events = self
+            .store
+            .read_stream_payloads(&loaded.stream_id, loaded.version);
+        while let Some(stored) = events.try_next().await? {
+            if !keep(&stored) {
                 break;
             }
-            let envelope = recorded.decode::<A::Event>()?;
-            loaded.state.evolve(&envelope.event);
-            loaded.version = recorded.stream_version;
+            let event = match <A::Event as Event>::decode(
+                &stored.event_type,
+                stored.schema_version,
+                &stored.payload,
+            ) {
+                Ok(event) => event,
+                Err(source) => {
+                    drop(events);
+                    return Err(self.decode_error(&loaded.stream_id, stored, source).await);
+                }
+            };
+            loaded.state.evolve(&event);
+            loaded.version = stored.stream_version;
         }
         Ok(())
+    }
+
+    /// The error for an event that does not decode, with its global position (read again in
+    /// full: the payload read leaves positions out).
+    async fn decode_error(
+        &self,
+        stream: &StreamId,
+        stored: EventPayload,
+        source: crate::DecodeError,
+    ) -> Error {
+        let before = StreamVersion::new(stored.stream_version.get().saturating_sub(1));
+        let position = match self.store.read_stream(stream, before).try_next().await {
+            Ok(Some(recorded)) if recorded.stream_version == stored.stream_version => {
+                recorded.position
+            }
+            _ => LogPosition::START,
+        };
+        Error::Decode {
+            stream: stream.clone(),
+            version: stored.stream_version,
+            event_type: stored.event_type,
+            schema_version: stored.schema_version,
+            position,
+            source,
+        }
     }
 
     async fn maybe_snapshot(&self, before: StreamVersion, committed: &Committed<A>) {
