@@ -43,6 +43,12 @@ pub struct PoolConfig {
     pub idle_in_transaction_session_timeout: Option<Duration>,
     /// The `application_name` the server shows in `pg_stat_activity` (default `factum`).
     pub application_name: String,
+    /// Whether the pool pings a connection every time it hands one out (sqlx's
+    /// `test_before_acquire`; default `false`). The ping is a round trip before every statement,
+    /// which a command pays twice (load and append); the store does not need it, because a
+    /// connection that died while idle fails its statement like any lost connection: a read is
+    /// retried, and an append is settled by looking its event ids up before it is retried.
+    pub test_before_acquire: bool,
 }
 
 impl Default for PoolConfig {
@@ -54,6 +60,7 @@ impl Default for PoolConfig {
             statement_timeout: None,
             idle_in_transaction_session_timeout: Some(Duration::from_secs(60)),
             application_name: "factum".to_owned(),
+            test_before_acquire: false,
         }
     }
 }
@@ -86,6 +93,7 @@ impl PoolConfig {
             .max_connections(self.max_connections)
             .min_connections(self.min_connections)
             .acquire_timeout(self.acquire_timeout)
+            .test_before_acquire(self.test_before_acquire)
             .connect_with(options)
             .await
             .map_err(|e| to_error(e, "connect"))

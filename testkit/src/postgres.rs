@@ -98,9 +98,11 @@ impl TestDatabase {
         let _ = conn.close().await;
         let options = admin.database(&name);
         let url = options.to_url_lossy().to_string();
+        // No ping before each statement, as `factum_postgres::PoolConfig` builds pools.
         let pool = PgPoolOptions::new()
             .max_connections(24)
             .acquire_timeout(Duration::from_secs(30))
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|e| format!("cannot connect to test database {name}: {e}"))?;

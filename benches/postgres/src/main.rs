@@ -106,12 +106,12 @@ async fn factum_appends(
 
 /// The bank workload: each client opens its accounts and deposits into each
 /// [`DEPOSITS_PER_ACCOUNT`] times; every command loads, decides and appends.
-fn bank_workload(per_client: usize) -> Vec<(usize, u64)> {
+fn bank_workload(per_client: usize, deposits: usize) -> Vec<(usize, u64)> {
     // (account index, amount): amount 0 stands for Open.
     (0..per_client)
         .map(|i| {
-            let k = i / (DEPOSITS_PER_ACCOUNT + 1);
-            let step = i % (DEPOSITS_PER_ACCOUNT + 1);
+            let k = i / (deposits + 1);
+            let step = i % (deposits + 1);
             (k, step as u64)
         })
         .collect()
@@ -123,13 +123,23 @@ async fn factum_commands(
     per_client: usize,
     tag: &str,
 ) -> f64 {
+    factum_commands_on(repo, clients, per_client, DEPOSITS_PER_ACCOUNT, tag).await
+}
+
+async fn factum_commands_on(
+    repo: &Arc<Repository<Account, PostgresStore>>,
+    clients: usize,
+    per_client: usize,
+    deposits: usize,
+    tag: &str,
+) -> f64 {
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
             let repo = Arc::clone(repo);
             let tag = tag.to_owned();
             tokio::spawn(async move {
-                for (k, amount) in bank_workload(per_client) {
+                for (k, amount) in bank_workload(per_client, deposits) {
                     let account = format!("{tag}{c}x{k}");
                     let command = if amount == 0 {
                         AccountCommand::Open {
@@ -156,13 +166,23 @@ async fn peer_commands(
     per_client: usize,
     tag: &str,
 ) -> f64 {
+    peer_commands_on(cqrs, clients, per_client, DEPOSITS_PER_ACCOUNT, tag).await
+}
+
+async fn peer_commands_on(
+    cqrs: &Arc<PostgresCqrs<PeerAccount>>,
+    clients: usize,
+    per_client: usize,
+    deposits: usize,
+    tag: &str,
+) -> f64 {
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
             let cqrs = Arc::clone(cqrs);
             let tag = tag.to_owned();
             tokio::spawn(async move {
-                for (k, amount) in bank_workload(per_client) {
+                for (k, amount) in bank_workload(per_client, deposits) {
                     let command = if amount == 0 {
                         PeerCommand::Open {
                             owner: "Ada".into(),
@@ -478,6 +498,30 @@ async fn main() {
         cached16,
         "cqrs-es",
         peer,
+        "cmd/s",
+        5.0,
+    );
+
+    // (b') the same 16 clients on long-lived accounts: each client runs all its commands on one
+    // account, whose stream grows to `per` events. Not the target's workload (that is (b)): it
+    // shows what loading a whole stream per command costs as streams grow.
+    let long_per = (n(400.0) / 10).max(1) * 10;
+    let long_ours = factum_commands_on(&cached, 16, long_per, long_per, "lcch16").await;
+    let long_uncached = factum_commands_on(&repo, 16, long_per, long_per, "lcmd16").await;
+    let long_peer = peer_commands_on(&cqrs, 16, long_per, long_per, "lpeer16").await;
+    row(
+        &format!("(b') 16 clients, one {long_per}-event account each, commands"),
+        long_uncached,
+        "cqrs-es",
+        long_peer,
+        "cmd/s",
+        5.0,
+    );
+    row(
+        &format!("(b') 16 clients, one {long_per}-event account each, commands, cached states"),
+        long_ours,
+        "cqrs-es",
+        long_peer,
         "cmd/s",
         5.0,
     );
