@@ -79,6 +79,7 @@ pub mod projection;
 mod schema;
 mod store;
 mod subscription;
+mod tx;
 
 pub use config::{PoolConfig, StoreOptions};
 pub use maintenance::Partition;

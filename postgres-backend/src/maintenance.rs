@@ -118,7 +118,7 @@ impl PostgresStore {
         }
         let fail = |e| to_error(e, "ensure partitions");
         let s = self.schema().quoted();
-        let mut tx = self.pool().begin().await.map_err(fail)?;
+        let mut tx = crate::tx::begin(self.pool()).await.map_err(fail)?;
         // Waiting for a lock behind a long transaction would block appends queued behind us.
         sqlx::query("SET LOCAL lock_timeout = '5s'")
             .execute(&mut *tx)
@@ -254,7 +254,7 @@ impl PostgresStore {
                 "`{name}` holds events of stream `{stream}`, which is not archived: archive its streams first (PostgresStore::archive_stream)"
             )));
         }
-        let mut tx = self.pool().begin().await.map_err(fail)?;
+        let mut tx = crate::tx::begin(self.pool()).await.map_err(fail)?;
         sqlx::query("SET LOCAL lock_timeout = '5s'")
             .execute(&mut *tx)
             .await

@@ -112,9 +112,7 @@ impl DeadLetterStore for PostgresStore {
             self.schema().quoted()
         );
         async move {
-            let mut tx = self
-                .pool()
-                .begin()
+            let mut tx = crate::tx::begin(self.pool())
                 .await
                 .map_err(|e| to_error(e, "unpark event"))?;
             let row = sqlx::query(&select)

@@ -183,10 +183,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         name: &str,
         position: LogPosition,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, Error> {
-        let mut tx = self
-            .store
-            .pool()
-            .begin()
+        let mut tx = crate::tx::begin(self.store.pool())
             .await
             .map_err(|e| to_error(e, "begin rebuild transaction"))?;
         if let Some(stored) = self.lock_checkpoint(&mut tx, name, position).await? {
@@ -223,8 +220,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 return Ok(stored);
             }
         }
-        let mut tx = pool
-            .begin()
+        let mut tx = crate::tx::begin(pool)
             .await
             .map_err(|e| to_error(e, "prepare rebuild"))?;
         for table in tables {
@@ -250,10 +246,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         tables: &[TableName],
         position: LogPosition,
     ) -> Result<(), Error> {
-        let mut tx = self
-            .store
-            .pool()
-            .begin()
+        let mut tx = crate::tx::begin(self.store.pool())
             .await
             .map_err(|e| to_error(e, "swap rebuilt tables"))?;
         // Taken first, like every batch of a live runner does: no deadlock with one, and its

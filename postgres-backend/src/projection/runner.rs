@@ -365,9 +365,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, Error> {
-        self.store
-            .pool()
-            .begin()
+        crate::tx::begin(self.store.pool())
             .await
             .map_err(|e| to_error(e, "begin projection transaction"))
     }
