@@ -258,6 +258,36 @@ pub trait EventStore: Send + Sync {
             }
         }
     }
+
+    /// Where a replay from `time` starts: the position of the last event before the first
+    /// event, in log order, recorded at or after `time` ([`LogPosition::START`] when that is the
+    /// first event; the [`head`](Self::head) when no event was recorded since `time`). Reading
+    /// the log after it returns every event recorded since `time`, and any event recorded
+    /// earlier that sorts after the first of them.
+    ///
+    /// The provided implementation pages through the log from its start; backends override it
+    /// with a query.
+    #[allow(clippy::manual_async_fn)]
+    fn position_at(
+        &self,
+        time: DateTime<Utc>,
+    ) -> impl Future<Output = Result<LogPosition, Error>> + Send {
+        async move {
+            let mut before = LogPosition::START;
+            loop {
+                let page = self.read_all(before, 1000, &EventFilter::all()).await?;
+                if page.is_empty() {
+                    return Ok(before);
+                }
+                for event in page {
+                    if event.recorded_at >= time {
+                        return Ok(before);
+                    }
+                    before = event.position;
+                }
+            }
+        }
+    }
 }
 
 /// A stored snapshot of an aggregate's state.
@@ -322,6 +352,9 @@ pub trait DynEventStore: Send + Sync {
 
     /// See [`EventStore::head`].
     fn head_dyn(&self) -> BoxFuture<'_, Result<LogPosition, Error>>;
+
+    /// See [`EventStore::position_at`].
+    fn position_at_dyn(&self, time: DateTime<Utc>) -> BoxFuture<'_, Result<LogPosition, Error>>;
 }
 
 impl<T: EventStore> DynEventStore for T {
@@ -362,6 +395,10 @@ impl<T: EventStore> DynEventStore for T {
     fn head_dyn(&self) -> BoxFuture<'_, Result<LogPosition, Error>> {
         Box::pin(self.head())
     }
+
+    fn position_at_dyn(&self, time: DateTime<Utc>) -> BoxFuture<'_, Result<LogPosition, Error>> {
+        Box::pin(self.position_at(time))
+    }
 }
 
 impl EventStore for dyn DynEventStore {
@@ -399,6 +436,13 @@ impl EventStore for dyn DynEventStore {
     fn head(&self) -> impl Future<Output = Result<LogPosition, Error>> + Send {
         self.head_dyn()
     }
+
+    fn position_at(
+        &self,
+        time: DateTime<Utc>,
+    ) -> impl Future<Output = Result<LogPosition, Error>> + Send {
+        self.position_at_dyn(time)
+    }
 }
 
 impl<T: EventStore + ?Sized> EventStore for Arc<T> {
@@ -434,6 +478,13 @@ impl<T: EventStore + ?Sized> EventStore for Arc<T> {
 
     fn head(&self) -> impl Future<Output = Result<LogPosition, Error>> + Send {
         (**self).head()
+    }
+
+    fn position_at(
+        &self,
+        time: DateTime<Utc>,
+    ) -> impl Future<Output = Result<LogPosition, Error>> + Send {
+        (**self).position_at(time)
     }
 }
 

@@ -483,11 +483,38 @@ impl Existing {
     }
 }
 
+/// A `xid8` value read in binary (eight big-endian bytes): the server sends the column as it is
+/// stored instead of converting it to text and then to `bigint` for every row.
+pub(crate) struct Xid8(pub(crate) u64);
+
+impl sqlx::Type<sqlx::Postgres> for Xid8 {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        sqlx::postgres::PgTypeInfo::with_name("xid8")
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        use sqlx::TypeInfo;
+        ty.name() == "xid8"
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for Xid8 {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        match value.format() {
+            sqlx::postgres::PgValueFormat::Binary => {
+                let bytes: [u8; 8] = value.as_bytes()?.try_into()?;
+                Ok(Xid8(u64::from_be_bytes(bytes)))
+            }
+            sqlx::postgres::PgValueFormat::Text => Ok(Xid8(value.as_str()?.parse()?)),
+        }
+    }
+}
+
 /// An `events` row as the read queries select it.
 #[derive(sqlx::FromRow)]
 pub(crate) struct EventRow {
     global_position: i64,
-    commit_id: i64,
+    commit_id: Xid8,
     stream_id: String,
     stream_version: i64,
     event_id: Uuid,
@@ -505,7 +532,7 @@ impl EventRow {
         let stream_id = StreamId::new(self.stream_id).map_err(|e| Error::permanent("read", e))?;
         let stream_version = StreamVersion::new(to_u64(self.stream_version));
         let position = LogPosition::new(
-            to_u64(self.commit_id),
+            self.commit_id.0,
             GlobalPosition::new(to_u64(self.global_position)),
         );
         let schema_version = u32::try_from(self.schema_version).unwrap_or(0);
@@ -598,6 +625,7 @@ struct Sql {
     load_snapshot: String,
     applied_version: String,
     head: String,
+    position_at: String,
 }
 
 /// The append statement for each kind of expected version.
@@ -636,12 +664,12 @@ impl AppendSql {
     }
 }
 
-pub(crate) const EVENT_COLUMNS_E: &str = "e.global_position, e.transaction_id::text::bigint AS commit_id, \
+pub(crate) const EVENT_COLUMNS_E: &str = "e.global_position, e.transaction_id AS commit_id, \
     e.stream_id, e.stream_version, e.event_id, e.event_type, e.schema_version, \
     e.payload::text AS payload, e.metadata::text AS metadata, e.correlation_id, e.causation_id, \
     e.recorded_at";
 
-const EVENT_COLUMNS: &str = "global_position, transaction_id::text::bigint AS commit_id, \
+const EVENT_COLUMNS: &str = "global_position, transaction_id AS commit_id, \
     stream_id, stream_version, event_id, event_type, schema_version, payload::text AS payload, \
     metadata::text AS metadata, correlation_id, causation_id, recorded_at";
 
@@ -749,6 +777,20 @@ impl Sql {
                  WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
                  ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1"
             ),
+            // The first settled event recorded at or after $1, in log order (an index scan of the
+            // log from its start up to it), and the event before it.
+            position_at: format!(
+                "SELECT p.transaction_id, p.global_position FROM ( \
+                     SELECT e.transaction_id, e.global_position FROM {s}.events e \
+                     WHERE e.recorded_at >= $1 \
+                       AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                     ORDER BY e.transaction_id, e.global_position LIMIT 1 \
+                 ) f LEFT JOIN LATERAL ( \
+                     SELECT e.transaction_id, e.global_position FROM {s}.events e \
+                     WHERE (e.transaction_id, e.global_position) < (f.transaction_id, f.global_position) \
+                     ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1 \
+                 ) p ON true"
+            ),
             applied_version: format!("SELECT max(version) FROM {s}._sqlx_migrations WHERE success"),
         }
     }
@@ -798,6 +840,24 @@ impl EventStore for PostgresStore {
         Ok(row.map_or(LogPosition::START, |(commit, global)| {
             LogPosition::new(to_u64(commit), GlobalPosition::new(to_u64(global)))
         }))
+    }
+
+    async fn position_at(&self, time: DateTime<Utc>) -> Result<LogPosition, Error> {
+        let row: Option<(Option<Xid8>, Option<i64>)> = sqlx::query_as(&self.inner.sql.position_at)
+            .bind(time)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| to_error(e, "find a position by time"))?;
+        match row {
+            // Nothing recorded since `time`: start at the head.
+            None => self.head().await,
+            Some((Some(commit), Some(global))) => Ok(LogPosition::new(
+                commit.0,
+                GlobalPosition::new(to_u64(global)),
+            )),
+            // The first event of the log is the first one since `time`.
+            Some(_) => Ok(LogPosition::START),
+        }
     }
 
     fn read_all(

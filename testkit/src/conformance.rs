@@ -65,6 +65,7 @@ macro_rules! conformance_tests {
             undecodable_event_fails_the_command_and_stores_nothing,
             repository_uses_and_validates_snapshots,
             payload_reads_match_stream_reads,
+            position_at_finds_where_a_replay_from_a_time_starts,
         );
     };
 }
@@ -1147,4 +1148,53 @@ pub async fn payload_reads_match_stream_reads<S: Backend>(store: S) {
         .await
         .expect("read payloads");
     assert!(missing.is_empty());
+}
+
+/// [`EventStore::position_at`] finds where a replay from a time starts: before the first event
+/// recorded at or after it, the start when that is the first event, the head when there is none.
+pub async fn position_at_finds_where_a_replay_from_a_time_starts<S: Backend>(store: S) {
+    let before_any = chrono::Utc::now() - chrono::Duration::seconds(1);
+    assert_eq!(
+        store.position_at(before_any).await.expect("position"),
+        LogPosition::START,
+        "an empty log"
+    );
+    for n in 1..=3 {
+        append(
+            &store,
+            &stream(&format!("order-{n}")),
+            ExpectedVersion::NoStream,
+            vec![event(n)],
+        )
+        .await;
+    }
+    let events = read_all(&store, &EventFilter::all()).await;
+    assert_eq!(events.len(), 3);
+    let (first, second, third) = (&events[0], &events[1], &events[2]);
+    assert!(
+        first.recorded_at < second.recorded_at && second.recorded_at < third.recorded_at,
+        "separate appends are recorded at increasing times"
+    );
+    let between =
+        |a: &RecordedEvent, b: &RecordedEvent| a.recorded_at + (b.recorded_at - a.recorded_at) / 2;
+    let at = |time| {
+        let store = store.clone();
+        async move { store.position_at(time).await.expect("position") }
+    };
+    assert_eq!(at(before_any).await, LogPosition::START);
+    assert_eq!(at(first.recorded_at).await, LogPosition::START);
+    assert_eq!(at(between(first, second)).await, first.position);
+    assert_eq!(at(second.recorded_at).await, first.position);
+    assert_eq!(at(between(second, third)).await, second.position);
+    assert_eq!(
+        at(third.recorded_at + chrono::Duration::seconds(1)).await,
+        third.position,
+        "nothing since: the head"
+    );
+    let replayed = store
+        .read_all(at(between(first, second)).await, 10, &EventFilter::all())
+        .await
+        .expect("read");
+    assert_eq!(replayed.len(), 2);
+    assert_eq!(replayed[0].event_id, second.event_id);
 }

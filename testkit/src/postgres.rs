@@ -488,6 +488,13 @@ impl factum::EventStore for TestStore {
         self.store.head()
     }
 
+    fn position_at(
+        &self,
+        time: chrono::DateTime<chrono::Utc>,
+    ) -> impl std::future::Future<Output = Result<factum::LogPosition, factum::Error>> + Send {
+        self.store.position_at(time)
+    }
+
     fn read_all(
         &self,
         after: factum::LogPosition,

@@ -133,6 +133,12 @@ impl<S: EventStore> EventStore for Resilient<S> {
             .run(Operation::Read, || self.inner.head())
             .await
     }
+
+    async fn position_at(&self, time: chrono::DateTime<chrono::Utc>) -> Result<LogPosition, Error> {
+        self.resilience
+            .run(Operation::Read, || self.inner.position_at(time))
+            .await
+    }
 }
 
 impl<S: SnapshotStore> SnapshotStore for Resilient<S> {

@@ -136,6 +136,9 @@ pub enum StartFrom {
     Now,
     /// After a given position, ignoring any checkpoint.
     After(LogPosition),
+    /// From the first event recorded at or after a time, ignoring any checkpoint (a replay from
+    /// a point in time; see [`EventStore::position_at`](crate::EventStore::position_at)).
+    Time(DateTime<Utc>),
 }
 
 /// What a subscription is doing.
@@ -411,6 +414,7 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
         let position = match (self.start, checkpoint) {
             (StartFrom::Beginning, _) => LogPosition::START,
             (StartFrom::After(position), _) => position,
+            (StartFrom::Time(time), _) => self.store.position_at(time).await?,
             (StartFrom::Checkpoint | StartFrom::Now, Some(checkpoint)) => checkpoint,
             (StartFrom::Checkpoint, None) => LogPosition::START,
             (StartFrom::Now, None) => self.store.head().await?,

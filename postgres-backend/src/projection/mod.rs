@@ -240,16 +240,51 @@ impl Tables {
 }
 
 /// Checks a projection's declaration once, so errors come at construction, not mid-run.
-pub(crate) fn validate<P: PgProjection>() -> Result<(), Error> {
-    if P::NAME.is_empty() {
-        return Err(Error::InvalidArgument(
-            "a projection needs a non-empty NAME".to_owned(),
-        ));
+/// Whether a projection's declaration is valid: a non-empty `NAME`, and `TABLES` of `name` or
+/// `schema.name` with 1 to 50 lowercase ASCII letters, digits or `_` each, not starting with a
+/// digit (the rule of [`TableName::parse`], in a form the compiler can evaluate).
+pub(crate) const fn declaration_is_valid(name: &str, tables: &[&str]) -> bool {
+    const fn part_is_valid(bytes: &[u8], start: usize, end: usize) -> bool {
+        if end <= start || end - start > 50 || bytes[start].is_ascii_digit() {
+            return false;
+        }
+        let mut i = start;
+        while i < end {
+            let b = bytes[i];
+            if !(b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+                return false;
+            }
+            i += 1;
+        }
+        true
     }
-    for table in P::TABLES {
-        TableName::parse(table)?;
+    if name.is_empty() {
+        return false;
     }
-    Ok(())
+    let mut t = 0;
+    while t < tables.len() {
+        let bytes = tables[t].as_bytes();
+        let mut dot = None;
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'.' {
+                if dot.is_some() {
+                    return false;
+                }
+                dot = Some(i);
+            }
+            i += 1;
+        }
+        let valid = match dot {
+            Some(d) => part_is_valid(bytes, 0, d) && part_is_valid(bytes, d + 1, bytes.len()),
+            None => part_is_valid(bytes, 0, bytes.len()),
+        };
+        if !valid {
+            return false;
+        }
+        t += 1;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -267,5 +302,32 @@ mod tests {
         let tables = Tables::new(&["balances"], "_rebuild").unwrap();
         assert_eq!(tables.get("balances"), Some("\"balances_rebuild\""));
         assert_eq!(tables.get("other"), None);
+    }
+
+    #[test]
+    fn the_compile_time_rule_is_the_parse_rule() {
+        for table in [
+            "balances",
+            "read.balances",
+            "_x1",
+            "Balances",
+            "x; drop table y",
+            "a.b.c",
+            "1abc",
+            "a.",
+            ".a",
+            "",
+            "read.Balances",
+            &"a".repeat(50),
+            &"a".repeat(51),
+        ] {
+            assert_eq!(
+                declaration_is_valid("p", &[table]),
+                TableName::parse(table).is_ok(),
+                "{table:?}"
+            );
+        }
+        assert!(!declaration_is_valid("", &[]));
+        assert!(declaration_is_valid("p", &[]));
     }
 }

@@ -117,12 +117,39 @@ impl<P: PgProjection> PgProjectionRunner<P> {
     /// from its checkpoint, batches of 500, idle polling from 10 ms backing off to 1 s, a standby
     /// instance trying the lease every second, 3 handler attempts 100 ms apart, stop on failure.
     ///
-    /// # Panics
-    /// When the projection's declaration is invalid (an empty name, a table name that is not a
-    /// lowercase identifier): a programming error, caught by the first test that builds it.
+    /// An invalid declaration (an empty `NAME`, a table in `TABLES` that is not `name` or
+    /// `schema.name` of lowercase ASCII letters, digits and `_`) does not build:
+    ///
+    /// ```compile_fail
+    /// # use factum::{BoxError, Envelope};
+    /// # use factum_postgres::projection::{PgProjection, PgProjectionRunner, ProjectionTx};
+    /// # #[derive(Debug)] struct Ping;
+    /// # impl factum::Event for Ping {
+    /// #     fn event_type(&self) -> &'static str { "ping" }
+    /// #     fn schema_version(&self) -> u32 { 1 }
+    /// #     fn event_types() -> &'static [&'static str] { &["ping"] }
+    /// #     fn encode(&self) -> Result<Box<factum::RawValue>, factum::EncodeError> { factum::encode_json(&()) }
+    /// #     fn decode(_: &str, _: u32, _: &factum::RawValue) -> Result<Self, factum::DecodeError> { Ok(Ping) }
+    /// # }
+    /// struct Pings;
+    /// impl PgProjection for Pings {
+    ///     const NAME: &'static str = "pings";
+    ///     const TABLES: &'static [&'static str] = &["Pings; DROP TABLE users"];
+    ///     type Event = Ping;
+    ///     async fn apply(&mut self, _: &mut ProjectionTx<'_>, _: &Envelope<Ping>) -> Result<(), BoxError> {
+    ///         Ok(())
+    ///     }
+    /// }
+    /// // error: invalid PgProjection declaration (reported by `cargo build`, not `cargo check`)
+    /// let new = PgProjectionRunner::<Pings>::new;
+    /// # let _ = new as fn(_, _) -> _;
+    /// ```
     pub fn new(store: PostgresStore, projection: P) -> Self {
-        if let Err(e) = super::validate::<P>() {
-            panic!("{e}");
+        const {
+            assert!(
+                super::declaration_is_valid(P::NAME, P::TABLES),
+                "invalid PgProjection declaration: NAME must not be empty, and each of TABLES must be `name` or `schema.name` of 1 to 50 lowercase ASCII letters, digits or `_`, not starting with a digit"
+            );
         }
         let tables = Tables::new(P::TABLES, "").unwrap_or_default();
         let (status, _) = watch::channel(SubscriptionStatus::starting(LogPosition::START));
@@ -330,6 +357,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         let position = match (self.start, stored) {
             (StartFrom::Beginning, _) => Some(LogPosition::START),
             (StartFrom::After(position), _) => Some(position),
+            (StartFrom::Time(time), _) => Some(self.store.position_at(time).await?),
             (StartFrom::Checkpoint | StartFrom::Now, Some(_)) => None,
             (StartFrom::Checkpoint, None) => Some(LogPosition::START),
             (StartFrom::Now, None) => Some(self.head().await?),
