@@ -25,6 +25,8 @@ use factum_testkit::postgres::TestDatabase;
 use sqlx::PgPool;
 
 const BATCH: usize = 1000;
+/// The larger batch size the catch-up is also measured with.
+const BIG_BATCH: usize = 5000;
 
 #[derive(Debug)]
 struct Deposited {
@@ -152,7 +154,7 @@ impl PgProjection for BalancesPerEvent {
 async fn reset_balances(pool: &PgPool) {
     sqlx::raw_sql(
         "DROP TABLE IF EXISTS balances; \
-         CREATE TABLE balances (account text PRIMARY KEY, balance bigint NOT NULL, events bigint NOT NULL);",
+         CREATE TABLE balances (account text PRIMARY KEY, balance bigint NOT NULL, events bigint NOT NULL) WITH (fillfactor = 50);",
     )
     .execute(pool)
     .await
@@ -186,7 +188,7 @@ async fn load(pool: &PgPool, n: i64) {
 
 /// The baseline: the same rows, same columns, same page size, keyset-paged with plain sqlx (on the
 /// same `(transaction_id, global_position)` index, without the gap-safety horizon).
-async fn raw_read(pool: &PgPool) -> (u64, Duration) {
+async fn raw_read(pool: &PgPool, page_size: usize) -> (u64, Duration) {
     let started = Instant::now();
     let (mut commit, mut global, mut rows) = (0_i64, 0_i64, 0_u64);
     loop {
@@ -212,7 +214,7 @@ async fn raw_read(pool: &PgPool) -> (u64, Duration) {
         )
         .bind(commit)
         .bind(global)
-        .bind(i64::try_from(BATCH).expect("batch"))
+        .bind(i64::try_from(page_size).expect("batch"))
         .bind(vec!["account.deposited".to_owned()])
         .fetch_all(pool)
         .await
@@ -225,13 +227,13 @@ async fn raw_read(pool: &PgPool) -> (u64, Duration) {
 }
 
 /// factum's gap-safe `read_all`, without a projection.
-async fn factum_read(store: &PostgresStore) -> (u64, Duration) {
+async fn factum_read(store: &PostgresStore, page_size: usize) -> (u64, Duration) {
     let started = Instant::now();
     let filter = EventFilter::for_event::<Deposited>();
     let (mut position, mut rows) = (LogPosition::START, 0_u64);
     loop {
         let page = store
-            .read_all(position, BATCH, &filter)
+            .read_all(position, page_size, &filter)
             .await
             .expect("read all");
         let Some(last) = page.last() else { break };
@@ -268,25 +270,48 @@ async fn main() {
     load(&pool, n).await;
     let events = u64::try_from(n).expect("n");
 
-    // Warm the cache once, then measure the baselines.
-    raw_read(&pool).await;
-    let (raw_rows, raw_time) = raw_read(&pool).await;
-    assert_eq!(raw_rows, events);
-    let (read_rows, read_time) = factum_read(&store).await;
-    assert_eq!(read_rows, events);
-
-    // Catch-up of the set-based projection over the whole log.
-    reset_balances(&pool).await;
-    let mut runner =
-        PgProjectionRunner::new(store.clone(), Balances { applied: None }).batch_size(BATCH);
-    let started = Instant::now();
-    runner.catch_up().await.expect("catch up");
-    let catch_up_time = started.elapsed();
-    let applied: i64 = sqlx::query_scalar("SELECT sum(events)::bigint FROM balances")
-        .fetch_one(&pool)
-        .await
-        .expect("sum");
-    assert_eq!(applied, n, "every event applied once");
+    // Warm the cache once, then measure the baselines and the catch-up, at each batch size.
+    raw_read(&pool, BATCH).await;
+    let mut rows = Vec::new();
+    for size in [BATCH, BIG_BATCH] {
+        let (raw_rows, raw_time) = raw_read(&pool, size).await;
+        assert_eq!(raw_rows, events);
+        let (read_rows, read_time) = factum_read(&store, size).await;
+        assert_eq!(read_rows, events);
+        reset_balances(&pool).await;
+        let mut runner = PgProjectionRunner::new(store.clone(), Balances { applied: None })
+            .start_from(StartFrom::Beginning)
+            .batch_size(size);
+        let started = Instant::now();
+        runner.catch_up().await.expect("catch up");
+        let catch_up_time = started.elapsed();
+        let applied: i64 = sqlx::query_scalar("SELECT sum(events)::bigint FROM balances")
+            .fetch_one(&pool)
+            .await
+            .expect("sum");
+        assert_eq!(applied, n, "every event applied once");
+        let raw_rate = rate(raw_rows, raw_time);
+        rows.push(format!(
+            "| raw sqlx keyset read (baseline, pages of {size}) | {raw_rows} | {:.2} s | {raw_rate:.0} | 1.00 |",
+            raw_time.as_secs_f64(),
+        ));
+        rows.push(format!(
+            "| factum `read_all` (gap-safe, pages of {size}) | {read_rows} | {:.2} s | {:.0} | {:.2} |",
+            read_time.as_secs_f64(),
+            rate(read_rows, read_time),
+            rate(read_rows, read_time) / raw_rate
+        ));
+        rows.push(format!(
+            "| transactional projection catch-up, set-based `apply_batch` (batches of {size}) | {events} | {:.2} s | {:.0} | {:.2} |",
+            catch_up_time.as_secs_f64(),
+            rate(events, catch_up_time),
+            rate(events, catch_up_time) / raw_rate
+        ));
+    }
+    let raw_rate = {
+        let (raw_rows, raw_time) = raw_read(&pool, BATCH).await;
+        rate(raw_rows, raw_time)
+    };
 
     // The same projection applying event by event, over the first 100k events.
     let per_event_n = events.min(100_000);
@@ -391,24 +416,9 @@ async fn main() {
     println!();
     println!("| measurement | events | time | events/s | ratio |");
     println!("|---|---:|---:|---:|---:|");
-    let raw_rate = rate(raw_rows, raw_time);
-    println!(
-        "| raw sqlx keyset read (baseline, pages of {BATCH}) | {raw_rows} | {:.2} s | {:.0} | 1.00 |",
-        raw_time.as_secs_f64(),
-        raw_rate
-    );
-    println!(
-        "| factum `read_all` (gap-safe, pages of {BATCH}) | {read_rows} | {:.2} s | {:.0} | {:.2} |",
-        read_time.as_secs_f64(),
-        rate(read_rows, read_time),
-        rate(read_rows, read_time) / raw_rate
-    );
-    println!(
-        "| transactional projection catch-up, set-based `apply_batch` (batches of {BATCH}) | {events} | {:.2} s | {:.0} | {:.2} |",
-        catch_up_time.as_secs_f64(),
-        rate(events, catch_up_time),
-        rate(events, catch_up_time) / raw_rate
-    );
+    for row in &rows {
+        println!("{row}");
+    }
     println!(
         "| transactional projection catch-up, one statement per event | {per_event_n} | {:.2} s | {:.0} | {:.2} |",
         per_event_time.as_secs_f64(),
