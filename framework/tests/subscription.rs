@@ -334,6 +334,113 @@ async fn run_stops_on_shutdown_and_reports_stopped() {
     );
 }
 
+/// Fails the first `failures` global-log reads with `error`, then reads normally.
+#[derive(Clone)]
+struct Flaky {
+    inner: InMemoryStore,
+    failures: Arc<std::sync::atomic::AtomicUsize>,
+    permanent: bool,
+}
+
+impl EventStore for Flaky {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<factum::AppendResult, Error> {
+        self.inner.append(stream, expected, events).await
+    }
+
+    fn read_stream<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after: factum::StreamVersion,
+    ) -> factum::EventStream<'a> {
+        self.inner.read_stream(stream, after)
+    }
+
+    async fn read_all(
+        &self,
+        after: LogPosition,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<Vec<RecordedEvent>, Error> {
+        use std::sync::atomic::Ordering;
+        let failing = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        match (failing, self.permanent) {
+            (true, false) => Err(Error::transient("read all", "connection reset")),
+            (true, true) => Err(Error::permanent("read all", "permission denied")),
+            (false, _) => self.inner.read_all(after, limit, filter).await,
+        }
+    }
+}
+
+impl CheckpointStore for Flaky {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<LogPosition>, Error> {
+        self.inner.load_checkpoint(name).await
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: LogPosition) -> Result<(), Error> {
+        self.inner.save_checkpoint(name, position).await
+    }
+}
+
+#[tokio::test]
+async fn run_waits_out_transient_store_failures_and_stops_on_permanent_ones() {
+    let store = InMemoryStore::new();
+    let expected = append(&store, "a-1", vec![event("a.x"), event("a.y")]).await;
+    let flaky = Flaky {
+        inner: store.clone(),
+        failures: Arc::new(2.into()),
+        permanent: false,
+    };
+    let subscription = Arc::new(Subscription::new("flaky", flaky.clone()));
+    let mut status = subscription.status();
+    let (tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn({
+        let subscription = subscription.clone();
+        async move {
+            let mut recorder = Recorder {
+                done: Some((2, tx)),
+                ..Recorder::default()
+            };
+            let stop = async {
+                let _ = done.recv().await;
+            };
+            let reached = subscription.run(&mut recorder, stop).await;
+            (reached, recorder.seen)
+        }
+    });
+    status
+        .wait_for(|s| matches!(s.state, SubscriptionState::Retrying(_)))
+        .await
+        .expect("reports that it is retrying");
+    let (reached, seen) = task.await.expect("task");
+    assert_eq!(reached.expect("not failed"), store.head());
+    assert_eq!(ids(&seen), expected, "every event once, in order");
+
+    let broken = Flaky {
+        inner: store.clone(),
+        failures: Arc::new(1.into()),
+        permanent: true,
+    };
+    let subscription = Subscription::new("broken", broken);
+    let mut recorder = Recorder::default();
+    let error = subscription
+        .run(&mut recorder, std::future::pending::<()>())
+        .await
+        .expect_err("a permanent failure stops it");
+    assert!(!error.is_transient());
+    assert!(matches!(
+        subscription.status().borrow().state,
+        SubscriptionState::Failed(_)
+    ));
+}
+
 mod projections {
     use super::*;
     use factum::subscription::Projector;

@@ -434,3 +434,145 @@ async fn deadlocks(db: &TestDatabase) -> i64 {
         .await
         .expect("pg_stat_database")
 }
+
+/// An event the runner test projects: any `account.deposited` payload.
+#[derive(Debug)]
+struct Deposit;
+
+impl factum::Event for Deposit {
+    fn event_type(&self) -> &'static str {
+        "account.deposited"
+    }
+    fn schema_version(&self) -> u32 {
+        1
+    }
+    fn event_types() -> &'static [&'static str] {
+        &["account.deposited"]
+    }
+    fn encode(&self) -> Result<Box<factum::RawValue>, factum::EncodeError> {
+        factum::encode_json(&serde_json::json!({ "amount": 10 }))
+    }
+    fn decode(_: &str, _: u32, _: &factum::RawValue) -> Result<Self, factum::DecodeError> {
+        Ok(Deposit)
+    }
+}
+
+/// Counts how many times each event was applied.
+struct Applied;
+
+impl factum_postgres::projection::PgProjection for Applied {
+    const NAME: &'static str = "applied";
+    type Event = Deposit;
+
+    async fn apply(
+        &mut self,
+        tx: &mut factum_postgres::projection::ProjectionTx<'_>,
+        event: &factum::Envelope<Deposit>,
+    ) -> Result<(), factum::BoxError> {
+        sqlx::query(
+            "INSERT INTO applied (event_id, times) VALUES ($1, 1) \
+             ON CONFLICT (event_id) DO UPDATE SET times = applied.times + 1",
+        )
+        .bind(event.event_id.as_uuid())
+        .execute(tx.conn())
+        .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_runner_waits_out_a_database_outage_and_applies_every_event_once() {
+    use factum::subscription::SubscriptionState;
+    use factum_postgres::projection::PgProjectionRunner;
+
+    let db = TestDatabase::create().await;
+    sqlx::query("CREATE TABLE applied (event_id uuid PRIMARY KEY, times int NOT NULL)")
+        .execute(db.pool())
+        .await
+        .expect("table");
+    let (options, upstream) = upstream(&db);
+    let proxy = Proxy::start(upstream).await;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_millis(300))
+        .connect_with(options.host("127.0.0.1").port(proxy.addr.port()))
+        .await
+        .expect("connect through the proxy");
+    let through_proxy = PostgresStore::with_options(
+        pool,
+        StoreOptions::default().with_retry(RetryPolicy::no_retry()),
+    );
+    // Events are written straight to the database, never through the proxy.
+    let direct = db.patient_store();
+    let stream = StreamId::new("account-outage").expect("id");
+    let mut written = 0;
+    let mut write = |n: usize| {
+        let direct = direct.clone();
+        let stream = stream.clone();
+        let from = written;
+        written += n;
+        async move {
+            for _ in 0..n {
+                direct
+                    .append(&stream, ExpectedVersion::Any, vec![event()])
+                    .await
+                    .expect("append");
+            }
+            from + n
+        }
+    };
+
+    let mut runner = PgProjectionRunner::new(through_proxy, Applied)
+        .batch_size(10)
+        .idle_backoff(Duration::from_millis(5), Duration::from_millis(20));
+    let mut status = runner.status();
+    let task = tokio::spawn(async move { runner.run(std::future::pending::<()>()).await });
+
+    // The log's head can lag behind under other tests' open transactions (the horizon is
+    // cluster-wide), so progress is judged by the read model itself.
+    let applied = |n: usize| {
+        let pool = db.pool().clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let count: i64 = sqlx::query_scalar("SELECT count(*) FROM applied")
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count");
+                if count >= n as i64 {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{count} of {n} events applied after 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let total = write(40).await;
+    applied(total).await;
+
+    proxy.state.cut();
+    let total = total.max(write(40).await);
+    status
+        .wait_for(|s| matches!(s.state, SubscriptionState::Retrying(_)))
+        .await
+        .expect("the runner reports that it is retrying, not failed");
+    assert!(!task.is_finished(), "the runner must not stop on an outage");
+
+    proxy.restore();
+    applied(total).await;
+
+    let times: Vec<(Uuid, i32)> = sqlx::query_as("SELECT event_id, times FROM applied")
+        .fetch_all(db.pool())
+        .await
+        .expect("read model");
+    assert_eq!(times.len(), total, "every event applied");
+    assert!(
+        times.iter().all(|&(_, n)| n == 1),
+        "no event applied twice: {:?}",
+        times.iter().filter(|&&(_, n)| n != 1).collect::<Vec<_>>()
+    );
+    task.abort();
+}

@@ -158,6 +158,30 @@ pub enum SubscriptionState {
     Stopped,
     /// Stopped on an error (the message says which event and why).
     Failed(String),
+    /// Waiting to try again after the store failed in a way that may pass (a lost connection,
+    /// an unavailable database; the message says which). It resumes from the last position it
+    /// reached, with backoff from 100 ms doubling up to 10 s; see [`retries_after`].
+    Retrying(String),
+}
+
+/// The first wait before a subscription or projection runner tries its store again.
+pub const RETRY_MIN: Duration = Duration::from_millis(100);
+/// The longest wait between two tries.
+pub const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Whether a consumer of the log waits and tries again after `error` instead of stopping: the
+/// store's transient, unavailable and unknown-outcome failures (see [`ErrorKind`]). A handler's
+/// error, bad data or any other permanent failure stops it with
+/// [`SubscriptionState::Failed`].
+///
+/// [`ErrorKind`]: crate::ErrorKind
+pub fn retries_after(error: &Error) -> bool {
+    matches!(
+        error.kind(),
+        crate::ErrorKind::Transient
+            | crate::ErrorKind::Unavailable
+            | crate::ErrorKind::UnknownOutcome
+    )
 }
 
 /// A subscription's health, published as it runs ([`Subscription::status`]).
@@ -383,18 +407,40 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<LogPosition, Error> {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut position = self.initial_position().await?;
+        let mut delay = RETRY_MIN;
+        let mut position = loop {
+            let error = tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(self.stop()),
+                start = self.initial_position() => match start {
+                    Ok(position) => break position,
+                    Err(error) => error,
+                },
+            };
+            if !self.wait_to_retry(error, &mut delay, &mut shutdown).await? {
+                return Ok(self.stop());
+            }
+        };
         let mut idle = self.idle_min;
         loop {
             let work = tokio::select! {
                 biased;
                 () = &mut shutdown => None,
-                step = self.step(&mut handler, &mut position) => Some(step?),
+                step = self.step(&mut handler, &mut position) => Some(step),
             };
             match work {
                 None => break,
-                Some(true) => idle = self.idle_min,
-                Some(false) => {
+                Some(Err(error)) => {
+                    if !self.wait_to_retry(error, &mut delay, &mut shutdown).await? {
+                        break;
+                    }
+                }
+                Some(Ok(true)) => {
+                    idle = self.idle_min;
+                    delay = RETRY_MIN;
+                }
+                Some(Ok(false)) => {
+                    delay = RETRY_MIN;
                     tokio::select! {
                         biased;
                         () = &mut shutdown => break,
@@ -404,9 +450,40 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
                 }
             }
         }
+        self.stop();
+        Ok(position)
+    }
+
+    /// Marks the subscription stopped; the position it reached.
+    fn stop(&self) -> LogPosition {
         self.status
             .send_modify(|s| s.state = SubscriptionState::Stopped);
-        Ok(position)
+        self.status.borrow().position
+    }
+
+    /// After a failure: `Err` (and `Failed`) unless [`retries_after`] it; otherwise waits the
+    /// backoff (`Retrying`), doubling it, and says whether to go on (`false`: shut down).
+    async fn wait_to_retry(
+        &self,
+        error: Error,
+        delay: &mut Duration,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<bool, Error> {
+        if !retries_after(&error) {
+            self.status
+                .send_modify(|s| s.state = SubscriptionState::Failed(error.to_string()));
+            return Err(error);
+        }
+        tracing::warn!(subscription = %self.name, %error, retry_in = ?*delay, "the store failed; retrying");
+        self.status
+            .send_modify(|s| s.state = SubscriptionState::Retrying(error.to_string()));
+        let go_on = tokio::select! {
+            biased;
+            () = shutdown.as_mut() => false,
+            () = tokio::time::sleep(*delay) => true,
+        };
+        *delay = (*delay * 2).min(RETRY_MAX);
+        Ok(go_on)
     }
 
     async fn initial_position(&self) -> Result<LogPosition, Error> {

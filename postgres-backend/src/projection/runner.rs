@@ -3,7 +3,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use factum::subscription::{StartFrom, SubscriptionState, SubscriptionStatus};
+use factum::subscription::{
+    RETRY_MAX, RETRY_MIN, StartFrom, SubscriptionState, SubscriptionStatus, retries_after,
+};
 use factum::{
     BoxError, Error, EventFilter, EventId, EventStore, GlobalPosition, LogPosition, RecordedEvent,
 };
@@ -273,15 +275,24 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         let mut reached = self.status.borrow().position;
         let mut spare = None;
         let key = self.lease_key();
+        let mut delay = RETRY_MIN;
         'lease: loop {
             let mut lease = loop {
                 let taken = tokio::select! {
                     biased;
                     () = &mut shutdown => break 'lease,
-                    taken = lease::try_acquire(self.store.pool(), &key, &mut spare) => taken?,
+                    taken = lease::try_acquire(self.store.pool(), &key, &mut spare) => taken,
                 };
-                if let Some(lease) = taken {
-                    break lease;
+                match taken {
+                    Ok(Some(lease)) => break lease,
+                    Ok(None) => {}
+                    Err(error) => {
+                        spare = None;
+                        if self.wait_to_retry(error, &mut delay, &mut shutdown).await? {
+                            continue;
+                        }
+                        break 'lease;
+                    }
                 }
                 self.status.send_if_modified(|s| {
                     let changed = s.state != SubscriptionState::Standby;
@@ -294,12 +305,19 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                     () = tokio::time::sleep(self.standby_poll) => {}
                 }
             };
-            let mut position = match self.initial_position().await {
+            let start = tokio::select! {
+                biased;
+                () = &mut shutdown => break 'lease,
+                start = self.initial_position() => start,
+            };
+            let mut position = match start {
                 Ok(position) => position,
-                Err(e) => {
-                    self.status
-                        .send_modify(|s| s.state = SubscriptionState::Failed(e.to_string()));
-                    return Err(e);
+                Err(error) => {
+                    drop(lease);
+                    if self.wait_to_retry(error, &mut delay, &mut shutdown).await? {
+                        continue 'lease;
+                    }
+                    break 'lease;
                 }
             };
             let mut idle = self.idle_min;
@@ -312,17 +330,26 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 reached = position;
                 match work {
                     None => break 'lease,
-                    Some(Err(e)) => {
-                        self.status
-                            .send_modify(|s| s.state = SubscriptionState::Failed(e.to_string()));
-                        return Err(e);
+                    Some(Err(error)) => {
+                        // Start over from the stored checkpoint, taking the lease again (its
+                        // connection may be gone too; another instance may take over meanwhile).
+                        drop(lease);
+                        self.prefetched = None;
+                        if self.wait_to_retry(error, &mut delay, &mut shutdown).await? {
+                            continue 'lease;
+                        }
+                        break 'lease;
                     }
-                    Some(Ok(true)) => idle = self.idle_min,
+                    Some(Ok(true)) => {
+                        idle = self.idle_min;
+                        delay = RETRY_MIN;
+                    }
                     Some(Ok(false)) if stop_when_caught_up => {
                         drop(lease);
                         return Ok(position);
                     }
                     Some(Ok(false)) => {
+                        delay = RETRY_MIN;
                         tokio::select! {
                             biased;
                             () = &mut shutdown => break 'lease,
@@ -340,6 +367,32 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         self.status
             .send_modify(|s| s.state = SubscriptionState::Stopped);
         Ok(reached)
+    }
+
+    /// After a failure: `Err` (and `Failed`) unless it is one to retry
+    /// ([`retries_after`]); otherwise waits the backoff (`Retrying`), doubling it, and says
+    /// whether to go on (`false`: shut down).
+    async fn wait_to_retry(
+        &self,
+        error: Error,
+        delay: &mut Duration,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<bool, Error> {
+        if !retries_after(&error) {
+            self.status
+                .send_modify(|s| s.state = SubscriptionState::Failed(error.to_string()));
+            return Err(error);
+        }
+        tracing::warn!(projection = %self.name, %error, retry_in = ?*delay, "the database failed; retrying");
+        self.status
+            .send_modify(|s| s.state = SubscriptionState::Retrying(error.to_string()));
+        let go_on = tokio::select! {
+            biased;
+            () = shutdown.as_mut() => false,
+            () = tokio::time::sleep(*delay) => true,
+        };
+        *delay = (*delay * 2).min(RETRY_MAX);
+        Ok(go_on)
     }
 
     async fn still_held(lease: &mut Lease) -> bool {
