@@ -700,9 +700,15 @@ impl Sql {
         // row, and alone on one row when no event qualifies, so the caller can tell whether a
         // transaction that began before the read could still add rows below the page's end.
         let read_all = |types: bool, categories: bool| {
+            // The lower bound is a scalar subquery: its value is unknown when the statement is
+            // planned, so PostgreSQL keeps the ordered index scan. With the value as a constant,
+            // a page past the last value of the table's statistics (the recent end of the log,
+            // after a burst of writes) is estimated at a few rows, and planned as "fetch all
+            // remaining rows, sort, take the first N": measured 65 ms instead of 1 ms per page
+            // of 1000 at the end of a 300k-event log, growing with what is left to read.
             let mut conditions = String::from(
                 "e.transaction_id < h.xmin \
-                 AND (e.transaction_id, e.global_position) > ($1::bigint::text::xid8, $2)",
+                 AND (e.transaction_id, e.global_position) > ((SELECT $1::bigint::text::xid8), $2)",
             );
             let mut next = 4;
             if types {
