@@ -137,7 +137,7 @@ pub enum StartFrom {
     /// After a given position, ignoring any checkpoint.
     After(LogPosition),
     /// From the first event recorded at or after a time, ignoring any checkpoint (a replay from
-    /// a point in time; see [`EventStore::position_at`](crate::EventStore::position_at)).
+    /// a point in time; see [`EventStore::position_at`]).
     Time(DateTime<Utc>),
 }
 
@@ -182,6 +182,33 @@ pub fn retries_after(error: &Error) -> bool {
             | crate::ErrorKind::Unavailable
             | crate::ErrorKind::UnknownOutcome
     )
+}
+
+/// What a consumer of the log (a [`Subscription`], a PostgreSQL projection runner) does after a
+/// failure: unless it [`retries_after`] it, marks `status` `Failed` and returns the error;
+/// otherwise marks it `Retrying`, waits `delay` (or until `shutdown`), doubles `delay` up to
+/// [`RETRY_MAX`], and says whether to go on (`false`: shut down).
+#[doc(hidden)]
+pub async fn wait_to_retry(
+    status: &watch::Sender<SubscriptionStatus>,
+    consumer: &str,
+    error: Error,
+    delay: &mut Duration,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<bool, Error> {
+    if !retries_after(&error) {
+        status.send_modify(|s| s.state = SubscriptionState::Failed(error.to_string()));
+        return Err(error);
+    }
+    tracing::warn!(consumer, %error, retry_in = ?*delay, "the store failed; retrying");
+    status.send_modify(|s| s.state = SubscriptionState::Retrying(error.to_string()));
+    let go_on = tokio::select! {
+        biased;
+        () = shutdown.as_mut() => false,
+        () = tokio::time::sleep(*delay) => true,
+    };
+    *delay = (*delay * 2).min(RETRY_MAX);
+    Ok(go_on)
 }
 
 /// A subscription's health, published as it runs ([`Subscription::status`]).
@@ -461,29 +488,13 @@ impl<S: EventStore + CheckpointStore> Subscription<S> {
         self.status.borrow().position
     }
 
-    /// After a failure: `Err` (and `Failed`) unless [`retries_after`] it; otherwise waits the
-    /// backoff (`Retrying`), doubling it, and says whether to go on (`false`: shut down).
     async fn wait_to_retry(
         &self,
         error: Error,
         delay: &mut Duration,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<bool, Error> {
-        if !retries_after(&error) {
-            self.status
-                .send_modify(|s| s.state = SubscriptionState::Failed(error.to_string()));
-            return Err(error);
-        }
-        tracing::warn!(subscription = %self.name, %error, retry_in = ?*delay, "the store failed; retrying");
-        self.status
-            .send_modify(|s| s.state = SubscriptionState::Retrying(error.to_string()));
-        let go_on = tokio::select! {
-            biased;
-            () = shutdown.as_mut() => false,
-            () = tokio::time::sleep(*delay) => true,
-        };
-        *delay = (*delay * 2).min(RETRY_MAX);
-        Ok(go_on)
+        wait_to_retry(&self.status, &self.name, error, delay, shutdown).await
     }
 
     async fn initial_position(&self) -> Result<LogPosition, Error> {

@@ -3,9 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use factum::subscription::{
-    RETRY_MAX, RETRY_MIN, StartFrom, SubscriptionState, SubscriptionStatus, retries_after,
-};
+use factum::subscription::{RETRY_MIN, StartFrom, SubscriptionState, SubscriptionStatus};
 use factum::{
     BoxError, Error, EventFilter, EventId, EventStore, GlobalPosition, LogPosition, RecordedEvent,
 };
@@ -369,30 +367,13 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         Ok(reached)
     }
 
-    /// After a failure: `Err` (and `Failed`) unless it is one to retry
-    /// ([`retries_after`]); otherwise waits the backoff (`Retrying`), doubling it, and says
-    /// whether to go on (`false`: shut down).
     async fn wait_to_retry(
         &self,
         error: Error,
         delay: &mut Duration,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<bool, Error> {
-        if !retries_after(&error) {
-            self.status
-                .send_modify(|s| s.state = SubscriptionState::Failed(error.to_string()));
-            return Err(error);
-        }
-        tracing::warn!(projection = %self.name, %error, retry_in = ?*delay, "the database failed; retrying");
-        self.status
-            .send_modify(|s| s.state = SubscriptionState::Retrying(error.to_string()));
-        let go_on = tokio::select! {
-            biased;
-            () = shutdown.as_mut() => false,
-            () = tokio::time::sleep(*delay) => true,
-        };
-        *delay = (*delay * 2).min(RETRY_MAX);
-        Ok(go_on)
+        factum::subscription::wait_to_retry(&self.status, &self.name, error, delay, shutdown).await
     }
 
     async fn still_held(lease: &mut Lease) -> bool {
