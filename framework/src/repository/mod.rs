@@ -123,7 +123,8 @@ pub struct Committed<A: Aggregate> {
     pub version: StreamVersion,
     /// The state afterwards.
     pub state: A,
-    /// How many times the command was decided (1 unless it met concurrency conflicts).
+    /// How many times the command was decided (1 unless it met concurrency conflicts, or a
+    /// cached state turned out to be behind the store).
     pub attempts: u32,
 }
 
