@@ -1,13 +1,16 @@
 //! `Resilient<S>`: resilience for any backend, by wrapping it.
 
+use std::pin::Pin;
+
+use futures_core::Stream;
 use futures_util::StreamExt;
 
 use crate::error::{Error, ErrorKind};
 use crate::event::{NewEvent, RecordedEvent};
 use crate::ids::{LogPosition, StreamId, StreamVersion};
 use crate::store::{
-    AppendResult, EventFilter, EventStore, EventStream, ExpectedVersion, SnapshotStore,
-    StoredSnapshot,
+    AppendResult, EventFilter, EventPayload, EventStore, EventStream, ExpectedVersion,
+    PayloadStream, SnapshotStore, StoredSnapshot,
 };
 
 use super::{Operation, Resilience, RetryGate};
@@ -26,7 +29,7 @@ use super::{Operation, Resilience, RetryGate};
 /// | call | operation | retried on |
 /// | --- | --- | --- |
 /// | `append` | [`Append`](Operation::Append) | transient errors and unknown outcomes (same batch) |
-/// | `read_stream` | [`Read`](Operation::Read) | transient errors: resumes after the last event it returned |
+/// | `read_stream`, `read_stream_payloads` | [`Read`](Operation::Read) | transient errors: resumes after the last event it returned |
 /// | `read_all`, `head` | [`Read`](Operation::Read) | transient errors |
 /// | `save_snapshot` | [`Snapshot`](Operation::Snapshot) | transient errors and unknown outcomes (saving is idempotent) |
 /// | `load_snapshot` | [`Snapshot`](Operation::Snapshot) | transient errors |
@@ -102,17 +105,21 @@ impl<S: EventStore> EventStore for Resilient<S> {
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
-        let state = ReadState {
-            store: self,
-            stream,
-            after,
-            current: None,
-            gate: None,
-            backoff: None,
-            started: false,
-            done: false,
-        };
-        Box::pin(futures_util::stream::unfold(state, ReadState::next))
+        Box::pin(futures_util::stream::unfold(
+            ReadState::<S, RecordedEvent>::new(self, stream, after),
+            ReadState::next,
+        ))
+    }
+
+    fn read_stream_payloads<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> PayloadStream<'a> {
+        Box::pin(futures_util::stream::unfold(
+            ReadState::<S, EventPayload>::new(self, stream, after),
+            ReadState::next,
+        ))
     }
 
     async fn read_all(
@@ -159,11 +166,54 @@ impl<S: SnapshotStore> SnapshotStore for Resilient<S> {
 
 /// A stream read that, after a transient error, re-opens the stream after the last event it
 /// returned, so the reader sees every event once and in order.
-struct ReadState<'a, S> {
+/// What a resumable stream read returns: full events or payloads.
+trait StreamItem: Sized + Send {
+    /// The item's version in its stream (where a resumed read starts after).
+    fn version(&self) -> StreamVersion;
+
+    /// Opens the inner store's read of this kind.
+    fn open<'a, S: EventStore>(
+        store: &'a S,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> ItemStream<'a, Self>;
+}
+
+type ItemStream<'a, T> = Pin<Box<dyn Stream<Item = Result<T, Error>> + Send + 'a>>;
+
+impl StreamItem for RecordedEvent {
+    fn version(&self) -> StreamVersion {
+        self.stream_version
+    }
+
+    fn open<'a, S: EventStore>(
+        store: &'a S,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> ItemStream<'a, Self> {
+        store.read_stream(stream, after)
+    }
+}
+
+impl StreamItem for EventPayload {
+    fn version(&self) -> StreamVersion {
+        self.stream_version
+    }
+
+    fn open<'a, S: EventStore>(
+        store: &'a S,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> ItemStream<'a, Self> {
+        store.read_stream_payloads(stream, after)
+    }
+}
+
+struct ReadState<'a, S, T> {
     store: &'a Resilient<S>,
     stream: &'a StreamId,
     after: StreamVersion,
-    current: Option<EventStream<'a>>,
+    current: Option<ItemStream<'a, T>>,
     /// The retry bookkeeping since the last event returned (progress starts it afresh).
     gate: Option<RetryGate<'a>>,
     backoff: Option<super::FullJitter>,
@@ -171,8 +221,21 @@ struct ReadState<'a, S> {
     done: bool,
 }
 
-impl<'a, S: EventStore> ReadState<'a, S> {
-    async fn next(mut self) -> Option<(Result<RecordedEvent, Error>, Self)> {
+impl<'a, S: EventStore, T: StreamItem> ReadState<'a, S, T> {
+    fn new(store: &'a Resilient<S>, stream: &'a StreamId, after: StreamVersion) -> Self {
+        Self {
+            store,
+            stream,
+            after,
+            current: None,
+            gate: None,
+            backoff: None,
+            started: false,
+            done: false,
+        }
+    }
+
+    async fn next(mut self) -> Option<(Result<T, Error>, Self)> {
         let resilience = &self.store.resilience;
         loop {
             if self.done {
@@ -193,7 +256,7 @@ impl<'a, S: EventStore> ReadState<'a, S> {
                         }
                     };
                     (
-                        self.store.inner.read_stream(self.stream, self.after),
+                        T::open(&self.store.inner, self.stream, self.after),
                         Some(permit),
                     )
                 }
@@ -210,7 +273,7 @@ impl<'a, S: EventStore> ReadState<'a, S> {
                     return None;
                 }
                 Some(Ok(event)) => {
-                    self.after = event.stream_version;
+                    self.after = event.version();
                     self.current = Some(current);
                     self.gate = None;
                     self.backoff = None;

@@ -264,6 +264,22 @@ async fn a_stream_read_resumes_after_the_last_event_it_returned() {
         .expect("the read recovers");
     assert_eq!(read, ids, "every event once, in order");
 
+    // Payload reads (what aggregate loads use) recover the same way.
+    *store.inner().read_fails_after.lock().expect("lock") = Some(2);
+    store
+        .inner()
+        .faults
+        .lock()
+        .expect("lock")
+        .push_back(Fault::Transient);
+    let versions: Vec<u64> = store
+        .read_stream_payloads(&stream(), StreamVersion::INITIAL)
+        .map_ok(|e| e.stream_version.get())
+        .try_collect()
+        .await
+        .expect("the payload read recovers");
+    assert_eq!(versions, [1, 2, 3, 4, 5], "every event once, in order");
+
     // From a later version too.
     let tail: Vec<EventId> = store
         .read_stream(&stream(), StreamVersion::new(3))
