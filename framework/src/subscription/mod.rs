@@ -44,6 +44,7 @@
 //! ```
 
 mod store;
+mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -53,6 +54,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 pub use store::{CheckpointStore, DeadLetterStore, ParkedEvent};
+pub use telemetry::{export_metrics, record_metrics};
 
 use crate::error::{BoxError, Error};
 use crate::event::RecordedEvent;
