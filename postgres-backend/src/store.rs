@@ -510,8 +510,8 @@ impl<'r> sqlx::Decode<'r, sqlx::Postgres> for Xid8 {
     }
 }
 
-/// An `events` row as the read queries select it.
-#[derive(sqlx::FromRow)]
+/// An `events` row as the read queries select it: the twelve columns of [`EVENT_COLUMNS`] /
+/// [`EVENT_COLUMNS_E`], in that order, from some column on.
 pub(crate) struct EventRow {
     global_position: i64,
     commit_id: Xid8,
@@ -528,6 +528,26 @@ pub(crate) struct EventRow {
 }
 
 impl EventRow {
+    /// Decodes the event's columns starting at column `first`, by index (a name lookup per
+    /// column and row measurably slows long reads).
+    pub(crate) fn at(row: &sqlx::postgres::PgRow, first: usize) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            global_position: row.try_get(first)?,
+            commit_id: row.try_get(first + 1)?,
+            stream_id: row.try_get(first + 2)?,
+            stream_version: row.try_get(first + 3)?,
+            event_id: row.try_get(first + 4)?,
+            event_type: row.try_get(first + 5)?,
+            schema_version: row.try_get(first + 6)?,
+            payload: row.try_get(first + 7)?,
+            metadata: row.try_get(first + 8)?,
+            correlation_id: row.try_get(first + 9)?,
+            causation_id: row.try_get(first + 10)?,
+            recorded_at: row.try_get(first + 11)?,
+        })
+    }
+
     pub(crate) fn into_recorded(self) -> Result<RecordedEvent, Error> {
         let stream_id = StreamId::new(self.stream_id).map_err(|e| Error::permanent("read", e))?;
         let stream_version = StreamVersion::new(to_u64(self.stream_version));
@@ -601,11 +621,12 @@ struct LogRow {
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for LogRow {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row;
-        let event_id: Option<Uuid> = row.try_get("event_id")?;
+        // horizon, next_xid, then the event's columns (all NULL when no event qualified).
+        let event_id: Option<Uuid> = row.try_get(2 + 4)?;
         Ok(LogRow {
-            horizon: row.try_get("horizon")?,
-            next_xid: row.try_get("next_xid")?,
-            event: event_id.map(|_| EventRow::from_row(row)).transpose()?,
+            horizon: row.try_get(0)?,
+            next_xid: row.try_get(1)?,
+            event: event_id.map(|_| EventRow::at(row, 2)).transpose()?,
         })
     }
 }
@@ -828,12 +849,13 @@ impl EventStore for PostgresStore {
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
-        let rows = sqlx::query_as::<_, EventRow>(&self.inner.sql.read_stream)
+        let rows = sqlx::query(&self.inner.sql.read_stream)
             .bind(stream.as_str())
             .bind(to_i64(after.get()))
             .fetch(&self.inner.pool);
         Box::pin(rows.map(|row| {
-            row.map_err(|e| to_error(e, "read stream"))
+            row.and_then(|row| EventRow::at(&row, 0))
+                .map_err(|e| to_error(e, "read stream"))
                 .and_then(EventRow::into_recorded)
         }))
     }

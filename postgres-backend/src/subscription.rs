@@ -153,9 +153,8 @@ fn parked_from_row(row: &sqlx::postgres::PgRow) -> Result<ParkedEvent, Error> {
     let error: String = row.try_get("error").map_err(read)?;
     let attempts: i32 = row.try_get("attempts").map_err(read)?;
     let parked_at: DateTime<Utc> = row.try_get("parked_at").map_err(read)?;
-    let event = <EventRow as sqlx::FromRow<'_, sqlx::postgres::PgRow>>::from_row(row)
-        .map_err(read)?
-        .into_recorded()?;
+    // d.subscription, d.error, d.attempts, d.parked_at, then the event's columns.
+    let event = EventRow::at(row, 4).map_err(read)?.into_recorded()?;
     Ok(ParkedEvent {
         subscription,
         event,
