@@ -748,8 +748,7 @@ impl Sql {
                  FROM h LEFT JOIN LATERAL ( \
                      SELECT {EVENT_COLUMNS_E} FROM {s}.events e WHERE {conditions} \
                      ORDER BY e.transaction_id, e.global_position LIMIT $3 \
-                 ) p ON true \
-                 ORDER BY p.commit_id, p.global_position"
+                 ) p ON true"
             )
         };
         Self {
@@ -923,7 +922,11 @@ impl EventStore for PostgresStore {
                 // the first statement's next id; once the horizon passes it, the page holds
                 // everything committed before the call (read-your-writes), not just what is safe.
                 let target = *target.get_or_insert(next_xid);
-                let events: Vec<EventRow> = rows.into_iter().filter_map(|r| r.event).collect();
+                let mut events: Vec<EventRow> = rows.into_iter().filter_map(|r| r.event).collect();
+                // The lateral subquery returns its rows in log order; the outer query does not
+                // promise to keep it, and sorting 1,000 rows there cost about a fifth of a page.
+                // Here the rows arrive sorted, which a stable sort checks in one pass.
+                events.sort_by_key(|e| (e.commit_id.0, e.global_position));
                 attempt += 1;
                 let delay = Duration::from_millis(1 << attempt.min(5));
                 if events.len() >= limit || horizon >= target || started.elapsed() + delay > settle
