@@ -454,14 +454,7 @@ async fn main() {
         "cmd/s",
         0.8,
     );
-    row(
-        "(a) 1 client, commands",
-        commands,
-        "cqrs-es",
-        peer,
-        "cmd/s",
-        1.0,
-    );
+    info_row("(a) 1 client, commands", commands, "cqrs-es", peer, "cmd/s");
 
     let per = (n(400.0) / 10).max(1) * 10;
     let raw = raw_inserts(&pool, 16, per, "raw16").await;
