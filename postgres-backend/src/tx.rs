@@ -11,6 +11,10 @@ use sqlx::{PgPool, Postgres, Transaction};
 /// cancelled by design (dropped, aborted, raced in `select!`), so its transactions begin in a
 /// task of their own: the task always finishes the `BEGIN`, and when nobody waits for it any
 /// more it drops the transaction, which rolls it back.
+///
+/// Upstream: sqlx issues #4385 and #4393, fixed by pull request #4394 (merged August 2026, not in
+/// 0.8.6). Once factum depends on a release with that fix, this can go back to `pool.begin()`;
+/// the test below keeps checking the behaviour either way.
 pub(crate) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     let pool = pool.clone();
     tokio::spawn(async move { pool.begin().await })
