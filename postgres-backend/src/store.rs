@@ -498,6 +498,13 @@ impl sqlx::Type<sqlx::Postgres> for Xid8 {
     }
 }
 
+impl Xid8 {
+    /// The log position of the event written by this transaction at `global`.
+    fn at(self, global: i64) -> LogPosition {
+        LogPosition::new(self.0, GlobalPosition::new(to_u64(global)))
+    }
+}
+
 impl<'r> sqlx::Decode<'r, sqlx::Postgres> for Xid8 {
     fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
         match value.format() {
@@ -551,10 +558,7 @@ impl EventRow {
     pub(crate) fn into_recorded(self) -> Result<RecordedEvent, Error> {
         let stream_id = StreamId::new(self.stream_id).map_err(|e| Error::permanent("read", e))?;
         let stream_version = StreamVersion::new(to_u64(self.stream_version));
-        let position = LogPosition::new(
-            self.commit_id.0,
-            GlobalPosition::new(to_u64(self.global_position)),
-        );
+        let position = self.commit_id.at(self.global_position);
         let schema_version = u32::try_from(self.schema_version).unwrap_or(0);
         let bad = |source: serde_json::Error| Error::Decode {
             stream: stream_id.clone(),
@@ -799,7 +803,7 @@ impl Sql {
             // The newest settled event (below the oldest transaction in flight), by the log's
             // index read backwards.
             head: format!(
-                "SELECT e.transaction_id::text::bigint, e.global_position FROM {s}.events e \
+                "SELECT e.transaction_id, e.global_position FROM {s}.events e \
                  WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
                  ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1"
             ),
@@ -860,13 +864,11 @@ impl EventStore for PostgresStore {
     }
 
     async fn head(&self) -> Result<LogPosition, Error> {
-        let row: Option<(i64, i64)> = sqlx::query_as(&self.inner.sql.head)
+        let row: Option<(Xid8, i64)> = sqlx::query_as(&self.inner.sql.head)
             .fetch_optional(&self.inner.pool)
             .await
             .map_err(|e| to_error(e, "read the log head"))?;
-        Ok(row.map_or(LogPosition::START, |(commit, global)| {
-            LogPosition::new(to_u64(commit), GlobalPosition::new(to_u64(global)))
-        }))
+        Ok(row.map_or(LogPosition::START, |(commit, global)| commit.at(global)))
     }
 
     async fn position_at(&self, time: DateTime<Utc>) -> Result<LogPosition, Error> {
@@ -878,10 +880,7 @@ impl EventStore for PostgresStore {
         match row {
             // Nothing recorded since `time`: start at the head.
             None => self.head().await,
-            Some((Some(commit), Some(global))) => Ok(LogPosition::new(
-                commit.0,
-                GlobalPosition::new(to_u64(global)),
-            )),
+            Some((Some(commit), Some(global))) => Ok(commit.at(global)),
             // The first event of the log is the first one since `time`.
             Some(_) => Ok(LogPosition::START),
         }

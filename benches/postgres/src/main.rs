@@ -41,15 +41,28 @@ fn deposit(amount: u64) -> NewEvent {
     .expect("encode")
 }
 
+/// Runs `client(c)` for each of `clients` concurrent clients (each doing `per_client` operations)
+/// and returns the operations per second over all of them.
+async fn run_clients<F, Fut>(clients: usize, per_client: usize, client: F) -> f64
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients).map(|c| tokio::spawn(client(c))).collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+}
+
 /// Raw single-row inserts, `clients` concurrent clients on their own streams, into `raw.events`:
 /// the same migrations as the store's schema, so the same partitioned table and indexes.
 async fn raw_inserts(pool: &PgPool, clients: usize, per_client: usize, tag: &str) -> f64 {
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let pool = pool.clone();
-            let stream = format!("{tag}-{c}");
-            tokio::spawn(async move {
+    run_clients(clients, per_client, |c| {
+        let pool = pool.clone();
+        let stream = format!("{tag}-{c}");
+        async move {
                 for v in 0..per_client {
                     sqlx::query(
                         "INSERT INTO raw.events (stream_id, stream_version, event_id, event_type, \
@@ -63,13 +76,9 @@ async fn raw_inserts(pool: &PgPool, clients: usize, per_client: usize, tag: &str
                     .await
                     .expect("raw insert");
                 }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.expect("task");
-    }
-    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+        }
+    })
+    .await
 }
 
 /// Single-event appends with an exact expected version through the store (no load, no decide).
@@ -79,29 +88,23 @@ async fn factum_appends(
     per_client: usize,
     tag: &str,
 ) -> f64 {
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let store = store.clone();
-            let stream = StreamId::new(format!("{tag}-{c}")).expect("id");
-            tokio::spawn(async move {
-                for v in 0..per_client {
-                    store
-                        .append(
-                            &stream,
-                            ExpectedVersion::Exact(StreamVersion::new(v as u64)),
-                            vec![deposit(v as u64 + 1)],
-                        )
-                        .await
-                        .expect("append");
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.expect("task");
-    }
-    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+    run_clients(clients, per_client, |c| {
+        let store = store.clone();
+        let stream = StreamId::new(format!("{tag}-{c}")).expect("id");
+        async move {
+            for v in 0..per_client {
+                store
+                    .append(
+                        &stream,
+                        ExpectedVersion::Exact(StreamVersion::new(v as u64)),
+                        vec![deposit(v as u64 + 1)],
+                    )
+                    .await
+                    .expect("append");
+            }
+        }
+    })
+    .await
 }
 
 /// The bank workload: each client opens its accounts and deposits into each
@@ -133,31 +136,25 @@ async fn factum_commands_on(
     deposits: usize,
     tag: &str,
 ) -> f64 {
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let repo = Arc::clone(repo);
-            let tag = tag.to_owned();
-            tokio::spawn(async move {
-                for (k, amount) in bank_workload(per_client, deposits) {
-                    let account = format!("{tag}{c}x{k}");
-                    let command = if amount == 0 {
-                        AccountCommand::Open {
-                            account,
-                            owner: "Ada".into(),
-                        }
-                    } else {
-                        AccountCommand::Deposit { account, amount }
-                    };
-                    repo.execute(command).await.expect("command");
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.expect("task");
-    }
-    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+    run_clients(clients, per_client, |c| {
+        let repo = Arc::clone(repo);
+        let tag = tag.to_owned();
+        async move {
+            for (k, amount) in bank_workload(per_client, deposits) {
+                let account = format!("{tag}{c}x{k}");
+                let command = if amount == 0 {
+                    AccountCommand::Open {
+                        account,
+                        owner: "Ada".into(),
+                    }
+                } else {
+                    AccountCommand::Deposit { account, amount }
+                };
+                repo.execute(command).await.expect("command");
+            }
+        }
+    })
+    .await
 }
 
 async fn peer_commands(
@@ -176,31 +173,25 @@ async fn peer_commands_on(
     deposits: usize,
     tag: &str,
 ) -> f64 {
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let cqrs = Arc::clone(cqrs);
-            let tag = tag.to_owned();
-            tokio::spawn(async move {
-                for (k, amount) in bank_workload(per_client, deposits) {
-                    let command = if amount == 0 {
-                        PeerCommand::Open {
-                            owner: "Ada".into(),
-                        }
-                    } else {
-                        PeerCommand::Deposit { amount }
-                    };
-                    cqrs.execute(&format!("{tag}{c}x{k}"), command)
-                        .await
-                        .expect("cqrs-es command");
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.expect("task");
-    }
-    (clients * per_client) as f64 / started.elapsed().as_secs_f64()
+    run_clients(clients, per_client, |c| {
+        let cqrs = Arc::clone(cqrs);
+        let tag = tag.to_owned();
+        async move {
+            for (k, amount) in bank_workload(per_client, deposits) {
+                let command = if amount == 0 {
+                    PeerCommand::Open {
+                        owner: "Ada".into(),
+                    }
+                } else {
+                    PeerCommand::Deposit { amount }
+                };
+                cqrs.execute(&format!("{tag}{c}x{k}"), command)
+                    .await
+                    .expect("cqrs-es command");
+            }
+        }
+    })
+    .await
 }
 
 fn header() {
