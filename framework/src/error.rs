@@ -44,6 +44,20 @@ pub enum Error {
         existing_stream: StreamId,
     },
 
+    /// An append's idempotency key is already stored with a different batch (another stream, or
+    /// other event ids). Nothing was stored: a key names one write; use a new key for a new one.
+    #[error(
+        "idempotency key {key} was already used for a different append (stream `{stored_stream}`), not for this batch to `{stream}`; nothing was stored: give each distinct write its own key"
+    )]
+    IdempotencyKeyReused {
+        /// The key.
+        key: crate::IdempotencyKey,
+        /// The stream this request appends to.
+        stream: StreamId,
+        /// The stream of the append that stored the key.
+        stored_stream: StreamId,
+    },
+
     /// A stored event could not be decoded or upcast into the current event type.
     #[error(
         "stored event in stream `{stream}` at version {version} (type {event_type:?}, schema version {schema_version}, log position {position}) could not be decoded; fix the event type's decoding or upcasting (e.g. register the missing version) and retry"
@@ -206,6 +220,7 @@ impl Error {
             Error::Unavailable { .. } => ErrorKind::Unavailable,
             Error::Decode { .. } | Error::Snapshot { .. } => ErrorKind::BadData,
             Error::DuplicateEventId { .. }
+            | Error::IdempotencyKeyReused { .. }
             | Error::Encode { .. }
             | Error::InvalidArgument(_)
             | Error::Handler { .. }

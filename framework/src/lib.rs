@@ -131,6 +131,7 @@
 mod aggregate;
 mod error;
 mod event;
+pub mod idempotency;
 mod ids;
 mod memory;
 mod process;
@@ -146,6 +147,7 @@ pub use event::{
     DecodeError, EncodeError, Envelope, Event, EventMetadata, Metadata, NewEvent, RecordedEvent,
     decode_json, encode_json,
 };
+pub use idempotency::{IdempotencyKey, InvalidIdempotencyKey};
 pub use ids::{
     CATEGORY_SEPARATOR, CausationId, CommandId, CorrelationId, EventId, GlobalPosition,
     InvalidStreamId, LogPosition, StreamId, StreamVersion,
@@ -155,8 +157,9 @@ pub use process::*;
 pub use projection::Projection;
 pub use repository::{CommandContext, Committed, Loaded, Repository, SnapshotPolicy};
 pub use store::{
-    AppendResult, BoxFuture, DynEventStore, DynSnapshotStore, EventFilter, EventPayload,
-    EventStore, EventStream, ExpectedVersion, PayloadStream, SnapshotStore, StoredSnapshot,
+    AppendRequest, AppendResult, BoxFuture, DynEventStore, DynSnapshotStore, EventFilter,
+    EventPayload, EventStore, EventStream, ExpectedVersion, PayloadStream, SnapshotStore,
+    StoredSnapshot,
 };
 
 /// A JSON payload kept as text: how events and snapshots are stored and handed to

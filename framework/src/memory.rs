@@ -4,13 +4,14 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use crate::error::Error;
 use crate::event::{NewEvent, RecordedEvent};
+use crate::idempotency::IdempotencyKey;
 use crate::ids::{EventId, GlobalPosition, LogPosition, StreamId, StreamVersion};
 use crate::store::{
-    AppendResult, EventFilter, EventStore, EventStream, ExpectedVersion, SnapshotStore,
+    AppendRequest, AppendResult, EventFilter, EventStore, EventStream, SnapshotStore,
     StoredSnapshot,
 };
 use crate::subscription::{CheckpointStore, DeadLetterStore, ParkedEvent};
@@ -25,7 +26,7 @@ use crate::subscription::{CheckpointStore, DeadLetterStore, ParkedEvent};
 ///
 /// ```
 /// # tokio_test_block_on(async {
-/// use factum::{EventStore, ExpectedVersion, InMemoryStore, NewEvent, StreamId, StreamVersion};
+/// use factum::{AppendRequest, EventStore, ExpectedVersion, InMemoryStore, NewEvent, StreamId, StreamVersion};
 /// use futures_util::TryStreamExt;
 ///
 /// let store = InMemoryStore::new();
@@ -37,7 +38,8 @@ use crate::subscription::{CheckpointStore, DeadLetterStore, ParkedEvent};
 ///     payload: serde_json::value::to_raw_value(&serde_json::json!({"owner": "Ada"})).unwrap(),
 ///     metadata: Default::default(),
 /// };
-/// store.append(&stream, ExpectedVersion::NoStream, vec![event]).await.unwrap();
+/// let request = AppendRequest::new(stream.clone(), vec![event]).expected_version(ExpectedVersion::NoStream);
+/// store.append(request).await.unwrap();
 /// let events: Vec<_> = store.read_stream(&stream, StreamVersion::INITIAL).try_collect().await.unwrap();
 /// assert_eq!(events.len(), 1);
 /// # });
@@ -60,8 +62,17 @@ struct Inner {
     ids: HashMap<EventId, usize>,
     commits: u64,
     snapshots: HashMap<StreamId, StoredSnapshot>,
+    /// Idempotency keys and what their appends stored.
+    keys: HashMap<IdempotencyKey, KeyRecord>,
     checkpoints: HashMap<String, LogPosition>,
     dead_letters: Vec<ParkedEvent>,
+}
+
+/// What an idempotency key was stored with.
+struct KeyRecord {
+    event_ids: Vec<EventId>,
+    result: AppendResult,
+    stored_at: DateTime<Utc>,
 }
 
 impl std::fmt::Debug for InMemoryStore {
@@ -96,6 +107,15 @@ impl InMemoryStore {
             .log
             .last()
             .map_or(LogPosition::START, |e| e.position)
+    }
+
+    /// Removes the idempotency keys stored before `before` and returns how many: a request
+    /// repeating one of them afterwards is a new write. Nothing else is removed.
+    pub fn expire_idempotency_keys(&self, before: DateTime<Utc>) -> usize {
+        let mut inner = self.write();
+        let count = inner.keys.len();
+        inner.keys.retain(|_, record| record.stored_at >= before);
+        count - inner.keys.len()
     }
 
     // A panic while holding the lock cannot leave the data half-written (appends validate first,
@@ -137,13 +157,15 @@ impl Inner {
         });
         if exact {
             let stored: Vec<&RecordedEvent> = found.into_iter().flatten().collect();
-            return Ok(Some(AppendResult {
-                stream_version: stored
-                    .last()
-                    .map_or(StreamVersion::INITIAL, |e| e.stream_version),
-                positions: stored.iter().map(|e| e.position.global).collect(),
-                duplicate: true,
-            }));
+            let first = StreamVersion::new(stored[0].stream_version.get() - 1);
+            return Ok(Some(
+                AppendResult::new(
+                    stream.clone(),
+                    first,
+                    stored.iter().map(|e| e.position.global).collect(),
+                )
+                .as_duplicate(),
+            ));
         }
         let (event, existing) = events
             .iter()
@@ -158,23 +180,63 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The rule for a request whose key is stored: the original outcome for the same batch, an
+    /// error for another.
+    fn repeat(
+        &self,
+        key: &IdempotencyKey,
+        stream: &StreamId,
+        events: &[NewEvent],
+    ) -> Option<Result<AppendResult, Error>> {
+        let record = self.keys.get(key)?;
+        let same = &record.result.stream == stream
+            && record.event_ids.len() == events.len()
+            && record
+                .event_ids
+                .iter()
+                .zip(events)
+                .all(|(id, e)| *id == e.event_id);
+        Some(if same {
+            Ok(record.result.clone().as_duplicate())
+        } else {
+            Err(Error::IdempotencyKeyReused {
+                key: key.clone(),
+                stream: stream.clone(),
+                stored_stream: record.result.stream.clone(),
+            })
+        })
+    }
+}
+
 impl EventStore for InMemoryStore {
     fn append(
         &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        request: AppendRequest,
     ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
         let result = (|| {
-            validate_batch(stream, &events)?;
+            let AppendRequest {
+                stream,
+                expected,
+                events,
+                idempotency_key,
+                ..
+            } = request;
+            validate_batch(&stream, &events)?;
             let mut inner = self.write();
-            if let Some(result) = inner.existing(stream, &events)? {
+            if let Some(repeat) = idempotency_key
+                .as_ref()
+                .and_then(|key| inner.repeat(key, &stream, &events))
+            {
+                return repeat;
+            }
+            if let Some(result) = inner.existing(&stream, &events)? {
                 return Ok(result);
             }
-            let actual = inner.version(stream);
+            let actual = inner.version(&stream);
             if !expected.matches(actual) {
                 return Err(Error::Conflict {
-                    stream: stream.clone(),
+                    stream,
                     expected,
                     actual,
                 });
@@ -184,6 +246,7 @@ impl EventStore for InMemoryStore {
             let recorded_at = Utc::now();
             let mut version = actual;
             let mut positions = Vec::with_capacity(events.len());
+            let event_ids: Vec<EventId> = events.iter().map(|e| e.event_id).collect();
             for event in events {
                 version = version.next();
                 let index = inner.log.len();
@@ -203,13 +266,32 @@ impl EventStore for InMemoryStore {
                     recorded_at,
                 });
             }
-            Ok(AppendResult {
-                stream_version: version,
-                positions,
-                duplicate: false,
-            })
+            let result = AppendResult::new(stream, actual, positions);
+            if let Some(key) = idempotency_key {
+                inner.keys.insert(
+                    key,
+                    KeyRecord {
+                        event_ids,
+                        result: result.clone(),
+                        stored_at: recorded_at,
+                    },
+                );
+            }
+            Ok(result)
         })();
         std::future::ready(result)
+    }
+
+    fn idempotency_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> impl Future<Output = Result<Option<AppendResult>, Error>> + Send {
+        let outcome = self
+            .read()
+            .keys
+            .get(key)
+            .map(|record| record.result.clone().as_duplicate());
+        std::future::ready(Ok(outcome))
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {

@@ -29,6 +29,7 @@ use serde_json::value::RawValue;
 
 use crate::error::Error;
 use crate::event::{Event, NewEvent, RecordedEvent};
+use crate::idempotency::IdempotencyKey;
 use crate::ids::{GlobalPosition, LogPosition, StreamId, StreamVersion};
 
 /// A boxed, `Send` future, as the dyn-compatible traits return.
@@ -103,16 +104,102 @@ impl fmt::Display for ExpectedVersion {
     }
 }
 
+/// One append: a batch of events for one stream, the version the writer expects the stream to be
+/// at, and optionally an [`IdempotencyKey`].
+///
+/// ```
+/// use factum::{AppendRequest, ExpectedVersion, IdempotencyKey, StreamId};
+///
+/// # fn events() -> Vec<factum::NewEvent> { Vec::new() }
+/// let request = AppendRequest::new(StreamId::new("account-1").unwrap(), events())
+///     .expected_version(ExpectedVersion::NoStream)
+///     .idempotency_key(IdempotencyKey::new("request-8f2c").unwrap());
+/// assert_eq!(request.expected, ExpectedVersion::NoStream);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct AppendRequest {
+    /// The stream appended to.
+    pub stream: StreamId,
+    /// What the writer believes the stream's version to be ([`ExpectedVersion::Any`] unless set).
+    pub expected: ExpectedVersion,
+    /// The batch, stored all or nothing.
+    pub events: Vec<NewEvent>,
+    /// When set, stored with the batch in the same atomic write: a later request with the same
+    /// key stores nothing and returns this append's outcome.
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+impl AppendRequest {
+    /// A request to append `events` to `stream`, whatever its version, with no idempotency key.
+    pub fn new(stream: StreamId, events: Vec<NewEvent>) -> Self {
+        Self {
+            stream,
+            expected: ExpectedVersion::Any,
+            events,
+            idempotency_key: None,
+        }
+    }
+
+    /// Appends only if the stream is at `expected`; otherwise the append fails with
+    /// [`Error::Conflict`] and stores nothing.
+    #[must_use]
+    pub fn expected_version(mut self, expected: ExpectedVersion) -> Self {
+        self.expected = expected;
+        self
+    }
+
+    /// Stores `key` with the batch: repeating a request with this key stores nothing and returns
+    /// the original [`AppendResult`] (with `duplicate: true`), even after the stream moved on;
+    /// a request with this key and a different batch (another stream, other event ids) fails
+    /// with [`Error::IdempotencyKeyReused`].
+    #[must_use]
+    pub fn idempotency_key(mut self, key: IdempotencyKey) -> Self {
+        self.idempotency_key = Some(key);
+        self
+    }
+}
+
 /// The result of a successful append.
 #[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub struct AppendResult {
+    /// The stream appended to.
+    pub stream: StreamId,
+    /// The stream's version before the batch (the batch's first event has the next version).
+    pub first_version: StreamVersion,
     /// The stream's version after the append (the version of the batch's last event).
     pub stream_version: StreamVersion,
     /// The global positions of the batch's events, in batch order.
     pub positions: Vec<GlobalPosition>,
-    /// True when every event of the batch was already stored (an idempotent re-append): nothing
-    /// new was written and the positions are those of the earlier append.
+    /// True when the batch was already stored (an idempotent repeat, by idempotency key or by
+    /// event ids): nothing new was written, and the versions and positions are those of the
+    /// original append.
     pub duplicate: bool,
+}
+
+impl AppendResult {
+    /// The result of appending a batch to `stream` after `first_version`, at `positions`.
+    pub fn new(
+        stream: StreamId,
+        first_version: StreamVersion,
+        positions: Vec<GlobalPosition>,
+    ) -> Self {
+        Self {
+            stream,
+            first_version,
+            stream_version: StreamVersion::new(first_version.get() + positions.len() as u64),
+            positions,
+            duplicate: false,
+        }
+    }
+
+    /// The same result, marked as a repeat of an earlier append.
+    #[must_use]
+    pub fn as_duplicate(mut self) -> Self {
+        self.duplicate = true;
+        self
+    }
 }
 
 /// Which events a reader of the global log wants; applied at the source.
@@ -195,6 +282,11 @@ impl EventFilter {
 ///   nothing and ignores the expected version (so retrying an append whose outcome was unknown is
 ///   safe). When only some ids are stored, or they belong to another stream or another order, it
 ///   fails with [`Error::DuplicateEventId`] and stores nothing.
+/// * **Idempotency keys**: a request's [`IdempotencyKey`] is stored with its batch in the same
+///   atomic write. A request whose key is stored stores nothing: with the same stream and event
+///   ids it succeeds with the original outcome (`duplicate: true`), whatever the stream's version
+///   now; otherwise it fails with [`Error::IdempotencyKeyReused`]. Concurrent requests with one
+///   key store one batch. Keys are kept until the backend's retention call removes them.
 /// * **One global order**: every event gets a [`LogPosition`]; [`read_all`](Self::read_all)
 ///   returns events in that order, and never returns an event while one that will sort before
 ///   it may still be committed (readers never skip events).
@@ -206,10 +298,15 @@ pub trait EventStore: Send + Sync {
     /// Appends a batch to one stream atomically.
     fn append(
         &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        request: AppendRequest,
     ) -> impl Future<Output = Result<AppendResult, Error>> + Send;
+
+    /// The outcome of the append that stored `key`, or `None` when no stored batch has it (or its
+    /// key was removed by retention).
+    fn idempotency_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> impl Future<Output = Result<Option<AppendResult>, Error>> + Send;
 
     /// Reads a stream's events with a version greater than `after`, oldest first.
     /// A stream that does not exist reads as empty.
@@ -324,12 +421,13 @@ pub trait SnapshotStore: Send + Sync {
 /// The dyn-compatible twin of [`EventStore`], implemented for every event store.
 pub trait DynEventStore: Send + Sync {
     /// See [`EventStore::append`].
-    fn append_dyn<'a>(
+    fn append_dyn(&self, request: AppendRequest) -> BoxFuture<'_, Result<AppendResult, Error>>;
+
+    /// See [`EventStore::idempotency_outcome`].
+    fn idempotency_outcome_dyn<'a>(
         &'a self,
-        stream: &'a StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> BoxFuture<'a, Result<AppendResult, Error>>;
+        key: &'a IdempotencyKey,
+    ) -> BoxFuture<'a, Result<Option<AppendResult>, Error>>;
 
     /// See [`EventStore::read_stream`].
     fn read_stream_dyn<'a>(&'a self, stream: &'a StreamId, after: StreamVersion)
@@ -358,13 +456,15 @@ pub trait DynEventStore: Send + Sync {
 }
 
 impl<T: EventStore> DynEventStore for T {
-    fn append_dyn<'a>(
+    fn append_dyn(&self, request: AppendRequest) -> BoxFuture<'_, Result<AppendResult, Error>> {
+        Box::pin(self.append(request))
+    }
+
+    fn idempotency_outcome_dyn<'a>(
         &'a self,
-        stream: &'a StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> BoxFuture<'a, Result<AppendResult, Error>> {
-        Box::pin(self.append(stream, expected, events))
+        key: &'a IdempotencyKey,
+    ) -> BoxFuture<'a, Result<Option<AppendResult>, Error>> {
+        Box::pin(self.idempotency_outcome(key))
     }
 
     fn read_stream_dyn<'a>(
@@ -402,14 +502,19 @@ impl<T: EventStore> DynEventStore for T {
 }
 
 impl EventStore for dyn DynEventStore {
-    // An async fn, so the future may borrow `self` and `stream` for different lifetimes.
-    async fn append(
+    fn append(
         &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, Error> {
-        self.append_dyn(stream, expected, events).await
+        request: AppendRequest,
+    ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
+        self.append_dyn(request)
+    }
+
+    // An async fn, so the future may borrow `self` and `key` for different lifetimes.
+    async fn idempotency_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Option<AppendResult>, Error> {
+        self.idempotency_outcome_dyn(key).await
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
@@ -448,11 +553,16 @@ impl EventStore for dyn DynEventStore {
 impl<T: EventStore + ?Sized> EventStore for Arc<T> {
     fn append(
         &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        request: AppendRequest,
     ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
-        (**self).append(stream, expected, events)
+        (**self).append(request)
+    }
+
+    fn idempotency_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> impl Future<Output = Result<Option<AppendResult>, Error>> + Send {
+        (**self).idempotency_outcome(key)
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {

@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use factum::{
     Aggregate, AppendResult, Command, Error, Event, EventFilter, EventStore, EventStream,
-    ExpectedVersion, InMemoryStore, LogPosition, NewEvent, RecordedEvent, Repository, StreamId,
-    StreamVersion,
+    InMemoryStore, LogPosition, RecordedEvent, Repository, StreamId, StreamVersion,
 };
 use serde::{Deserialize, Serialize};
 
@@ -90,13 +89,15 @@ struct CountingReads {
 }
 
 impl EventStore for CountingReads {
-    async fn append(
+    async fn append(&self, request: factum::AppendRequest) -> Result<AppendResult, Error> {
+        self.inner.append(request).await
+    }
+
+    async fn idempotency_outcome(
         &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, Error> {
-        self.inner.append(stream, expected, events).await
+        key: &factum::IdempotencyKey,
+    ) -> Result<Option<AppendResult>, Error> {
+        self.inner.idempotency_outcome(key).await
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {

@@ -9,8 +9,8 @@ use factum::subscription::{
     CheckpointStore, DeadLetterStore, EventHandler, StartFrom, Subscription, SubscriptionState,
 };
 use factum::{
-    BoxError, Error, EventFilter, EventId, EventStore, ExpectedVersion, InMemoryStore, LogPosition,
-    NewEvent, RawValue, RecordedEvent, StreamId,
+    BoxError, Error, EventFilter, EventId, EventStore, InMemoryStore, LogPosition, NewEvent,
+    RawValue, RecordedEvent, StreamId,
 };
 
 fn event(event_type: &str) -> NewEvent {
@@ -26,11 +26,10 @@ fn event(event_type: &str) -> NewEvent {
 async fn append(store: &InMemoryStore, stream: &str, events: Vec<NewEvent>) -> Vec<EventId> {
     let ids = events.iter().map(|e| e.event_id).collect();
     store
-        .append(
-            &StreamId::new(stream).unwrap(),
-            ExpectedVersion::Any,
+        .append(factum::AppendRequest::new(
+            StreamId::new(stream).unwrap(),
             events,
-        )
+        ))
         .await
         .unwrap();
     ids
@@ -343,13 +342,15 @@ struct Flaky {
 }
 
 impl EventStore for Flaky {
-    async fn append(
+    async fn append(&self, request: factum::AppendRequest) -> Result<factum::AppendResult, Error> {
+        self.inner.append(request).await
+    }
+
+    async fn idempotency_outcome(
         &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<factum::AppendResult, Error> {
-        self.inner.append(stream, expected, events).await
+        key: &factum::IdempotencyKey,
+    ) -> Result<Option<factum::AppendResult>, Error> {
+        self.inner.idempotency_outcome(key).await
     }
 
     fn read_stream<'a>(

@@ -25,7 +25,10 @@ fn stored(event_type: &str, version: u32, json: &str) -> NewEvent {
 async fn seed(store: &InMemoryStore, id: &str, events: Vec<NewEvent>) {
     let stream = StreamId::for_aggregate("customer", id).expect("valid stream id");
     store
-        .append(&stream, ExpectedVersion::NoStream, events)
+        .append(
+            factum::AppendRequest::new(stream.clone(), events)
+                .expected_version(ExpectedVersion::NoStream),
+        )
         .await
         .expect("appends");
 }

@@ -17,6 +17,8 @@ pub(crate) enum Failure {
     VersionConflict(sqlx::Error),
     /// A unique violation on the event_id index: some id of the batch is already stored.
     DuplicateEventId(sqlx::Error),
+    /// A unique violation on the idempotency key: a concurrent append stored the key first.
+    KeyTaken(sqlx::Error),
     /// Anything else: retrying will not help.
     Permanent(sqlx::Error),
 }
@@ -33,6 +35,8 @@ pub(crate) enum Op {
 /// Index-name suffixes of the per-partition unique indexes (see the migrations).
 const VERSION_INDEX_SUFFIX: &str = "_stream_version_uq";
 const EVENT_ID_INDEX_SUFFIX: &str = "_event_id_uq";
+/// The primary key of the idempotency keys (migration 0004).
+const IDEMPOTENCY_KEY_INDEX: &str = "idempotency_keys_pkey";
 
 /// Classifies a sqlx error. The only function in the crate that reads SQLSTATE codes.
 pub(crate) fn classify(error: sqlx::Error, op: Op) -> Failure {
@@ -51,6 +55,8 @@ pub(crate) fn classify(error: sqlx::Error, op: Op) -> Failure {
                         Failure::VersionConflict(error)
                     } else if constraint.ends_with(EVENT_ID_INDEX_SUFFIX) {
                         Failure::DuplicateEventId(error)
+                    } else if constraint == IDEMPOTENCY_KEY_INDEX {
+                        Failure::KeyTaken(error)
                     } else {
                         Failure::Permanent(error)
                     }
@@ -84,6 +90,7 @@ impl Failure {
             | Failure::UnknownOutcome(e)
             | Failure::VersionConflict(e)
             | Failure::DuplicateEventId(e)
+            | Failure::KeyTaken(e)
             | Failure::Permanent(e) => e,
         }
     }

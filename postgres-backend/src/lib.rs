@@ -16,7 +16,7 @@
 //!     payload: serde_json::value::to_raw_value(&serde_json::json!({"owner": "Ada"})).unwrap(),
 //!     metadata: Default::default(),
 //! };
-//! let result = store.append(&stream, ExpectedVersion::NoStream, vec![opened]).await?;
+//! let result = store.append(factum::AppendRequest::new(stream.clone(), vec![opened]).expected_version(ExpectedVersion::NoStream)).await?;
 //! assert_eq!(result.stream_version.get(), 1);
 //! # Ok(())
 //! # }

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use factum::resilience::{FullJitter, RetryPolicy};
 use factum::{
-    AppendResult, CATEGORY_SEPARATOR, CausationId, CorrelationId, DecodeError, Error, EventFilter,
-    EventId, EventMetadata, EventPayload, EventStore, EventStream, ExpectedVersion, GlobalPosition,
-    LogPosition, Metadata, NewEvent, PayloadStream, RawValue, RecordedEvent, SnapshotStore,
-    StoredSnapshot, StreamId, StreamVersion, validate_batch,
+    AppendRequest, AppendResult, CATEGORY_SEPARATOR, CausationId, CorrelationId, DecodeError,
+    Error, EventFilter, EventId, EventMetadata, EventPayload, EventStore, EventStream,
+    ExpectedVersion, GlobalPosition, IdempotencyKey, LogPosition, Metadata, NewEvent,
+    PayloadStream, RawValue, RecordedEvent, SnapshotStore, StoredSnapshot, StreamId, StreamVersion,
+    validate_batch,
 };
 use futures_util::StreamExt;
 use sqlx::PgPool;
@@ -160,47 +161,117 @@ impl PostgresStore {
         Ok(StreamVersion::new(to_u64(version.unwrap_or(0))))
     }
 
-    async fn append_batch(
+    /// Removes the idempotency keys stored before `before` and returns how many. A request
+    /// repeating one of them afterwards is a new write (event ids still protect the batch when
+    /// they are the same). Run it on a schedule with a retention longer than any client retries.
+    pub async fn expire_idempotency_keys(&self, before: DateTime<Utc>) -> Result<u64, Error> {
+        let done = sqlx::query(&self.inner.sql.expire_keys)
+            .bind(before)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(|e| to_error(e, "expire idempotency keys"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Appends inside a transaction the caller holds, with the guarantees of
+    /// [`EventStore::append`]: the events, their idempotency key and the caller's own writes in
+    /// `conn` commit together or not at all (an inbound consumer's inbox row, a saga's state, an
+    /// application's table).
+    ///
+    /// No retries happen here: a failed statement aborts the caller's transaction, so the
+    /// caller retries the whole transaction. Two details differ from an append on the pool: a
+    /// concurrent append of the same idempotency key fails the statement with
+    /// [`Error::Transient`] (the transaction is aborted; retry it, and the repeat then finds the
+    /// key), and the append is not visible to readers of the global log before the commit.
+    ///
+    /// ```no_run
+    /// # use factum::{AppendRequest, ExpectedVersion, StreamId};
+    /// # async fn run(store: factum_postgres::PostgresStore, request: AppendRequest) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = store.pool().begin().await?;
+    /// sqlx::query("INSERT INTO inbox (message_id) VALUES ($1)")
+    ///     .bind("msg-1")
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// store.append_in(&mut tx, request).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn append_in(
         &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        conn: &mut sqlx::PgConnection,
+        request: AppendRequest,
     ) -> Result<AppendResult, Error> {
-        validate_batch(stream, &events)?;
-        let batch = Batch::new(stream, &events)?;
+        validate_batch(&request.stream, &request.events)?;
+        let batch = Batch::new(&request.stream, &request.events)?;
+        let failure = match self.try_append(&mut *conn, &request, &batch).await {
+            Ok(Some(result)) => return Ok(result),
+            Ok(None) => None,
+            Err(failure) => Some(failure),
+        };
+        match failure {
+            None => match self.resolve(conn, &request, &batch).await? {
+                Resolved::Done(result) => Ok(result),
+                Resolved::Conflict(actual) | Resolved::Moved(actual) => Err(Error::Conflict {
+                    stream: request.stream,
+                    expected: request.expected,
+                    actual,
+                }),
+            },
+            Some(Failure::VersionConflict(_)) => Err(Error::Conflict {
+                actual: self.stream_version_on(conn, &request.stream).await?,
+                stream: request.stream,
+                expected: request.expected,
+            }),
+            Some(Failure::Transient(e) | Failure::DuplicateEventId(e) | Failure::KeyTaken(e)) => {
+                Err(Error::transient("append", e))
+            }
+            Some(Failure::UnknownOutcome(e)) => Err(Error::UnknownOutcome {
+                operation: "append",
+                stream: request.stream,
+                source: Box::new(e),
+            }),
+            Some(Failure::Permanent(e)) => Err(Error::permanent("append", e)),
+        }
+    }
+
+    async fn append_batch(&self, request: AppendRequest) -> Result<AppendResult, Error> {
+        let stream = &request.stream;
+        validate_batch(stream, &request.events)?;
+        let batch = Batch::new(stream, &request.events)?;
         // One schedule for the whole call: every wait (before retrying the statement or looking
         // the batch up again) takes the policy's next delay, so the policy bounds the call.
         let mut retries = Retries::new(self.inner.options.retry());
         loop {
-            let failure = match self.try_append(stream, expected, &batch).await {
+            let failure = match self.try_append(&self.inner.pool, &request, &batch).await {
                 Ok(Some(result)) => return Ok(result),
-                // Zero rows: the version did not match, or some id of the batch is stored.
+                // Zero rows: the version did not match, or the key or some id of the batch is
+                // stored.
                 Ok(None) => None,
                 Err(failure) => Some(failure),
             };
             match failure {
-                None | Some(Failure::DuplicateEventId(_)) => {
-                    match self.existing(stream, &batch).await? {
-                        Existing::Stored(result) => return Ok(result),
-                        Existing::Elsewhere(error) => return Err(error),
-                        Existing::NotStored => {}
-                    }
-                    let actual = self.stream_version(stream).await?;
-                    // Versions only grow: a mismatch now is a real conflict. A match means the
-                    // stream moved between the statement and this read: try again at once (the
-                    // attempt still counts).
-                    if !(expected.matches(actual) && retries.next().is_some()) {
-                        return Err(Error::Conflict {
-                            stream: stream.clone(),
-                            expected,
-                            actual,
-                        });
+                // A concurrent append stored one of the batch's ids or its key first: look again.
+                None | Some(Failure::DuplicateEventId(_) | Failure::KeyTaken(_)) => {
+                    let mut conn = self.connection("append").await?;
+                    match self.resolve(&mut conn, &request, &batch).await? {
+                        Resolved::Done(result) => return Ok(result),
+                        // Versions only grow: a mismatch now is a real conflict. A match means
+                        // the stream moved between the statement and the read: try again at
+                        // once (the attempt still counts).
+                        Resolved::Moved(_) if retries.next().is_some() => {}
+                        Resolved::Conflict(actual) | Resolved::Moved(actual) => {
+                            return Err(Error::Conflict {
+                                stream: stream.clone(),
+                                expected: request.expected,
+                                actual,
+                            });
+                        }
                     }
                 }
                 Some(Failure::VersionConflict(_)) => {
                     return Err(Error::Conflict {
                         stream: stream.clone(),
-                        expected,
+                        expected: request.expected,
                         actual: self.stream_version(stream).await?,
                     });
                 }
@@ -213,7 +284,7 @@ impl PostgresStore {
                 }
                 Some(Failure::UnknownOutcome(e)) => {
                     tracing::warn!(%stream, error = %e, "connection lost during append; checking whether it was stored");
-                    match self.settle(stream, &batch, &mut retries).await {
+                    match self.settle(&request, &batch, &mut retries).await {
                         Some(Existing::Stored(mut result)) => {
                             // Stored by the lost attempt: for the caller, this append stored it.
                             result.duplicate = false;
@@ -239,23 +310,66 @@ impl PostgresStore {
         }
     }
 
-    /// One round trip: bump the stream row where the version matches and insert the batch.
-    /// `Ok(None)` when no row matched (conflict or already-stored id).
-    async fn try_append(
+    async fn connection(
         &self,
+        operation: &'static str,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, Error> {
+        self.inner
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| to_error(e, operation))
+    }
+
+    /// After an append changed nothing: the key's or the ids' earlier outcome, or the stream's
+    /// version to judge the conflict by.
+    async fn resolve(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        request: &AppendRequest,
+        batch: &Batch<'_>,
+    ) -> Result<Resolved, Error> {
+        match self.existing(conn, request, batch).await? {
+            Existing::Stored(result) => return Ok(Resolved::Done(result)),
+            Existing::Elsewhere(error) => return Err(error),
+            Existing::NotStored => {}
+        }
+        let actual = self.stream_version_on(conn, &request.stream).await?;
+        Ok(if request.expected.matches(actual) {
+            Resolved::Moved(actual)
+        } else {
+            Resolved::Conflict(actual)
+        })
+    }
+
+    async fn stream_version_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
         stream: &StreamId,
-        expected: ExpectedVersion,
+    ) -> Result<StreamVersion, Error> {
+        let version: Option<i64> = sqlx::query_scalar(&self.inner.sql.stream_version)
+            .bind(stream.as_str())
+            .fetch_optional(conn)
+            .await
+            .map_err(|e| to_error(e, "read stream version"))?;
+        Ok(StreamVersion::new(to_u64(version.unwrap_or(0))))
+    }
+
+    /// One round trip: bump the stream row where the version matches and insert the batch (and
+    /// its key). `Ok(None)` when no row matched (conflict, or an already-stored key or id).
+    async fn try_append<'c>(
+        &self,
+        conn: impl sqlx::PgExecutor<'c>,
+        request: &AppendRequest,
         batch: &Batch<'_>,
     ) -> Result<Option<AppendResult>, Failure> {
+        let stream = &request.stream;
         // A single event (what most commands yield) binds scalars: no arrays to build, send and
         // unnest, which makes the statement measurably cheaper for the server.
         let single = batch.ids.len() == 1;
-        let sql = if single {
-            &self.inner.sql.append_one
-        } else {
-            &self.inner.sql.append_many
-        };
-        let query = match expected {
+        let keyed = request.idempotency_key.is_some();
+        let sql = &self.inner.sql.append[usize::from(single) + 2 * usize::from(keyed)];
+        let query = match request.expected {
             ExpectedVersion::Exact(v) if v != StreamVersion::INITIAL => {
                 sqlx::query_as::<_, (i64, i64)>(&sql.exact).bind(to_i64(v.get()))
             }
@@ -284,46 +398,106 @@ impl PostgresStore {
                 .bind(&batch.correlation_ids)
                 .bind(&batch.causation_ids)
         };
+        let query = match &request.idempotency_key {
+            Some(key) => query.bind(key.as_str()),
+            None => query,
+        };
         let mut rows: Vec<(i64, i64)> = query
-            .fetch_all(&self.inner.pool)
+            .fetch_all(conn)
             .await
             .map_err(|e| classify(e, Op::Write))?;
         if rows.is_empty() {
             return Ok(None);
         }
         rows.sort_unstable_by_key(|&(_, version)| version);
-        Ok(Some(AppendResult {
-            stream_version: StreamVersion::new(rows.last().map_or(0, |&(_, v)| to_u64(v))),
-            positions: rows
-                .iter()
+        let first = StreamVersion::new(to_u64(rows[0].1 - 1));
+        Ok(Some(AppendResult::new(
+            stream.clone(),
+            first,
+            rows.iter()
                 .map(|&(p, _)| GlobalPosition::new(to_u64(p)))
                 .collect(),
-            duplicate: false,
-        }))
+        )))
     }
 
-    /// Looks the batch's event ids up and applies the idempotent re-append rule.
-    async fn existing(&self, stream: &StreamId, batch: &Batch<'_>) -> Result<Existing, Error> {
+    /// Looks the request's key, then the batch's event ids up, and applies the repeat rules.
+    async fn existing(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        request: &AppendRequest,
+        batch: &Batch<'_>,
+    ) -> Result<Existing, Error> {
+        if let Some(key) = &request.idempotency_key
+            && let Some((stored, ids)) = self.key_record(&mut *conn, key).await?
+        {
+            let same = stored.stream == request.stream && ids == batch.ids;
+            return Ok(if same {
+                Existing::Stored(stored)
+            } else {
+                Existing::Elsewhere(Error::IdempotencyKeyReused {
+                    key: key.clone(),
+                    stream: request.stream.clone(),
+                    stored_stream: stored.stream,
+                })
+            });
+        }
         let rows: Vec<(Uuid, String, i64, i64)> = sqlx::query_as(&self.inner.sql.find_ids)
             .bind(&batch.ids)
-            .fetch_all(&self.inner.pool)
+            .fetch_all(conn)
             .await
             .map_err(|e| to_error(e, "append"))?;
-        Ok(Existing::judge(stream, batch, rows))
+        Ok(Existing::judge(&request.stream, batch, rows))
     }
 
-    /// After a lost connection: looks the ids up, waiting for the database between look-ups by
-    /// the retry schedule and at most the outcome check timeout. `None` when it could not be
-    /// reached in time.
+    /// What the append that stored `key` recorded, with its event ids.
+    async fn key_record<'c>(
+        &self,
+        conn: impl sqlx::PgExecutor<'c>,
+        key: &IdempotencyKey,
+    ) -> Result<Option<(AppendResult, Vec<Uuid>)>, Error> {
+        let row: Option<(String, i64, Vec<i64>, Vec<Uuid>)> =
+            sqlx::query_as(&self.inner.sql.find_key)
+                .bind(key.as_str())
+                .fetch_optional(conn)
+                .await
+                .map_err(|e| to_error(e, "look up an idempotency key"))?;
+        row.map(|(stream, first, positions, ids)| {
+            let stream = StreamId::new(stream).map_err(|e| {
+                Error::permanent(
+                    "look up an idempotency key",
+                    format!("stored stream id: {e}"),
+                )
+            })?;
+            let positions = positions
+                .into_iter()
+                .map(|p| GlobalPosition::new(to_u64(p)))
+                .collect();
+            Ok((
+                AppendResult::new(stream, StreamVersion::new(to_u64(first)), positions)
+                    .as_duplicate(),
+                ids,
+            ))
+        })
+        .transpose()
+    }
+
+    /// After a lost connection: looks the key and ids up, waiting for the database between
+    /// look-ups by the retry schedule and at most the outcome check timeout. `None` when it could
+    /// not be reached in time.
     async fn settle(
         &self,
-        stream: &StreamId,
+        request: &AppendRequest,
         batch: &Batch<'_>,
         retries: &mut Retries,
     ) -> Option<Existing> {
+        let stream = &request.stream;
         let deadline = Instant::now() + self.inner.options.outcome_check_timeout();
         loop {
-            match self.existing(stream, batch).await {
+            let looked = match self.connection("append").await {
+                Ok(mut conn) => self.existing(&mut conn, request, batch).await,
+                Err(e) => Err(e),
+            };
+            match looked {
                 Ok(existing) => return Some(existing),
                 Err(e) if e.is_transient() => {
                     let delay = retries.next()?;
@@ -337,6 +511,16 @@ impl PostgresStore {
             }
         }
     }
+}
+
+/// What an append that changed nothing comes to.
+enum Resolved {
+    /// Stored before (a repeat): the original outcome.
+    Done(AppendResult),
+    /// The stream is not at the expected version.
+    Conflict(StreamVersion),
+    /// The stream is at the expected version now: it moved during the statement.
+    Moved(StreamVersion),
 }
 
 /// The delays of one call's retries, from its [`RetryPolicy`]: full jitter, at most
@@ -460,14 +644,18 @@ impl Existing {
         if exact {
             let stored: Vec<&(String, i64, i64)> =
                 batch.ids.iter().filter_map(|id| found.get(id)).collect();
-            return Existing::Stored(AppendResult {
-                stream_version: StreamVersion::new(stored.last().map_or(0, |f| to_u64(f.1))),
-                positions: stored
-                    .iter()
-                    .map(|f| GlobalPosition::new(to_u64(f.2)))
-                    .collect(),
-                duplicate: true,
-            });
+            let first = StreamVersion::new(to_u64(stored[0].1 - 1));
+            return Existing::Stored(
+                AppendResult::new(
+                    stream.clone(),
+                    first,
+                    stored
+                        .iter()
+                        .map(|f| GlobalPosition::new(to_u64(f.2)))
+                        .collect(),
+                )
+                .as_duplicate(),
+            );
         }
         let (id, (existing_stream, _, _)) = batch
             .ids
@@ -637,10 +825,12 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for LogRow {
 
 /// The store's SQL, with the schema name quoted in once.
 struct Sql {
-    /// Appends of one event (scalar parameters) and of several (arrays).
-    append_one: AppendSql,
-    append_many: AppendSql,
+    /// Appends of several events (arrays) and of one (scalar parameters), without and with an
+    /// idempotency key: indexed by `single + 2 * keyed`.
+    append: [AppendSql; 4],
     find_ids: String,
+    find_key: String,
+    expire_keys: String,
     stream_version: String,
     read_stream: String,
     read_payloads: String,
@@ -656,9 +846,10 @@ struct Sql {
 /// The append statement for each kind of expected version.
 ///
 /// $1: the variant's parameter (expected version or category), $2 stream, $3 batch size, $4..$10
-/// the batch's columns (scalars or arrays). The stream row is bumped only when no id of the batch
-/// is stored in any partition (so a re-append stores nothing and the caller can look the ids
-/// up), and no sequence value is taken when it is not bumped.
+/// the batch's columns (scalars or arrays), $11 the idempotency key of a keyed append. The stream
+/// row is bumped only when no id of the batch is stored in any partition and the key is not
+/// stored (so a repeat stores nothing and the caller can look the key and ids up), and no
+/// sequence value is taken when it is not bumped.
 struct AppendSql {
     exact: String,
     no_stream: String,
@@ -755,17 +946,49 @@ impl Sql {
                  ) p ON true"
             )
         };
+        let ids_not_stored = |single: bool| {
+            if single {
+                format!("NOT EXISTS (SELECT 1 FROM {s}.events WHERE event_id = $4::uuid)")
+            } else {
+                format!("NOT EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY($4::uuid[]))")
+            }
+        };
+        // A keyed append also requires the key to be new, and records it from the inserted rows
+        // in the same statement (a data-modifying CTE runs whether or not the query reads it).
+        let keyed = |single: bool, insert: &str| {
+            let ids = if single {
+                "ARRAY[$4::uuid]"
+            } else {
+                "$4::uuid[]"
+            };
+            AppendSql::new(
+                &s,
+                &format!(
+                    "{} AND NOT EXISTS (SELECT 1 FROM {s}.idempotency_keys WHERE key = $11::text)",
+                    ids_not_stored(single)
+                ),
+                &format!(
+                    ", ins AS ({insert}), \
+                     k AS (INSERT INTO {s}.idempotency_keys (key, stream_id, first_version, positions, event_ids) \
+                         SELECT $11::text, $2::text, min(stream_version) - 1, \
+                             array_agg(global_position ORDER BY stream_version), {ids} \
+                         FROM ins HAVING count(*) > 0) \
+                     SELECT global_position, stream_version FROM ins"
+                ),
+            )
+        };
         Self {
-            append_one: AppendSql::new(
-                &s,
-                &format!("NOT EXISTS (SELECT 1 FROM {s}.events WHERE event_id = $4::uuid)"),
-                &insert_one,
+            append: [
+                AppendSql::new(&s, &ids_not_stored(false), &insert_many),
+                AppendSql::new(&s, &ids_not_stored(true), &insert_one),
+                keyed(false, &insert_many),
+                keyed(true, &insert_one),
+            ],
+            find_key: format!(
+                "SELECT stream_id, first_version, positions, event_ids \
+                 FROM {s}.idempotency_keys WHERE key = $1"
             ),
-            append_many: AppendSql::new(
-                &s,
-                &format!("NOT EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY($4::uuid[]))"),
-                &insert_many,
-            ),
+            expire_keys: format!("DELETE FROM {s}.idempotency_keys WHERE stored_at < $1"),
             find_ids: format!(
                 "SELECT event_id, stream_id, stream_version, global_position \
                  FROM {s}.events WHERE event_id = ANY($1)"
@@ -829,11 +1052,19 @@ impl Sql {
 impl EventStore for PostgresStore {
     fn append(
         &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
+        request: AppendRequest,
     ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
-        self.append_batch(stream, expected, events)
+        self.append_batch(request)
+    }
+
+    async fn idempotency_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Option<AppendResult>, Error> {
+        Ok(self
+            .key_record(&self.inner.pool, key)
+            .await?
+            .map(|(result, _)| result))
     }
 
     fn read_stream_payloads<'a>(

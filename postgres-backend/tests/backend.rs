@@ -117,7 +117,10 @@ async fn corrupted_payload_names_stream_version_type_and_position() {
         let store = db.patient_store();
         let id = stream("account-1");
         store
-            .append(&id, ExpectedVersion::NoStream, vec![deposit(5)])
+            .append(
+                factum::AppendRequest::new(id.clone(), vec![deposit(5)])
+                    .expected_version(ExpectedVersion::NoStream),
+            )
             .await
             .expect("append");
         // Valid JSON (jsonb accepts nothing else) that does not fit the type.
@@ -236,7 +239,10 @@ async fn schemas_isolate_stores_in_one_database() {
 
         let id = stream("invoice-1");
         billing
-            .append(&id, ExpectedVersion::NoStream, vec![deposit(1)])
+            .append(
+                factum::AppendRequest::new(id.clone(), vec![deposit(1)])
+                    .expected_version(ExpectedVersion::NoStream),
+            )
             .await
             .expect("append");
         let default = db.store();
@@ -296,7 +302,10 @@ async fn a_conflicting_append_takes_no_position() {
         let store = db.store();
         let id = stream("order-1");
         let first = store
-            .append(&id, ExpectedVersion::NoStream, vec![deposit(1)])
+            .append(
+                factum::AppendRequest::new(id.clone(), vec![deposit(1)])
+                    .expected_version(ExpectedVersion::NoStream),
+            )
             .await
             .expect("append");
         for expected in [
@@ -304,7 +313,10 @@ async fn a_conflicting_append_takes_no_position() {
             ExpectedVersion::Exact(StreamVersion::new(7)),
         ] {
             let conflict = store
-                .append(&id, expected, vec![deposit(2)])
+                .append(
+                    factum::AppendRequest::new(id.clone(), vec![deposit(2)])
+                        .expected_version(expected),
+                )
                 .await
                 .expect_err("conflict");
             assert!(
@@ -314,9 +326,8 @@ async fn a_conflicting_append_takes_no_position() {
         }
         let next = store
             .append(
-                &id,
-                ExpectedVersion::Exact(StreamVersion::new(1)),
-                vec![deposit(3), deposit(4)],
+                factum::AppendRequest::new(id.clone(), vec![deposit(3), deposit(4)])
+                    .expected_version(ExpectedVersion::Exact(StreamVersion::new(1))),
             )
             .await
             .expect("append");
@@ -377,7 +388,10 @@ async fn a_rolled_back_append_is_retried_by_the_store_policy() {
         let db = TestDatabase::create().await;
         let id = stream("account-9");
         db.store()
-            .append(&id, ExpectedVersion::NoStream, vec![deposit(1)])
+            .append(
+                factum::AppendRequest::new(id.clone(), vec![deposit(1)])
+                    .expected_version(ExpectedVersion::NoStream),
+            )
             .await
             .expect("the stream exists");
         let config = factum_postgres::PoolConfig {
@@ -422,9 +436,8 @@ async fn a_rolled_back_append_is_retried_by_the_store_policy() {
         let holder = lock_row(&db).await;
         let error = once
             .append(
-                &id,
-                ExpectedVersion::Exact(StreamVersion::new(1)),
-                vec![deposit(2)],
+                factum::AppendRequest::new(id.clone(), vec![deposit(2)])
+                    .expected_version(ExpectedVersion::Exact(StreamVersion::new(1))),
             )
             .await
             .expect_err("cancelled");
@@ -439,9 +452,8 @@ async fn a_rolled_back_append_is_retried_by_the_store_policy() {
             async move {
                 store
                     .append(
-                        &id,
-                        ExpectedVersion::Exact(StreamVersion::new(1)),
-                        vec![deposit(3)],
+                        factum::AppendRequest::new(id.clone(), vec![deposit(3)])
+                            .expected_version(ExpectedVersion::Exact(StreamVersion::new(1))),
                     )
                     .await
             }

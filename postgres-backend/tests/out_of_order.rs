@@ -46,11 +46,7 @@ async fn a_late_commit_with_a_lower_position_is_not_skipped() {
 
         // B: a whole append, committed first, with a higher position.
         let b = store
-            .append(
-                &StreamId::new("order-b").expect("id"),
-                ExpectedVersion::NoStream,
-                vec![event(2)],
-            )
+            .append(factum::AppendRequest::new(StreamId::new("order-b").expect("id"), vec![event(2)]).expected_version(ExpectedVersion::NoStream))
             .await
             .expect("append B");
         assert!(b.positions[0].get() > u64::try_from(a_position).expect("positive"));

@@ -92,16 +92,18 @@ async fn appends_reads_and_reappends_work_across_partitions_created_ahead() {
         let id = stream("order-1");
         let first_batch: Vec<NewEvent> = (1..=6).map(event).collect();
         let first = store
-            .append(&id, ExpectedVersion::NoStream, first_batch.clone())
+            .append(
+                factum::AppendRequest::new(id.clone(), first_batch.clone())
+                    .expected_version(ExpectedVersion::NoStream),
+            )
             .await
             .expect("first batch");
         assert_eq!(first.stream_version.get(), 6);
         for n in 7..=16 {
             store
                 .append(
-                    &id,
-                    ExpectedVersion::Exact(StreamVersion::new(n - 1)),
-                    vec![event(n)],
+                    factum::AppendRequest::new(id.clone(), vec![event(n)])
+                        .expected_version(ExpectedVersion::Exact(StreamVersion::new(n - 1))),
                 )
                 .await
                 .expect("append");
@@ -135,7 +137,7 @@ async fn appends_reads_and_reappends_work_across_partitions_created_ahead() {
         // The first batch straddles p0 and the next partition, and new events now go to a third:
         // re-appending it is still recognised (by id, across partitions) and stores nothing.
         let again = store
-            .append(&id, ExpectedVersion::Any, first_batch.clone())
+            .append(factum::AppendRequest::new(id.clone(), first_batch.clone()))
             .await
             .expect("idempotent re-append");
         assert!(again.duplicate);
@@ -143,16 +145,15 @@ async fn appends_reads_and_reappends_work_across_partitions_created_ahead() {
         // One stored id inside a new batch: rejected, nothing stored.
         let mixed = vec![first_batch[0].clone(), event(99)];
         let error = store
-            .append(&id, ExpectedVersion::Any, mixed)
+            .append(factum::AppendRequest::new(id.clone(), mixed))
             .await
             .expect_err("partly stored");
         assert!(matches!(error, Error::DuplicateEventId { .. }), "{error:?}");
         // A stale expected version is a conflict, whichever partition the stream's tail is in.
         let error = store
             .append(
-                &id,
-                ExpectedVersion::Exact(StreamVersion::new(6)),
-                vec![event(100)],
+                factum::AppendRequest::new(id.clone(), vec![event(100)])
+                    .expected_version(ExpectedVersion::Exact(StreamVersion::new(6))),
             )
             .await
             .expect_err("conflict");
@@ -181,15 +182,17 @@ async fn a_partition_of_archived_streams_is_detached_and_the_rest_stays() {
         let old = stream("old-1");
         store
             .append(
-                &old,
-                ExpectedVersion::NoStream,
-                (1..=10).map(event).collect(),
+                factum::AppendRequest::new(old.clone(), (1..=10).map(event).collect())
+                    .expected_version(ExpectedVersion::NoStream),
             )
             .await
             .expect("old");
         let new = stream("new-1");
         store
-            .append(&new, ExpectedVersion::NoStream, vec![event(1)])
+            .append(
+                factum::AppendRequest::new(new.clone(), vec![event(1)])
+                    .expected_version(ExpectedVersion::NoStream),
+            )
             .await
             .expect("new");
         assert_eq!(homes(&db, &old).await, ["factum.events_p1000000000"; 10]);
@@ -236,9 +239,8 @@ async fn a_partition_of_archived_streams_is_detached_and_the_rest_stays() {
         assert_eq!(read(&store, &new).await.len(), 1);
         store
             .append(
-                &new,
-                ExpectedVersion::Exact(StreamVersion::new(1)),
-                vec![event(2)],
+                factum::AppendRequest::new(new.clone(), vec![event(2)])
+                    .expected_version(ExpectedVersion::Exact(StreamVersion::new(1))),
             )
             .await
             .expect("appends go on");

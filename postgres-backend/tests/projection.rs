@@ -25,12 +25,14 @@ async fn each_event_is_applied_once_and_a_new_runner_resumes_from_the_checkpoint
         // Events of other types are filtered out at the source.
         store
             .append(
-                &factum::StreamId::new("other-1").expect("id"),
-                factum::ExpectedVersion::Any,
-                vec![factum::NewEvent {
-                    event_type: "other.thing".into(),
-                    ..entry(0)
-                }],
+                factum::AppendRequest::new(
+                    factum::StreamId::new("other-1").expect("id").clone(),
+                    vec![factum::NewEvent {
+                        event_type: "other.thing".into(),
+                        ..entry(0)
+                    }],
+                )
+                .expected_version(factum::ExpectedVersion::Any),
             )
             .await
             .expect("append");

@@ -231,7 +231,10 @@ async fn appends_survive_the_database_being_cut_away_and_restored() {
                     let stream = StreamId::new(format!("account-{w}x{i}")).expect("valid");
                     let batch = vec![event(), event()];
                     let result = store
-                        .append(&stream, ExpectedVersion::NoStream, batch.clone())
+                        .append(
+                            factum::AppendRequest::new(stream.clone(), batch.clone())
+                                .expected_version(ExpectedVersion::NoStream),
+                        )
                         .await;
                     let outcome = match result {
                         Ok(appended) => {
@@ -326,7 +329,10 @@ async fn appends_survive_the_database_being_cut_away_and_restored() {
     // or not its first attempt had landed.
     for (stream, batch, _) in &failed {
         store
-            .append(stream, ExpectedVersion::NoStream, batch.clone())
+            .append(
+                factum::AppendRequest::new(stream.clone(), batch.clone())
+                    .expected_version(ExpectedVersion::NoStream),
+            )
             .await
             .expect("re-append after the restore");
     }
@@ -352,7 +358,10 @@ async fn an_append_chosen_as_deadlock_victim_is_retried_and_stored_once() {
     ));
     let stream = StreamId::new("account-1").expect("valid");
     store
-        .append(&stream, ExpectedVersion::NoStream, vec![event()])
+        .append(
+            factum::AppendRequest::new(stream.clone(), vec![event()])
+                .expected_version(ExpectedVersion::NoStream),
+        )
         .await
         .expect("the stream exists");
     let deadlocks_before = deadlocks(&db).await;
@@ -381,9 +390,8 @@ async fn an_append_chosen_as_deadlock_victim_is_retried_and_stored_once() {
         async move {
             store
                 .append(
-                    &stream,
-                    ExpectedVersion::Exact(factum::StreamVersion::new(1)),
-                    batch,
+                    factum::AppendRequest::new(stream.clone(), batch)
+                        .expected_version(ExpectedVersion::Exact(factum::StreamVersion::new(1))),
                 )
                 .await
         }
@@ -514,7 +522,7 @@ async fn a_projection_runner_waits_out_a_database_outage_and_applies_every_event
         async move {
             for _ in 0..n {
                 direct
-                    .append(&stream, ExpectedVersion::Any, vec![event()])
+                    .append(factum::AppendRequest::new(stream.clone(), vec![event()]))
                     .await
                     .expect("append");
             }

@@ -65,7 +65,7 @@ async fn concurrent_writers_are_seen_once_in_order_and_the_checkpoint_survives_a
                         let batch = vec![event(n), event(n)];
                         ids.extend(batch.iter().map(|e| e.event_id));
                         store
-                            .append(&id, ExpectedVersion::Any, batch)
+                            .append(factum::AppendRequest::new(id.clone(), batch))
                             .await
                             .expect("append");
                     }
@@ -116,11 +116,10 @@ async fn concurrent_writers_are_seen_once_in_order_and_the_checkpoint_survives_a
         let later = event(99);
         let later_id = later.event_id;
         store
-            .append(
-                &StreamId::new("ledger-x").expect("id"),
-                ExpectedVersion::Any,
+            .append(factum::AppendRequest::new(
+                StreamId::new("ledger-x").expect("id"),
                 vec![later],
-            )
+            ))
             .await
             .expect("append");
         let mut restarted = Recorder::default();
@@ -149,7 +148,10 @@ async fn poison_events_are_parked_in_postgres_and_can_be_unparked() {
         let batch = vec![event(1), event(2), event(3)];
         let poison = batch[1].event_id;
         store
-            .append(&id, ExpectedVersion::NoStream, batch)
+            .append(
+                factum::AppendRequest::new(id.clone(), batch)
+                    .expected_version(ExpectedVersion::NoStream),
+            )
             .await
             .expect("append");
         let mut recorder = Recorder {

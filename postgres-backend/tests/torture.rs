@@ -104,7 +104,10 @@ async fn run() {
                 loop {
                     tries += 1;
                     match store
-                        .append(&id, ExpectedVersion::Exact(version), events.clone())
+                        .append(
+                            factum::AppendRequest::new(id.clone(), events.clone())
+                                .expected_version(ExpectedVersion::Exact(version)),
+                        )
                         .await
                     {
                         Ok(result) => {
@@ -114,7 +117,7 @@ async fn run() {
                             // Sometimes retry an acknowledged append, as after a lost reply.
                             if rng.below(10) == 0 {
                                 let again = store
-                                    .append(&id, ExpectedVersion::Any, events.clone())
+                                    .append(factum::AppendRequest::new(id.clone(), events.clone()))
                                     .await
                                     .expect("idempotent re-append");
                                 assert!(again.duplicate);

@@ -7,9 +7,8 @@ use std::marker::PhantomData;
 
 use factum::{
     Aggregate, Command, CommandContext, CommandError, CorrelationId, Envelope, Event, EventFilter,
-    EventMetadata, EventStore, ExpectedVersion, InMemoryStore, IssuedCommand, LogPosition,
-    NewEvent, Outbox, ProcessManager, Projection, RecordedEvent, Repository, StreamId,
-    StreamVersion,
+    EventMetadata, EventStore, InMemoryStore, IssuedCommand, LogPosition, NewEvent, Outbox,
+    ProcessManager, Projection, RecordedEvent, Repository, StreamId, StreamVersion,
 };
 
 use crate::envelope::stream_id;
@@ -322,7 +321,10 @@ impl<A: Aggregate> Setup<A> {
         };
         for (target, batch) in std::mem::take(&mut self.given) {
             let target = target.unwrap_or_else(|| stream.clone());
-            if let Err(e) = block_on(self.store.append(&target, ExpectedVersion::Any, batch)) {
+            if let Err(e) = block_on(
+                self.store
+                    .append(factum::AppendRequest::new(target.clone(), batch)),
+            ) {
                 panic!("the given events could not be appended to `{target}`: {e}");
             }
         }

@@ -23,10 +23,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use factum::{
-    Aggregate, AppendResult, Command, CommandContext, CorrelationId, DecodeError, EncodeError,
-    Error, Event, EventFilter, EventId, EventMetadata, EventPayload, EventStore, EventStream,
-    ExpectedVersion, LogPosition, Metadata, NewEvent, RawValue, RecordedEvent, Repository,
-    Snapshot, SnapshotPolicy, SnapshotStore, StoredSnapshot, StreamId, StreamVersion,
+    Aggregate, AppendRequest, AppendResult, Command, CommandContext, CorrelationId, DecodeError,
+    EncodeError, Error, Event, EventFilter, EventId, EventMetadata, EventPayload, EventStore,
+    EventStream, ExpectedVersion, IdempotencyKey, LogPosition, Metadata, NewEvent, RawValue,
+    RecordedEvent, Repository, Snapshot, SnapshotPolicy, SnapshotStore, StoredSnapshot, StreamId,
+    StreamVersion,
 };
 use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
@@ -242,7 +243,7 @@ async fn append<S: EventStore>(
     events: Vec<NewEvent>,
 ) -> AppendResult {
     store
-        .append(id, expected, events)
+        .append(AppendRequest::new(id.clone(), events).expected_version(expected))
         .await
         .expect("append should succeed")
 }
@@ -307,7 +308,10 @@ pub async fn expected_version_is_enforced<S: Backend>(store: S) {
     append(&store, &id, ExpectedVersion::NoStream, vec![event(1)]).await;
 
     let conflict = store
-        .append(&id, ExpectedVersion::NoStream, vec![event(2)])
+        .append(
+            AppendRequest::new(id.clone(), vec![event(2)])
+                .expected_version(ExpectedVersion::NoStream),
+        )
         .await
         .expect_err("NoStream on an existing stream must conflict");
     assert!(conflict.is_conflict(), "{conflict:?}");
@@ -321,9 +325,8 @@ pub async fn expected_version_is_enforced<S: Backend>(store: S) {
 
     let stale = store
         .append(
-            &id,
-            ExpectedVersion::Exact(StreamVersion::new(5)),
-            vec![event(2)],
+            AppendRequest::new(id.clone(), vec![event(2)])
+                .expected_version(ExpectedVersion::Exact(StreamVersion::new(5))),
         )
         .await
         .expect_err("a wrong exact version must conflict");
@@ -332,18 +335,16 @@ pub async fn expected_version_is_enforced<S: Backend>(store: S) {
     let fresh = stream("order-2");
     let zero = store
         .append(
-            &fresh,
-            ExpectedVersion::Exact(StreamVersion::INITIAL),
-            vec![event(1)],
+            AppendRequest::new(fresh.clone(), vec![event(1)])
+                .expected_version(ExpectedVersion::Exact(StreamVersion::INITIAL)),
         )
         .await
         .expect("Exact(0) on a new stream behaves like NoStream");
     assert_eq!(zero.stream_version, StreamVersion::new(1));
     let missing = store
         .append(
-            &stream("order-3"),
-            ExpectedVersion::Exact(StreamVersion::new(1)),
-            vec![event(1)],
+            AppendRequest::new(stream("order-3").clone(), vec![event(1)])
+                .expected_version(ExpectedVersion::Exact(StreamVersion::new(1))),
         )
         .await
         .expect_err("Exact(1) on a missing stream must conflict");
@@ -362,7 +363,7 @@ pub async fn conflicting_batch_stores_nothing<S: Backend>(store: S) {
     let batch: Vec<NewEvent> = (2..=4).map(event).collect();
     let ids: Vec<EventId> = batch.iter().map(|e| e.event_id).collect();
     let err = store
-        .append(&id, ExpectedVersion::NoStream, batch)
+        .append(AppendRequest::new(id.clone(), batch).expected_version(ExpectedVersion::NoStream))
         .await
         .expect_err("must conflict");
     assert!(err.is_conflict());
@@ -402,7 +403,10 @@ pub async fn concurrent_writers_exactly_one_wins<S: Backend>(store: S) {
                 let batch = vec![event(100 + w as u64), event(200 + w as u64)];
                 barrier.wait().await;
                 store
-                    .append(&id, ExpectedVersion::Exact(StreamVersion::new(1)), batch)
+                    .append(
+                        AppendRequest::new(id.clone(), batch)
+                            .expected_version(ExpectedVersion::Exact(StreamVersion::new(1))),
+                    )
                     .await
             })
         })
@@ -437,7 +441,7 @@ pub async fn reappending_stored_ids_is_idempotent<S: Backend>(store: S) {
         ExpectedVersion::Exact(StreamVersion::new(2)),
     ] {
         let again = store
-            .append(&id, expected, batch.clone())
+            .append(AppendRequest::new(id.clone(), batch.clone()).expected_version(expected))
             .await
             .unwrap_or_else(|e| panic!("re-append with {expected} must succeed, got {e:?}"));
         assert!(again.duplicate, "re-append must be flagged duplicate");
@@ -446,7 +450,7 @@ pub async fn reappending_stored_ids_is_idempotent<S: Backend>(store: S) {
     }
     // A suffix of a stored batch is also an exact re-append of those events.
     let tail = store
-        .append(&id, ExpectedVersion::Any, vec![batch[1].clone()])
+        .append(AppendRequest::new(id.clone(), vec![batch[1].clone()]))
         .await
         .expect("re-appending the stored second event");
     assert!(tail.duplicate);
@@ -462,11 +466,10 @@ pub async fn partially_stored_batch_is_rejected<S: Backend>(store: S) {
     append(&store, &id, ExpectedVersion::NoStream, vec![stored.clone()]).await;
     let fresh = event(2);
     let err = store
-        .append(
-            &id,
-            ExpectedVersion::Any,
+        .append(AppendRequest::new(
+            id.clone(),
             vec![stored.clone(), fresh.clone()],
-        )
+        ))
         .await
         .expect_err("a partly stored batch must be refused");
     match &err {
@@ -492,7 +495,7 @@ pub async fn id_stored_in_another_stream_is_rejected<S: Backend>(store: S) {
     let shared = event(1);
     append(&store, &a, ExpectedVersion::NoStream, vec![shared.clone()]).await;
     let err = store
-        .append(&b, ExpectedVersion::Any, vec![shared])
+        .append(AppendRequest::new(b.clone(), vec![shared]))
         .await
         .expect_err("an id stored in another stream must be refused");
     match err {
@@ -513,13 +516,13 @@ pub async fn id_stored_in_another_stream_is_rejected<S: Backend>(store: S) {
 pub async fn invalid_batches_are_rejected<S: Backend>(store: S) {
     let id = stream("order-1");
     let empty = store
-        .append(&id, ExpectedVersion::Any, Vec::new())
+        .append(AppendRequest::new(id.clone(), Vec::new()))
         .await
         .expect_err("an empty batch is invalid");
     assert!(matches!(empty, Error::InvalidArgument(_)), "{empty:?}");
     let once = event(1);
     let twice = store
-        .append(&id, ExpectedVersion::Any, vec![once.clone(), once])
+        .append(AppendRequest::new(id.clone(), vec![once.clone(), once]))
         .await
         .expect_err("a batch repeating an id is invalid");
     assert!(matches!(twice, Error::InvalidArgument(_)), "{twice:?}");
@@ -763,23 +766,25 @@ struct LoseFirstRace<S> {
 }
 
 impl<S: EventStore + Clone + 'static> EventStore for LoseFirstRace<S> {
-    async fn append(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, Error> {
+    async fn append(&self, request: AppendRequest) -> Result<AppendResult, Error> {
         if !self.raced.swap(true, Ordering::SeqCst) {
             let winner = Repository::<Counter, _>::new(self.inner.clone());
             winner
                 .execute(Increment {
-                    id: stream.aggregate_id().to_owned(),
+                    id: request.stream.aggregate_id().to_owned(),
                     by: 100,
                 })
                 .await
                 .expect("the intruding command succeeds");
         }
-        self.inner.append(stream, expected, events).await
+        self.inner.append(request).await
+    }
+
+    async fn idempotency_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Option<AppendResult>, Error> {
+        self.inner.idempotency_outcome(key).await
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {

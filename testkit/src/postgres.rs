@@ -459,11 +459,17 @@ impl std::ops::Deref for TestStore {
 impl factum::EventStore for TestStore {
     fn append(
         &self,
-        stream: &factum::StreamId,
-        expected: factum::ExpectedVersion,
-        events: Vec<factum::NewEvent>,
+        request: factum::AppendRequest,
     ) -> impl std::future::Future<Output = Result<factum::AppendResult, factum::Error>> + Send {
-        self.store.append(stream, expected, events)
+        self.store.append(request)
+    }
+
+    fn idempotency_outcome(
+        &self,
+        key: &factum::IdempotencyKey,
+    ) -> impl std::future::Future<Output = Result<Option<factum::AppendResult>, factum::Error>> + Send
+    {
+        self.store.idempotency_outcome(key)
     }
 
     fn read_stream<'a>(

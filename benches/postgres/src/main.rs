@@ -95,9 +95,8 @@ async fn factum_appends(
             for v in 0..per_client {
                 store
                     .append(
-                        &stream,
-                        ExpectedVersion::Exact(StreamVersion::new(v as u64)),
-                        vec![deposit(v as u64 + 1)],
+                        factum::AppendRequest::new(stream.clone(), vec![deposit(v as u64 + 1)])
+                            .expected_version(ExpectedVersion::Exact(StreamVersion::new(v as u64))),
                     )
                     .await
                     .expect("append");
@@ -559,7 +558,10 @@ async fn main() {
     for (b, events) in our_batches.into_iter().enumerate() {
         let stream = StreamId::new(format!("batch-{b}")).expect("id");
         store
-            .append(&stream, ExpectedVersion::NoStream, events)
+            .append(
+                factum::AppendRequest::new(stream.clone(), events)
+                    .expected_version(ExpectedVersion::NoStream),
+            )
             .await
             .expect("batch");
     }
@@ -583,9 +585,8 @@ async fn main() {
         let size = 1000.min(long - version as usize);
         store
             .append(
-                &stream,
-                ExpectedVersion::Exact(StreamVersion::new(version)),
-                (0..size).map(|_| deposit(1)).collect(),
+                factum::AppendRequest::new(stream.clone(), (0..size).map(|_| deposit(1)).collect())
+                    .expected_version(ExpectedVersion::Exact(StreamVersion::new(version))),
             )
             .await
             .expect("fill");

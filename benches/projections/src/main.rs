@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use factum::subscription::StartFrom;
 use factum::{
-    BoxError, DecodeError, EncodeError, Envelope, EventFilter, EventStore, ExpectedVersion,
-    LogPosition, NewEvent, RawValue, StreamId,
+    BoxError, DecodeError, EncodeError, Envelope, EventFilter, EventStore, LogPosition, NewEvent,
+    RawValue, StreamId,
 };
 use factum_postgres::projection::{PgProjection, PgProjectionRunner, ProjectionTx};
 use factum_postgres::{PostgresStore, StoreOptions};
@@ -397,7 +397,7 @@ async fn main() {
                     let event = NewEvent::encode(&Deposited { amount: 1 }, Default::default())
                         .expect("encode");
                     store
-                        .append(&stream, ExpectedVersion::Any, vec![event])
+                        .append(factum::AppendRequest::new(stream.clone(), vec![event]))
                         .await
                         .expect("append");
                 }

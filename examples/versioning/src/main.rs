@@ -46,9 +46,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let version = event.schema_version;
         store
             .append(
-                &StreamId::for_aggregate("customer", id)?,
-                ExpectedVersion::NoStream,
-                vec![event],
+                factum::AppendRequest::new(
+                    StreamId::for_aggregate("customer", id)?.clone(),
+                    vec![event],
+                )
+                .expected_version(ExpectedVersion::NoStream),
             )
             .await?;
         println!("stored   customer-{id}: customer.registered at schema v{version}");

@@ -11,11 +11,14 @@ use tracing::Instrument;
 use crate::aggregate::{Aggregate, Command, Snapshot};
 use crate::error::{CommandError, Error};
 use crate::event::{Event, EventMetadata, Metadata, NewEvent};
+use crate::idempotency::IdempotencyKey;
 use crate::ids::{
-    CausationId, CommandId, CorrelationId, GlobalPosition, LogPosition, StreamId, StreamVersion,
+    CausationId, CommandId, CorrelationId, EventId, GlobalPosition, LogPosition, StreamId,
+    StreamVersion,
 };
 use crate::store::{
-    DynSnapshotStore, EventPayload, EventStore, ExpectedVersion, SnapshotStore, StoredSnapshot,
+    AppendRequest, AppendResult, DynSnapshotStore, EventPayload, EventStore, ExpectedVersion,
+    SnapshotStore, StoredSnapshot,
 };
 
 mod cache;
@@ -28,9 +31,31 @@ use cache::StateCache;
 /// Every event a command produces carries the context's correlation id and, as its causation id,
 /// the command's id. A process manager reacting to an event builds the context of its next command
 /// with [`CommandContext::caused_by`], so the correlation id flows through the whole workflow.
+///
+/// # A context is one command
+/// The command id is the command's identity: the ids of the events it produces are derived from
+/// it ([`EventId::derived`]), so executing a context again is a *retry* of the same command, never
+/// a second command. Give each command its own context ([`CommandContext::new`], or
+/// [`caused_by_nth`](Self::caused_by_nth) for the n-th command a process manager issues for one
+/// event). For exactly-once across retries, after an unknown outcome or from several processes,
+/// also give the command an idempotency key ([`idempotent`](Self::idempotent),
+/// [`with_idempotency_key`](Self::with_idempotency_key)): the [`Repository`] then stores its events
+/// once and returns the same [`Committed`] for every execution.
+///
+/// ```
+/// # use factum::{Aggregate, InMemoryStore, Repository, CommandContext, CommandId};
+/// # async fn run<A: Aggregate>(repository: Repository<A, InMemoryStore>, command: A::Command) -> Result<(), Box<dyn std::error::Error>>
+/// # where A::Command: Clone, A::Error: 'static {
+/// // The id a client sent with its request: retrying the request retries the command.
+/// let context = CommandContext::new().with_command_id(CommandId::new()).idempotent();
+/// let first = repository.execute_with(command.clone(), &context).await?;
+/// let again = repository.execute_with(command, &context).await?;
+/// assert_eq!(first.positions, again.positions);
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct CommandContext {
-    /// This command's id; the causation id of the events it produces.
+    /// This command's id; the causation id of the events it produces, and the seed of their ids.
     pub command_id: CommandId,
     /// The workflow this command belongs to.
     pub correlation_id: CorrelationId,
@@ -38,6 +63,9 @@ pub struct CommandContext {
     pub causation_id: Option<CausationId>,
     /// Metadata copied onto every event the command produces.
     pub metadata: Metadata,
+    /// Stored with the command's events: executing a command with this key again stores nothing
+    /// and returns the original outcome.
+    pub idempotency_key: Option<IdempotencyKey>,
 }
 
 impl Default for CommandContext {
@@ -55,21 +83,54 @@ impl CommandContext {
             correlation_id: CorrelationId::from_uuid(command_id.as_uuid()),
             causation_id: None,
             metadata: Metadata::new(),
+            idempotency_key: None,
         }
     }
 
-    /// A context for a command issued in reaction to a stored event: same correlation id, caused
-    /// by that event.
+    /// The context of the command a process manager issues in reaction to a stored event: same
+    /// correlation id, caused by that event, and a command id derived from the event's id
+    /// ([`CommandId::derived`] with index 0), so a replay issues the same command. The same as
+    /// `caused_by_nth(event, 0)`.
     pub fn caused_by<E>(event: &crate::Envelope<E>) -> Self {
+        Self::caused_by_nth(event, 0)
+    }
+
+    /// The context of the `index`-th command (from 0) issued in reaction to one event.
+    pub fn caused_by_nth<E>(event: &crate::Envelope<E>, index: u32) -> Self {
         Self {
-            command_id: CommandId::new(),
+            command_id: CommandId::derived(event.event_id, index),
             correlation_id: event
                 .metadata
                 .correlation_id
                 .unwrap_or_else(|| CorrelationId::from_uuid(event.event_id.as_uuid())),
             causation_id: Some(event.event_id.into()),
             metadata: Metadata::new(),
+            idempotency_key: None,
         }
+    }
+
+    /// Sets the command id (e.g. one a client sent with its request, so that retrying the request
+    /// retries the same command).
+    #[must_use]
+    pub fn with_command_id(mut self, command_id: CommandId) -> Self {
+        self.command_id = command_id;
+        self
+    }
+
+    /// Stores the command's events with `key` (e.g. a client's request id or a broker message
+    /// id): executing a command with this key again stores nothing and returns the original
+    /// [`Committed`].
+    #[must_use]
+    pub fn with_idempotency_key(mut self, key: IdempotencyKey) -> Self {
+        self.idempotency_key = Some(key);
+        self
+    }
+
+    /// Uses the command id as the idempotency key ([`IdempotencyKey::for_command`]).
+    #[must_use]
+    pub fn idempotent(self) -> Self {
+        let key = IdempotencyKey::for_command(self.command_id);
+        self.with_idempotency_key(key)
     }
 
     /// Sets the correlation id (e.g. from an incoming request's id).
@@ -393,6 +454,15 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                             }
                         }
                         tracing::Span::current().record("attempts", attempts);
+                        if let Some(key) = &context.idempotency_key {
+                            // A repeat of a command that was stored decides on a state that
+                            // includes its own events: the stored outcome is the answer.
+                            if let Some(stored) = self.store.idempotency_outcome(key).await? {
+                                return self
+                                    .repeated(Some(key), &loaded.stream_id, stored, attempts)
+                                    .await;
+                            }
+                        }
                         let events = match decided {
                             Ok(events) => events,
                             Err(rejection) => {
@@ -432,6 +502,13 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                         return Err(conflict.into());
                     }
                     Err(Retry::Fail(e)) => return Err(e),
+                    Err(Retry::Repeated(stored)) => {
+                        tracing::Span::current().record("attempts", attempts);
+                        let stream_id = stored.stream.clone();
+                        return self
+                            .repeated(context.idempotency_key.as_ref(), &stream_id, stored, attempts)
+                            .await;
+                    }
                     Ok(committed) => {
                         tracing::Span::current().record("attempts", attempts);
                         if let Some(cache) = &self.cache {
@@ -466,12 +543,15 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         let metadata = context.event_metadata();
         let batch = events
             .iter()
-            .map(|event| {
-                NewEvent::encode(event, metadata.clone()).map_err(|source| Error::Encode {
-                    stream: stream_id.clone(),
-                    what: format!("event {:?}", crate::Event::event_type(event)),
-                    source,
-                })
+            .zip(0..)
+            .map(|(event, index)| {
+                NewEvent::encode(event, metadata.clone())
+                    .map(|new| new.with_event_id(EventId::derived(context.command_id, index)))
+                    .map_err(|source| Error::Encode {
+                        stream: stream_id.clone(),
+                        what: format!("event {:?}", crate::Event::event_type(event)),
+                        source,
+                    })
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Retry::Fail(e.into()))?;
@@ -480,8 +560,36 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         } else {
             ExpectedVersion::Exact(version)
         };
-        let appended = match self.store.append(&stream_id, expected, batch).await {
+        let mut request = AppendRequest::new(stream_id.clone(), batch).expected_version(expected);
+        if let Some(key) = &context.idempotency_key {
+            request = request.idempotency_key(key.clone());
+        }
+        let appended = match self.store.append(request).await {
+            // Stored before, by this command's key or its derived event ids.
+            Ok(appended) if appended.duplicate => return Err(Retry::Repeated(appended)),
             Ok(appended) => appended,
+            Err(Error::IdempotencyKeyReused { stored_stream, .. })
+                if stored_stream == stream_id =>
+            {
+                // The key's command ran on this aggregate and decided differently then (it now
+                // decides on a state that includes its own events): the stored outcome stands.
+                let key = context.idempotency_key.as_ref();
+                let stored = match key {
+                    Some(key) => self.store.idempotency_outcome(key).await,
+                    None => Ok(None),
+                };
+                return Err(match stored {
+                    Ok(Some(stored)) => Retry::Repeated(stored),
+                    // Removed by retention between the two calls: nothing to return.
+                    Ok(None) => Retry::Fail(
+                        Error::InvalidArgument(format!(
+                            "the idempotency key of a command on stream `{stream_id}` was removed while it was checked; retry the command"
+                        ))
+                        .into(),
+                    ),
+                    Err(e) => Retry::Fail(e.into()),
+                });
+            }
             Err(e) if e.is_conflict() => {
                 return Err(Retry::Conflict(
                     e,
@@ -603,6 +711,67 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         }
     }
 
+    /// The [`Committed`] of a command stored before, rebuilt from the store: its events, as
+    /// stored, and the state right after them.
+    async fn repeated(
+        &self,
+        key: Option<&IdempotencyKey>,
+        stream_id: &StreamId,
+        stored: AppendResult,
+        attempts: u32,
+    ) -> Result<Committed<A>, CommandError<A::Error>> {
+        if let Some(key) = key
+            && &stored.stream != stream_id
+        {
+            return Err(Error::IdempotencyKeyReused {
+                key: key.clone(),
+                stream: stream_id.clone(),
+                stored_stream: stored.stream,
+            }
+            .into());
+        }
+        // If the cache holds this aggregate, it holds a later state than the one rebuilt here.
+        let mut loaded = Loaded {
+            stream_id: stream_id.clone(),
+            state: A::default(),
+            version: StreamVersion::INITIAL,
+        };
+        let mut events = Vec::with_capacity(stored.positions.len());
+        let mut payloads = self
+            .store
+            .read_stream_payloads(stream_id, StreamVersion::INITIAL);
+        while let Some(payload) = payloads.try_next().await? {
+            if payload.stream_version > stored.stream_version {
+                break;
+            }
+            let event = match <A::Event as Event>::decode(
+                &payload.event_type,
+                payload.schema_version,
+                &payload.payload,
+            ) {
+                Ok(event) => event,
+                Err(source) => {
+                    drop(payloads);
+                    return Err(self.decode_error(stream_id, payload, source).await.into());
+                }
+            };
+            loaded.state.evolve(&event);
+            loaded.version = payload.stream_version;
+            if payload.stream_version > stored.first_version {
+                events.push(event);
+            }
+        }
+        tracing::debug!(stream = %stream_id, "command already stored; returning its outcome");
+        Ok(Committed {
+            stream_id: loaded.stream_id,
+            events,
+            positions: stored.positions,
+            version: stored.stream_version,
+            state: loaded.state,
+            attempts,
+        })
+    }
+
     async fn maybe_snapshot(&self, before: StreamVersion, committed: &Committed<A>) {
         let Some(snapshots) = &self.snapshots else {
             return;
@@ -633,4 +802,6 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
 enum Retry<A: Aggregate> {
     Conflict(Error, Loaded<A>),
     Fail(CommandError<A::Error>),
+    /// The command was stored before: its original outcome.
+    Repeated(AppendResult),
 }

@@ -6,11 +6,12 @@ use futures_core::Stream;
 use futures_util::StreamExt;
 
 use crate::error::{Error, ErrorKind};
-use crate::event::{NewEvent, RecordedEvent};
+use crate::event::RecordedEvent;
+use crate::idempotency::IdempotencyKey;
 use crate::ids::{LogPosition, StreamId, StreamVersion};
 use crate::store::{
-    AppendResult, EventFilter, EventPayload, EventStore, EventStream, ExpectedVersion,
-    PayloadStream, SnapshotStore, StoredSnapshot,
+    AppendRequest, AppendResult, EventFilter, EventPayload, EventStore, EventStream, PayloadStream,
+    SnapshotStore, StoredSnapshot,
 };
 
 use super::{Operation, Resilience, RetryGate};
@@ -30,13 +31,13 @@ use super::{Operation, Resilience, RetryGate};
 /// | --- | --- | --- |
 /// | `append` | [`Append`](Operation::Append) | transient errors and unknown outcomes (same batch) |
 /// | `read_stream`, `read_stream_payloads` | [`Read`](Operation::Read) | transient errors: resumes after the last event it returned |
-/// | `read_all`, `head` | [`Read`](Operation::Read) | transient errors |
+/// | `read_all`, `head`, `idempotency_outcome` | [`Read`](Operation::Read) | transient errors |
 /// | `save_snapshot` | [`Snapshot`](Operation::Snapshot) | transient errors and unknown outcomes (saving is idempotent) |
 /// | `load_snapshot` | [`Snapshot`](Operation::Snapshot) | transient errors |
 ///
 /// ```
 /// use factum::resilience::Resilient;
-/// use factum::{EventStore, ExpectedVersion, InMemoryStore, NewEvent, StreamId};
+/// use factum::{AppendRequest, EventStore, ExpectedVersion, InMemoryStore, NewEvent, StreamId};
 ///
 /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 /// let store = Resilient::new("memory", InMemoryStore::new());
@@ -48,7 +49,8 @@ use super::{Operation, Resilience, RetryGate};
 ///     payload: serde_json::value::to_raw_value(&serde_json::json!({})).unwrap(),
 ///     metadata: Default::default(),
 /// };
-/// let appended = store.append(&stream, ExpectedVersion::NoStream, vec![event]).await.unwrap();
+/// let request = AppendRequest::new(stream, vec![event]).expected_version(ExpectedVersion::NoStream);
+/// let appended = store.append(request).await.unwrap();
 /// assert_eq!(appended.stream_version.get(), 1);
 /// assert_eq!(store.inner().len(), 1);
 /// # });
@@ -90,17 +92,21 @@ impl<S> Resilient<S> {
 }
 
 impl<S: EventStore> EventStore for Resilient<S> {
-    async fn append(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, Error> {
+    async fn append(&self, request: AppendRequest) -> Result<AppendResult, Error> {
         self.resilience
             .run_idempotent(Operation::Append, || {
-                // The very same batch, ids included, on every attempt.
-                self.inner.append(stream, expected, events.clone())
+                // The very same batch, ids and key included, on every attempt.
+                self.inner.append(request.clone())
             })
+            .await
+    }
+
+    async fn idempotency_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Option<AppendResult>, Error> {
+        self.resilience
+            .run(Operation::Read, || self.inner.idempotency_outcome(key))
             .await
     }
 

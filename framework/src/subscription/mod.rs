@@ -32,7 +32,7 @@
 //! let store = InMemoryStore::new();
 //! # let event = || NewEvent { event_id: factum::EventId::new(), event_type: "x.y".into(), schema_version: 1,
 //! #     payload: factum::RawValue::from_string("{}".into()).unwrap(), metadata: Default::default() };
-//! store.append(&StreamId::new("x-1")?, ExpectedVersion::Any, vec![event(), event()]).await?;
+//! store.append(factum::AppendRequest::new(StreamId::new("x-1")?, vec![event(), event()])).await?;
 //!
 //! let mut counter = Count(0);
 //! let subscription = Subscription::new("counter", store.clone());

@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use factum::subscription::SubscriptionStatus;
 use factum::{
-    BoxError, DecodeError, EncodeError, Envelope, EventId, EventStore, ExpectedVersion, NewEvent,
-    RawValue, StreamId,
+    BoxError, DecodeError, EncodeError, Envelope, EventId, EventStore, NewEvent, RawValue, StreamId,
 };
 use factum_postgres::PostgresStore;
 use factum_postgres::projection::{PgProjection, ProjectionTx};
@@ -169,7 +168,7 @@ pub async fn append(store: &PostgresStore, fold: &mut Fold, stream: &str, first:
     let batch: Vec<NewEvent> = (first..first + count).map(entry).collect();
     let ids: Vec<EventId> = batch.iter().map(|e| e.event_id).collect();
     let result = store
-        .append(&id, ExpectedVersion::Any, batch)
+        .append(factum::AppendRequest::new(id.clone(), batch))
         .await
         .expect("append");
     let last = result.stream_version.get();

@@ -7,11 +7,11 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 
 use super::*;
-use crate::InMemoryStore;
 use crate::ids::EventId;
 use crate::resilience::{
     CircuitBreakerConfig, CircuitState, RetryBudget, RetryPolicies, RetryPolicy,
 };
+use crate::{AppendRequest, ExpectedVersion, InMemoryStore, NewEvent};
 
 /// What the next call to the faulty store does.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -65,25 +65,28 @@ fn lost(stream: &StreamId) -> Error {
 }
 
 impl EventStore for Faulty {
-    async fn append(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendResult, Error> {
+    async fn append(&self, request: AppendRequest) -> Result<AppendResult, Error> {
         self.attempts
             .lock()
             .expect("lock")
-            .push(events.iter().map(|e| e.event_id).collect());
+            .push(request.events.iter().map(|e| e.event_id).collect());
+        let stream = request.stream.clone();
         match self.next_fault() {
             Some(Fault::UnknownAfterAppend) => {
-                self.store.append(stream, expected, events).await?;
-                Err(lost(stream))
+                self.store.append(request).await?;
+                Err(lost(&stream))
             }
-            Some(Fault::UnknownWithoutAppend) => Err(lost(stream)),
+            Some(Fault::UnknownWithoutAppend) => Err(lost(&stream)),
             Some(Fault::Transient) => Err(Error::transient("append", "connection refused")),
-            None => self.store.append(stream, expected, events).await,
+            None => self.store.append(request).await,
         }
+    }
+
+    async fn idempotency_outcome(
+        &self,
+        key: &crate::IdempotencyKey,
+    ) -> Result<Option<AppendResult>, Error> {
+        self.store.idempotency_outcome(key).await
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
@@ -169,7 +172,9 @@ async fn an_unknown_outcome_is_settled_by_reappending_the_same_ids_once() {
     let ids: Vec<EventId> = batch.iter().map(|e| e.event_id).collect();
 
     let result = store
-        .append(&stream(), ExpectedVersion::NoStream, batch)
+        .append(
+            AppendRequest::new(stream().clone(), batch).expected_version(ExpectedVersion::NoStream),
+        )
         .await
         .expect("the re-append settles it");
 
@@ -195,7 +200,9 @@ async fn an_unknown_outcome_that_did_not_land_is_appended_by_the_retry() {
     let batch = vec![event(1)];
     let ids: Vec<EventId> = batch.iter().map(|e| e.event_id).collect();
     let result = store
-        .append(&stream(), ExpectedVersion::NoStream, batch)
+        .append(
+            AppendRequest::new(stream().clone(), batch).expected_version(ExpectedVersion::NoStream),
+        )
         .await
         .expect("appended on the third attempt");
     assert!(!result.duplicate);
@@ -215,7 +222,10 @@ async fn an_append_whose_outcome_stays_unknown_says_so() {
         100,
     );
     let error = store
-        .append(&stream(), ExpectedVersion::NoStream, vec![event(1)])
+        .append(
+            AppendRequest::new(stream().clone(), vec![event(1)])
+                .expected_version(ExpectedVersion::NoStream),
+        )
         .await
         .expect_err("never settled");
     assert_eq!(error.kind(), ErrorKind::UnknownOutcome, "{error}");
@@ -227,11 +237,17 @@ async fn an_append_whose_outcome_stays_unknown_says_so() {
 async fn conflicts_are_not_retried() {
     let store = resilient(Faulty::default());
     store
-        .append(&stream(), ExpectedVersion::NoStream, vec![event(1)])
+        .append(
+            AppendRequest::new(stream().clone(), vec![event(1)])
+                .expected_version(ExpectedVersion::NoStream),
+        )
         .await
         .expect("first append");
     let error = store
-        .append(&stream(), ExpectedVersion::NoStream, vec![event(2)])
+        .append(
+            AppendRequest::new(stream().clone(), vec![event(2)])
+                .expected_version(ExpectedVersion::NoStream),
+        )
         .await
         .expect_err("conflict");
     assert!(error.is_conflict());
@@ -245,7 +261,9 @@ async fn a_stream_read_resumes_after_the_last_event_it_returned() {
     let batch: Vec<NewEvent> = (1..=5).map(event).collect();
     let ids: Vec<EventId> = batch.iter().map(|e| e.event_id).collect();
     store
-        .append(&stream(), ExpectedVersion::NoStream, batch)
+        .append(
+            AppendRequest::new(stream().clone(), batch).expected_version(ExpectedVersion::NoStream),
+        )
         .await
         .expect("append");
     *store.inner().read_fails_after.lock().expect("lock") = Some(2);
@@ -317,7 +335,7 @@ async fn the_breaker_opens_while_the_store_is_down_and_closes_after() {
 
     // 3 failed attempts open the circuit; the 4th is refused without reaching the store.
     let error = store
-        .append(&stream(), ExpectedVersion::Any, vec![event(1)])
+        .append(AppendRequest::new(stream().clone(), vec![event(1)]))
         .await
         .expect_err("down");
     assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
@@ -344,7 +362,7 @@ async fn the_breaker_opens_while_the_store_is_down_and_closes_after() {
     let batch = vec![event(2)];
     let ids: Vec<EventId> = batch.iter().map(|e| e.event_id).collect();
     store
-        .append(&stream(), ExpectedVersion::Any, batch)
+        .append(AppendRequest::new(stream().clone(), batch))
         .await
         .expect("the trial succeeds");
     assert_eq!(store.resilience().breaker().state(), CircuitState::Closed);
