@@ -67,6 +67,11 @@ macro_rules! conformance_tests {
             repository_uses_and_validates_snapshots,
             payload_reads_match_stream_reads,
             position_at_finds_where_a_replay_from_a_time_starts,
+            keyed_append_repeat_returns_the_original_outcome,
+            keyed_append_reused_for_another_batch_is_rejected,
+            concurrent_repeats_of_a_keyed_append_store_one_batch,
+            repository_executes_a_command_once_per_idempotency_key,
+            repository_concurrent_executions_of_one_command_store_it_once,
         );
     };
 }
@@ -126,8 +131,20 @@ pub struct Incremented {
 
 /// Why an increment was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("increments must be positive")]
-pub struct ZeroIncrement;
+#[non_exhaustive]
+pub enum CounterError {
+    /// An increment of 0.
+    #[error("increments must be positive")]
+    ZeroIncrement,
+    /// An increment that would take the counter past [`Counter::CAP`].
+    #[error("a counter never passes {}", Counter::CAP)]
+    AboveCap,
+}
+
+impl Counter {
+    /// The highest value a counter reaches.
+    pub const CAP: u64 = 1_000_000;
+}
 
 const INCREMENTED: &str = "counter.incremented";
 
@@ -165,11 +182,14 @@ impl Aggregate for Counter {
     const TYPE: &'static str = "counter";
     type Command = Increment;
     type Event = Incremented;
-    type Error = ZeroIncrement;
+    type Error = CounterError;
 
-    fn decide(&self, command: &Increment) -> Result<Vec<Incremented>, ZeroIncrement> {
+    fn decide(&self, command: &Increment) -> Result<Vec<Incremented>, CounterError> {
         if command.by == 0 {
-            return Err(ZeroIncrement);
+            return Err(CounterError::ZeroIncrement);
+        }
+        if self.value.saturating_add(command.by) > Self::CAP {
+            return Err(CounterError::AboveCap);
         }
         Ok(vec![Incremented { by: command.by }])
     }
@@ -225,6 +245,10 @@ async fn read_all<S: EventStore>(store: &S, filter: &EventFilter) -> Vec<Recorde
         after = last.position;
         all.extend(page);
     }
+}
+
+fn payloads(events: &[RecordedEvent]) -> Vec<u64> {
+    events.iter().map(payload_n).collect()
 }
 
 fn payload_n(event: &RecordedEvent) -> u64 {
@@ -909,7 +933,7 @@ pub async fn rejected_command_stores_nothing<S: Backend>(store: S) {
         })
         .await
         .expect_err("zero is rejected");
-    assert_eq!(err.rejection(), Some(&ZeroIncrement));
+    assert_eq!(err.rejection(), Some(&CounterError::ZeroIncrement));
     assert!(!err.is_conflict() && !err.is_transient());
     assert_eq!(read_all(&store, &EventFilter::all()).await.len(), 1);
     let fresh = counters
@@ -1202,4 +1226,236 @@ pub async fn position_at_finds_where_a_replay_from_a_time_starts<S: Backend>(sto
         .expect("read");
     assert_eq!(replayed.len(), 2);
     assert_eq!(replayed[0].event_id, second.event_id);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idempotency keys.
+
+fn key(name: &str) -> IdempotencyKey {
+    IdempotencyKey::new(name).expect("valid key")
+}
+
+/// A keyed append repeated with the same batch stores nothing and returns the original outcome,
+/// also after the stream moved on (and whatever the expected version says now);
+/// `idempotency_outcome` returns it too, and `None` for a key never stored.
+pub async fn keyed_append_repeat_returns_the_original_outcome<S: Backend>(store: S) {
+    let id = stream("keyed-1");
+    let batch = vec![event(1), event(2)];
+    let request = AppendRequest::new(id.clone(), batch)
+        .expected_version(ExpectedVersion::NoStream)
+        .idempotency_key(key("k-1"));
+    let first = store.append(request.clone()).await.expect("keyed append");
+    assert!(!first.duplicate);
+    assert_eq!(first.stream, id);
+    assert_eq!(first.first_version, StreamVersion::INITIAL);
+    assert_eq!(first.stream_version, StreamVersion::new(2));
+    append(&store, &id, ExpectedVersion::Any, vec![event(3)]).await;
+
+    let again = store.append(request).await.expect("a repeat succeeds");
+    assert!(again.duplicate, "a repeat is reported as one");
+    assert_eq!(again.positions, first.positions);
+    assert_eq!(again.first_version, first.first_version);
+    assert_eq!(again.stream_version, first.stream_version);
+    assert_eq!(
+        payloads(&read(&store, &id, 0).await),
+        vec![1, 2, 3],
+        "a repeat stores nothing"
+    );
+    let outcome = store
+        .idempotency_outcome(&key("k-1"))
+        .await
+        .expect("lookup")
+        .expect("the key is stored");
+    assert_eq!(outcome.positions, first.positions);
+    assert_eq!(outcome.stream, id);
+    assert!(
+        store
+            .idempotency_outcome(&key("never-used"))
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+}
+
+/// A stored key with another batch (other event ids, or another stream) fails with
+/// `IdempotencyKeyReused` and stores nothing; a failed append stores no key.
+pub async fn keyed_append_reused_for_another_batch_is_rejected<S: Backend>(store: S) {
+    let one = stream("keyed-1");
+    let two = stream("keyed-2");
+    store
+        .append(AppendRequest::new(one.clone(), vec![event(1)]).idempotency_key(key("k")))
+        .await
+        .expect("keyed append");
+    for (target, what) in [(&one, "same stream"), (&two, "other stream")] {
+        let err = store
+            .append(AppendRequest::new(target.clone(), vec![event(9)]).idempotency_key(key("k")))
+            .await
+            .expect_err("a reused key must be refused");
+        match &err {
+            Error::IdempotencyKeyReused {
+                key: reused,
+                stream,
+                stored_stream,
+            } => {
+                assert_eq!(reused.as_str(), "k");
+                assert_eq!(stream, target);
+                assert_eq!(stored_stream, &one);
+            }
+            other => panic!("{what}: expected IdempotencyKeyReused, got {other:?}"),
+        }
+        assert!(!err.is_transient() && !err.is_conflict());
+    }
+    assert_eq!(payloads(&read(&store, &one, 0).await), vec![1]);
+    assert!(read(&store, &two, 0).await.is_empty());
+
+    // A conflicting keyed append stores neither events nor key: the key stays free.
+    let conflicting = AppendRequest::new(one.clone(), vec![event(2)])
+        .expected_version(ExpectedVersion::NoStream)
+        .idempotency_key(key("free"));
+    assert!(
+        store
+            .append(conflicting)
+            .await
+            .expect_err("conflict")
+            .is_conflict()
+    );
+    assert!(
+        store
+            .idempotency_outcome(&key("free"))
+            .await
+            .expect("lookup")
+            .is_none()
+    );
+    store
+        .append(AppendRequest::new(one.clone(), vec![event(2)]).idempotency_key(key("free")))
+        .await
+        .expect("the key is still free");
+}
+
+/// Sixteen concurrent copies of one keyed request (expecting any version, so none is stopped
+/// by a conflict) store its batch once; every copy succeeds with the same positions, and exactly
+/// one is the original.
+pub async fn concurrent_repeats_of_a_keyed_append_store_one_batch<S: Backend>(store: S) {
+    let id = stream("keyed-race");
+    let request = AppendRequest::new(id.clone(), vec![event(1), event(2), event(3)])
+        .idempotency_key(key("race"));
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            let request = request.clone();
+            tokio::spawn(async move { store.append(request).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.expect("task").expect("every copy succeeds"));
+    }
+    assert_eq!(results.iter().filter(|r| !r.duplicate).count(), 1);
+    assert!(results.iter().all(|r| r.positions == results[0].positions));
+    assert_eq!(payloads(&read(&store, &id, 0).await), vec![1, 2, 3]);
+}
+
+/// A command with an idempotency key is stored once and every execution returns the same
+/// `Committed`: repeated after the stream moved on, repeated when deciding again would now be
+/// rejected, and a key reused for another aggregate is a typed error. Without a key, executing
+/// the same context again is deduplicated by the derived event ids.
+pub async fn repository_executes_a_command_once_per_idempotency_key<S: Backend>(store: S) {
+    let counters = Repository::<Counter, _>::new(store.clone());
+    let increment = |id: &str, by| Increment { id: id.into(), by };
+    let context = CommandContext::new().idempotent();
+    let first = counters
+        .execute_with(increment("c1", 5), &context)
+        .await
+        .expect("keyed command");
+    counters
+        .execute(increment("c1", 1))
+        .await
+        .expect("another command");
+    let again = counters
+        .execute_with(increment("c1", 5), &context)
+        .await
+        .expect("the repeat succeeds");
+    assert_eq!(again.positions, first.positions);
+    assert_eq!(again.version, first.version);
+    assert_eq!(again.events, first.events);
+    assert_eq!(
+        again.state, first.state,
+        "the state right after the command"
+    );
+    assert_eq!(read(&store, &stream("counter-c1"), 0).await.len(), 2);
+
+    // Deciding again would be rejected now (the counter is at its cap): still the original.
+    counters
+        .execute(increment("c2", Counter::CAP - 5))
+        .await
+        .expect("fill up");
+    let context = CommandContext::new().idempotent();
+    let first = counters
+        .execute_with(increment("c2", 5), &context)
+        .await
+        .expect("up to the cap");
+    let again = counters
+        .execute_with(increment("c2", 5), &context)
+        .await
+        .expect("a repeat is not decided again");
+    assert_eq!(again.positions, first.positions);
+    assert_eq!(again.state.value, Counter::CAP);
+    assert_eq!(read(&store, &stream("counter-c2"), 0).await.len(), 2);
+
+    // The same key for a command on another aggregate: refused, nothing stored.
+    let err = counters
+        .execute_with(increment("c3", 1), &context)
+        .await
+        .expect_err("a key names one command");
+    assert!(
+        matches!(err.failure(), Some(Error::IdempotencyKeyReused { .. })),
+        "{err:?}"
+    );
+    assert!(read(&store, &stream("counter-c3"), 0).await.is_empty());
+
+    // No key: the derived event ids make a repeat of the same context a duplicate.
+    let context = CommandContext::new();
+    let first = counters
+        .execute_with(increment("c4", 2), &context)
+        .await
+        .expect("command");
+    let again = counters
+        .execute_with(increment("c4", 2), &context)
+        .await
+        .expect("repeat");
+    assert_eq!(again.positions, first.positions);
+    let stored = read(&store, &stream("counter-c4"), 0).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].event_id, EventId::derived(context.command_id, 0));
+}
+
+/// Eight processes' worth of repositories execute the same keyed command at once: it is stored
+/// once and all of them return the same positions.
+pub async fn repository_concurrent_executions_of_one_command_store_it_once<S: Backend>(store: S) {
+    let context = CommandContext::new().idempotent();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let counters = Repository::<Counter, _>::new(store.clone());
+            let context = context.clone();
+            tokio::spawn(async move {
+                counters
+                    .execute_with(
+                        Increment {
+                            id: "once".into(),
+                            by: 3,
+                        },
+                        &context,
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.expect("task").expect("every execution succeeds"));
+    }
+    assert!(results.iter().all(|r| r.positions == results[0].positions));
+    let stored = read(&store, &stream("counter-once"), 0).await;
+    assert_eq!(stored.len(), 1, "stored once");
+    assert_eq!(results[0].state.value, 3);
 }
