@@ -79,6 +79,7 @@ pub mod projection;
 mod schema;
 mod store;
 mod subscription;
+mod transaction;
 mod tx;
 
 pub use config::{PoolConfig, StoreOptions};
@@ -86,6 +87,7 @@ pub use maintenance::Partition;
 pub use migrate::migrate;
 pub use schema::SchemaName;
 pub use store::{Health, PostgresStore};
+pub use transaction::InTransaction;
 
 /// The sqlx version this crate is built on, for building pools by hand.
 pub use sqlx;

@@ -161,6 +161,14 @@ impl PostgresStore {
         Ok(StreamVersion::new(to_u64(version.unwrap_or(0))))
     }
 
+    pub(crate) fn sql_read_stream(&self) -> &str {
+        &self.inner.sql.read_stream
+    }
+
+    pub(crate) fn sql_read_payloads(&self) -> &str {
+        &self.inner.sql.read_payloads
+    }
+
     /// Removes the idempotency keys stored before `before` and returns how many. A request
     /// repeating one of them afterwards is a new write (event ids still protect the batch when
     /// they are the same). Run it on a schedule with a retention longer than any client retries.
@@ -450,7 +458,7 @@ impl PostgresStore {
     }
 
     /// What the append that stored `key` recorded, with its event ids.
-    async fn key_record<'c>(
+    pub(crate) async fn key_record<'c>(
         &self,
         conn: impl sqlx::PgExecutor<'c>,
         key: &IdempotencyKey,
@@ -778,7 +786,10 @@ impl EventRow {
 
 /// An [`EventPayload`] from a row of the payload query, by column index (the columns of
 /// `Sql::read_payloads`).
-fn payload_from_row(stream: &StreamId, row: &sqlx::postgres::PgRow) -> Result<EventPayload, Error> {
+pub(crate) fn payload_from_row(
+    stream: &StreamId,
+    row: &sqlx::postgres::PgRow,
+) -> Result<EventPayload, Error> {
     use sqlx::Row;
     let column = |e: sqlx::Error| to_error(e, "read stream");
     let stream_version = StreamVersion::new(to_u64(row.try_get(0).map_err(column)?));

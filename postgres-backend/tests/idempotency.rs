@@ -220,3 +220,73 @@ async fn a_keyed_append_commits_with_the_callers_transaction() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_executes_inside_the_callers_transaction() {
+    let db = TestDatabase::create().await;
+    let store = db.patient_store();
+    sqlx::query("CREATE TABLE inbox (message_id text PRIMARY KEY)")
+        .execute(db.pool())
+        .await
+        .expect("inbox table");
+    let command = || Increment {
+        id: "tx".into(),
+        by: 2,
+    };
+    let context = CommandContext::new().idempotent();
+    let stream = factum::StreamId::new("counter-tx").expect("valid");
+
+    // Rolled back with the caller's transaction: nothing stored.
+    let mut tx = store.pool().begin().await.expect("begin");
+    sqlx::query("INSERT INTO inbox VALUES ('m-1')")
+        .execute(&mut *tx)
+        .await
+        .expect("inbox row");
+    let done = Repository::<Counter, _>::new(store.in_transaction(&mut tx))
+        .execute_with(command(), &context)
+        .await
+        .expect("command in the transaction");
+    assert_eq!(done.state.value, 2);
+    tx.rollback().await.expect("rollback");
+    assert_eq!(
+        store.stream_version(&stream).await.expect("version").get(),
+        0
+    );
+
+    // Committed: the inbox row and the events together; the command sees its own transaction's
+    // earlier append when it loads.
+    let mut tx = store.pool().begin().await.expect("begin");
+    sqlx::query("INSERT INTO inbox VALUES ('m-1')")
+        .execute(&mut *tx)
+        .await
+        .expect("inbox row");
+    let counters = Repository::<Counter, _>::new(store.in_transaction(&mut tx));
+    counters
+        .execute_with(command(), &context)
+        .await
+        .expect("command");
+    let second = counters.execute(command()).await.expect("second command");
+    assert_eq!(
+        second.state.value, 4,
+        "loads see the transaction's own events"
+    );
+    drop(counters);
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        store.stream_version(&stream).await.expect("version").get(),
+        2
+    );
+
+    // A repeat of the keyed command in another transaction stores nothing.
+    let mut tx = store.pool().begin().await.expect("begin");
+    let again = Repository::<Counter, _>::new(store.in_transaction(&mut tx))
+        .execute_with(command(), &context)
+        .await
+        .expect("repeat");
+    tx.commit().await.expect("commit");
+    assert_eq!(again.version.get(), 1);
+    assert_eq!(
+        store.stream_version(&stream).await.expect("version").get(),
+        2
+    );
+}
