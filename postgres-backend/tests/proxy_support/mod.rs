@@ -13,8 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-pub struct Proxy {
-    pub addr: SocketAddr,
+pub(crate) struct Proxy {
+    pub(crate) addr: SocketAddr,
     state: Arc<ProxyState>,
     accept: JoinHandle<()>,
 }
@@ -38,7 +38,7 @@ impl ProxyState {
 }
 
 impl Proxy {
-    pub async fn start(upstream: SocketAddr) -> Self {
+    pub(crate) async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(ProxyState {
@@ -73,17 +73,17 @@ impl Proxy {
     }
 
     /// Lets connections through again.
-    pub fn restore(&self) {
+    pub(crate) fn restore(&self) {
         self.state.up.store(true, Ordering::SeqCst);
     }
 
     /// The answer to the next request containing `marker` is lost, and the proxy cut.
-    pub fn lose_answer_to(&self, marker: &[u8]) {
+    pub(crate) fn lose_answer_to(&self, marker: &[u8]) {
         *self.state.marker.lock().expect("lock") = Some(marker.to_vec());
     }
 
     /// How many answers were lost so far.
-    pub fn lost(&self) -> usize {
+    pub(crate) fn lost(&self) -> usize {
         self.state.lost.load(Ordering::SeqCst)
     }
 }
@@ -147,7 +147,7 @@ async fn forward(client: TcpStream, server: TcpStream, state: Arc<ProxyState>) {
 }
 
 /// The test database's connect options and its address, to point a proxy at.
-pub fn upstream(db: &TestDatabase) -> (PgConnectOptions, SocketAddr) {
+pub(crate) fn upstream(db: &TestDatabase) -> (PgConnectOptions, SocketAddr) {
     let options: PgConnectOptions = db.url().parse().expect("a PostgreSQL URL");
     let host = options.get_host().to_owned();
     let port = options.get_port();
