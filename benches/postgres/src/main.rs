@@ -18,8 +18,8 @@ use chrono::{DateTime, Utc};
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateContext, EventStore as _};
 use factum::{
-    EventMetadata, EventStore, ExpectedVersion, Metadata, NewEvent, RawValue, Repository, StreamId,
-    StreamVersion,
+    CommandContext, EventMetadata, EventStore, ExpectedVersion, Metadata, NewEvent, RawValue,
+    Repository, StreamId, StreamVersion,
 };
 use factum_postgres::{PostgresStore, SchemaName};
 use factum_testkit::postgres::TestDatabase;
@@ -125,7 +125,17 @@ async fn factum_commands(
     per_client: usize,
     tag: &str,
 ) -> f64 {
-    factum_commands_on(repo, clients, per_client, DEPOSITS_PER_ACCOUNT, tag).await
+    factum_commands_on(repo, clients, per_client, DEPOSITS_PER_ACCOUNT, tag, false).await
+}
+
+/// The same workload with an idempotency key on every command (its command id).
+async fn factum_keyed_commands(
+    repo: &Arc<Repository<Account, PostgresStore>>,
+    clients: usize,
+    per_client: usize,
+    tag: &str,
+) -> f64 {
+    factum_commands_on(repo, clients, per_client, DEPOSITS_PER_ACCOUNT, tag, true).await
 }
 
 async fn factum_commands_on(
@@ -134,6 +144,7 @@ async fn factum_commands_on(
     per_client: usize,
     deposits: usize,
     tag: &str,
+    keyed: bool,
 ) -> f64 {
     run_clients(clients, per_client, |c| {
         let repo = Arc::clone(repo);
@@ -149,7 +160,12 @@ async fn factum_commands_on(
                 } else {
                     AccountCommand::Deposit { account, amount }
                 };
-                repo.execute(command).await.expect("command");
+                let context = if keyed {
+                    CommandContext::new().idempotent()
+                } else {
+                    CommandContext::new()
+                };
+                repo.execute_with(command, &context).await.expect("command");
             }
         }
     })
@@ -401,6 +417,38 @@ async fn main() {
         return;
     }
 
+    // `FACTUM_BENCH_ONLY=keys`: only commands with and without idempotency keys, alternated,
+    // three runs each at 1 and 16 clients, medians (about half a minute).
+    if std::env::var("FACTUM_BENCH_ONLY").as_deref() == Ok("keys") {
+        factum_commands(&repo, 4, 20, "warm").await;
+        factum_keyed_commands(&repo, 4, 20, "warmk").await;
+        header();
+        for (clients, base) in [(1, 2000.0), (16, 400.0)] {
+            let per = (n(base) / 10).max(1) * 10;
+            let (mut plain, mut keyed) = (Vec::new(), Vec::new());
+            for run in 0..3 {
+                plain
+                    .push(factum_commands(&repo, clients, per, &format!("p{clients}r{run}")).await);
+                keyed.push(
+                    factum_keyed_commands(&repo, clients, per, &format!("k{clients}r{run}")).await,
+                );
+            }
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            row(
+                &format!("{clients} client(s), commands with idempotency keys (median of 3)"),
+                median(keyed),
+                "commands without",
+                median(plain),
+                "cmd/s",
+                0.85,
+            );
+        }
+        return;
+    }
+
     // Warm up every path (connections, prepared statements).
     raw_inserts(&pool, 4, 20, "warm").await;
     factum_appends(&store, 4, 20, "warm").await;
@@ -414,6 +462,7 @@ async fn main() {
     let (appends, appends_cpu) = with_cpu(per, factum_appends(&store, 1, per, "app1")).await;
     let (commands, commands_cpu) = with_cpu(per, factum_commands(&repo, 1, per, "cmd1")).await;
     let (cached1, cached_cpu) = with_cpu(per, factum_commands(&cached, 1, per, "cch1")).await;
+    let keyed1 = factum_keyed_commands(&repo, 1, per, "key1").await;
     let (peer, peer_cpu) = with_cpu(per, peer_commands(&cqrs, 1, per, "peer1")).await;
     let client_cpu = format!(
         "client CPU per operation, 1 client: raw insert {raw_cpu:.0} µs, factum append \
@@ -445,13 +494,30 @@ async fn main() {
         0.8,
     );
     info_row("(a) 1 client, commands", commands, "cqrs-es", peer, "cmd/s");
+    row(
+        "(a) 1 client, commands with idempotency keys",
+        keyed1,
+        "commands without",
+        commands,
+        "cmd/s",
+        0.85,
+    );
 
     let per = (n(400.0) / 10).max(1) * 10;
     let raw = raw_inserts(&pool, 16, per, "raw16").await;
     let appends = factum_appends(&store, 16, per, "app16").await;
     let commands = factum_commands(&repo, 16, per, "cmd16").await;
     let cached16 = factum_commands(&cached, 16, per, "cch16").await;
+    let keyed16 = factum_keyed_commands(&repo, 16, per, "key16").await;
     let peer = peer_commands(&cqrs, 16, per, "peer16").await;
+    row(
+        "(b) 16 clients, commands with idempotency keys",
+        keyed16,
+        "commands without",
+        commands,
+        "cmd/s",
+        0.85,
+    );
     row(
         "(b) 16 clients, 1-event appends",
         appends,
@@ -497,8 +563,8 @@ async fn main() {
     // account, whose stream grows to `per` events. Not the target's workload (that is (b)): it
     // shows what loading a whole stream per command costs as streams grow.
     let long_per = (n(400.0) / 10).max(1) * 10;
-    let long_ours = factum_commands_on(&cached, 16, long_per, long_per, "lcch16").await;
-    let long_uncached = factum_commands_on(&repo, 16, long_per, long_per, "lcmd16").await;
+    let long_ours = factum_commands_on(&cached, 16, long_per, long_per, "lcch16", false).await;
+    let long_uncached = factum_commands_on(&repo, 16, long_per, long_per, "lcmd16", false).await;
     let long_peer = peer_commands_on(&cqrs, 16, long_per, long_per, "lpeer16").await;
     info_row(
         &format!("(b') 16 clients, one {long_per}-event account each, commands"),
