@@ -52,10 +52,10 @@ impl EventHandler for Recorder {
             return Err(format!("cannot handle {}", event.event_type).into());
         }
         self.seen.push(event.clone());
-        if let Some((target, tx)) = &self.done {
-            if self.seen.len() == *target {
-                tx.send(()).unwrap();
-            }
+        if let Some((target, tx)) = &self.done
+            && self.seen.len() == *target
+        {
+            tx.send(()).unwrap();
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use crate::error::to_error;
 use crate::schema::SchemaName;
 
 /// The migrations of the repository's `migrations/` folder, embedded at compile time.
-pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// The newest migration version this build knows.
 pub(crate) fn latest_version() -> i64 {

@@ -471,10 +471,10 @@ async fn a_rolled_back_append_is_retried_by_the_store_policy() {
                 .fetch_optional(db.pool())
                 .await
                 .expect("pg_stat_activity");
-            if let Some(start) = start {
-                if starts.last() != Some(&start) {
-                    starts.push(start);
-                }
+            if let Some(start) = start
+                && starts.last() != Some(&start)
+            {
+                starts.push(start);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

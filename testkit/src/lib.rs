@@ -63,3 +63,8 @@ pub use proptest;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/testing.md")]
 mod testing_chapter {}
+
+/// The book's idempotency chapter (it runs the bank example), compiled so it cannot drift.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/idempotency.md")]
+mod idempotency_chapter {}

@@ -247,10 +247,10 @@ fn find_bin_dir() -> Result<PathBuf, String> {
             ))
         };
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|d| has_tools(d)) {
-            return Ok(dir);
-        }
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(dir) = std::env::split_paths(&path).find(|d| has_tools(d))
+    {
+        return Ok(dir);
     }
     // Debian/Ubuntu keep the server binaries off PATH; take the newest version.
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
