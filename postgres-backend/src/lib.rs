@@ -103,6 +103,11 @@ pub use sqlx;
 #[doc = include_str!("../../docs/src/postgres.md")]
 mod postgres_chapter {}
 
+/// The book's backup and restore chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/operations/backup.md")]
+mod backup_chapter {}
+
 /// The book's projections chapter, compiled so it cannot drift from the code.
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/projections.md")]
