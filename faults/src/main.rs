@@ -2,7 +2,7 @@
 //! what was acknowledged.
 //!
 //! ```text
-//! scripts/faults/run [all|app-kill|pg-kill|restore] [--rounds N]
+//! scripts/faults/run [all|app-kill|pg-kill|restore] [--rounds N] [--bulk N]
 //! ```
 //!
 //! * `app-kill`: a writer process appends batches of 5 events (4 concurrent tasks), recording
@@ -15,7 +15,8 @@
 //! * `restore`: 1,000 events and two checkpoints, `pg_dump -Fc`, `pg_restore` into a fresh
 //!   cluster; the store must refuse the restored log until `repair_after_restore`, then a new
 //!   subscription must replay every event in the original order and the restored checkpoint
-//!   resume without skipping.
+//!   resume without skipping. `--bulk N` adds N events written by SQL in 10 transactions before
+//!   the dump, to time the repair on a large log.
 //!
 //! Each scenario runs on throwaway clusters of its own (durable settings for the crash
 //! scenarios). The figures are printed at the end; the exit code is non-zero when anything was
@@ -77,12 +78,17 @@ fn main() -> ExitCode {
     }
     let mut scenario = "all".to_owned();
     let mut rounds: Option<u32> = None;
+    let mut bulk: u64 = 0;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--rounds" => match rest.next().and_then(|n| n.parse().ok()) {
                 Some(n) => rounds = Some(n),
                 None => return usage("--rounds needs a number"),
+            },
+            "--bulk" => match rest.next().and_then(|n| n.parse().ok()) {
+                Some(n) => bulk = n,
+                None => return usage("--bulk needs a number"),
             },
             "all" | "app-kill" | "pg-kill" | "restore" => scenario = arg.clone(),
             "-h" | "--help" => return usage(""),
@@ -103,7 +109,7 @@ fn main() -> ExitCode {
         results.push(runtime.block_on(pg_kill(rounds.unwrap_or(5))));
     }
     if run("restore") {
-        results.push(runtime.block_on(restore()));
+        results.push(runtime.block_on(restore(bulk)));
     }
     report(results)
 }
@@ -112,7 +118,7 @@ fn usage(problem: &str) -> ExitCode {
     if !problem.is_empty() {
         eprintln!("factum-faults: {problem}");
     }
-    eprintln!("usage: scripts/faults/run [all|app-kill|pg-kill|restore] [--rounds N]");
+    eprintln!("usage: scripts/faults/run [all|app-kill|pg-kill|restore] [--rounds N] [--bulk N]");
     ExitCode::from(2)
 }
 
@@ -494,11 +500,11 @@ impl EventHandler for Recorder {
     }
 }
 
-async fn restore() -> (&'static str, Result<Figures, Failure>) {
-    ("restore", restore_inner().await)
+async fn restore(bulk: u64) -> (&'static str, Result<Figures, Failure>) {
+    ("restore", restore_inner(bulk).await)
 }
 
-async fn restore_inner() -> Result<Figures, Failure> {
+async fn restore_inner(bulk: u64) -> Result<Figures, Failure> {
     let source = Cluster::start(Durability::Fast)?;
     let target = Cluster::start(Durability::Fast)?;
     source.run_client("createdb", &["app"])?;
@@ -516,6 +522,24 @@ async fn restore_inner() -> Result<Figures, Failure> {
     let waited = wait_for_acks(&acks, 200, Duration::from_secs(120), &mut child).await;
     kill9(&mut child)?;
     waited?;
+    for chunk in 0..10 {
+        if bulk == 0 {
+            break;
+        }
+        let n = i64::try_from(bulk / 10).unwrap_or(i64::MAX);
+        sqlx::query(
+            "WITH s AS (INSERT INTO factum.streams (stream_id, category, version) \
+                 SELECT 'bulk-' || $1 || 'x' || g, 'bulk', 1 FROM generate_series(1, $2) g \
+                 RETURNING stream_id) \
+             INSERT INTO factum.events (stream_id, stream_version, event_id, event_type, \
+                 schema_version, payload) \
+             SELECT stream_id, 1, gen_random_uuid(), 'bulk.appended', 1, '{}' FROM s",
+        )
+        .bind(chunk)
+        .bind(n)
+        .execute(store.pool())
+        .await?;
+    }
     let old = read_log(&store, LogPosition::START).await?;
     let part = old.len() / 2;
     store
