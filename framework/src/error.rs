@@ -101,8 +101,12 @@ pub enum Error {
         source: serde_json::Error,
     },
 
-    /// The argument is invalid (an empty batch, a malformed stream id...). Retrying will not help.
-    #[error("invalid argument: {0}")]
+    /// The argument is invalid (an empty batch, a malformed stream id...). Nothing was done;
+    /// retrying the same call will not help: fix the argument. Its kind is
+    /// [`ErrorKind::InvalidArgument`].
+    #[error(
+        "invalid argument: {0}; nothing was done, fix the call (retrying it unchanged will not help)"
+    )]
     InvalidArgument(String),
 
     /// The backend failed in a way that may succeed if retried (connection refused, deadlock,
@@ -187,8 +191,12 @@ pub enum ErrorKind {
     Conflict,
     /// Retrying may succeed.
     Transient,
-    /// Retrying will not help.
+    /// The backend failed in a way retrying will not fix (bad schema, permission denied, a bug,
+    /// a handler that keeps failing).
     Permanent,
+    /// The caller's argument is invalid (an empty batch, a malformed id): fix the call;
+    /// retrying it unchanged will not help.
+    InvalidArgument,
     /// A stored event or snapshot is unreadable: fix the code or the data.
     BadData,
     /// A write may or may not have happened: re-append the same event ids.
@@ -203,6 +211,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Conflict => "conflict",
             ErrorKind::Transient => "transient",
             ErrorKind::Permanent => "permanent",
+            ErrorKind::InvalidArgument => "invalid argument",
             ErrorKind::BadData => "bad data",
             ErrorKind::UnknownOutcome => "unknown outcome",
             ErrorKind::Unavailable => "unavailable",
@@ -219,10 +228,10 @@ impl Error {
             Error::UnknownOutcome { .. } => ErrorKind::UnknownOutcome,
             Error::Unavailable { .. } => ErrorKind::Unavailable,
             Error::Decode { .. } | Error::Snapshot { .. } => ErrorKind::BadData,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::DuplicateEventId { .. }
             | Error::IdempotencyKeyReused { .. }
             | Error::Encode { .. }
-            | Error::InvalidArgument(_)
             | Error::Handler { .. }
             | Error::Permanent { .. } => ErrorKind::Permanent,
         }
@@ -292,5 +301,31 @@ impl<E> CommandError<E> {
     /// True when running the command again may succeed.
     pub fn is_transient(&self) -> bool {
         self.failure().is_some_and(Error::is_transient)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_argument_is_classed_as_one() {
+        let stream = StreamId::new("account-1").expect("valid");
+        let empty = crate::validate_batch(&stream, &[]).expect_err("an empty batch is refused");
+        assert!(matches!(empty, Error::InvalidArgument(_)), "{empty:?}");
+        assert_eq!(empty.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(empty.kind().to_string(), "invalid argument");
+        assert!(!empty.is_transient());
+        let message = empty.to_string();
+        assert!(message.starts_with("invalid argument: "), "{message}");
+        assert!(
+            message.contains("account-1") && message.contains("no events"),
+            "{message}"
+        );
+        // A permanent failure is the backend's, not the caller's.
+        assert_eq!(
+            Error::permanent("append", "permission denied").kind(),
+            ErrorKind::Permanent
+        );
     }
 }

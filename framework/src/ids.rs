@@ -17,7 +17,8 @@ pub const CATEGORY_SEPARATOR: char = '-';
 /// The category is the aggregate type ([`Aggregate::TYPE`](crate::Aggregate::TYPE)), so two
 /// aggregate types can use the same ids without sharing a stream, and subscriptions can filter the
 /// global log by category at the source. A category never contains
-/// [`CATEGORY_SEPARATOR`]; the id part may.
+/// [`CATEGORY_SEPARATOR`]; the id part may. A stream id holds no control characters and is at
+/// most [`StreamId::MAX_LEN`] bytes long (as UTF-8), on every backend.
 ///
 /// ```
 /// use factum::StreamId;
@@ -48,9 +49,29 @@ pub enum InvalidStreamId {
     /// The stream id contains a control character (newline, NUL...).
     #[error("stream id {0:?} is invalid: it contains a control character")]
     ControlCharacter(String),
+    /// The stream id is longer than [`StreamId::MAX_LEN`] bytes.
+    #[error(
+        "stream id starting {prefix:?} is invalid: it is {length} bytes long, and stream ids are at most {max} bytes (UTF-8); use a shorter aggregate id (e.g. a hash or a UUID of the long key)",
+        max = StreamId::MAX_LEN
+    )]
+    TooLong {
+        /// The first characters of the id (not all of it: it is too long to print).
+        prefix: String,
+        /// Its length in bytes.
+        length: usize,
+    },
 }
 
 impl StreamId {
+    /// The longest stream id accepted, in bytes of UTF-8: 1024.
+    ///
+    /// Every backend stores the stream id in unique indexes; PostgreSQL's B-tree rejects an index
+    /// entry larger than about 2700 bytes (a third of a page), and only after compression, so
+    /// without a bound an id works or fails depending on how well it compresses. 1024 bytes leaves
+    /// room for the other key columns whatever the content, and is far above any sensible
+    /// aggregate id.
+    pub const MAX_LEN: usize = 1024;
+
     /// Builds the stream id of one aggregate instance: `"{category}-{id}"`.
     pub fn for_aggregate(category: &str, id: &str) -> Result<Self, InvalidStreamId> {
         if category.contains(CATEGORY_SEPARATOR) {
@@ -60,8 +81,26 @@ impl StreamId {
     }
 
     /// Parses a full stream id such as `"account-42"`.
+    ///
+    /// Fails for an empty category or id, a control character, or an id longer than
+    /// [`StreamId::MAX_LEN`] bytes:
+    ///
+    /// ```
+    /// use factum::{InvalidStreamId, StreamId};
+    ///
+    /// let longest = format!("account-{}", "x".repeat(StreamId::MAX_LEN - "account-".len()));
+    /// assert!(StreamId::new(longest.clone()).is_ok());
+    /// let too_long = format!("{longest}x");
+    /// assert!(matches!(StreamId::new(too_long), Err(InvalidStreamId::TooLong { .. })));
+    /// ```
     pub fn new(value: impl Into<String>) -> Result<Self, InvalidStreamId> {
         let value = value.into();
+        if value.len() > Self::MAX_LEN {
+            return Err(InvalidStreamId::TooLong {
+                prefix: value.chars().take(64).collect(),
+                length: value.len(),
+            });
+        }
         if value.chars().any(char::is_control) {
             return Err(InvalidStreamId::ControlCharacter(value));
         }
@@ -375,6 +414,35 @@ mod tests {
             Err(InvalidStreamId::ControlCharacter(_))
         ));
         assert!(serde_json::from_str::<StreamId>("\"nodash\"").is_err());
+    }
+
+    #[test]
+    fn stream_ids_are_bounded_in_bytes_not_characters() {
+        let fill = |n: usize| format!("a-{}", "x".repeat(n - 2));
+        assert!(StreamId::new(fill(StreamId::MAX_LEN)).is_ok());
+        let err = StreamId::new(fill(StreamId::MAX_LEN + 1)).unwrap_err();
+        assert!(
+            matches!(err, InvalidStreamId::TooLong { length, .. } if length == StreamId::MAX_LEN + 1)
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("1025 bytes") && message.contains("at most 1024"),
+            "{message}"
+        );
+        assert!(
+            message.len() < 400,
+            "the message must not print the whole id: {message}"
+        );
+        // 'é' is two bytes: 512 of them after "a-" exceed the bound though there are 514 chars.
+        let wide = format!("a-{}", "é".repeat(512));
+        assert_eq!(wide.chars().count(), 514);
+        assert!(matches!(
+            StreamId::new(wide),
+            Err(InvalidStreamId::TooLong { .. })
+        ));
+        assert!(StreamId::for_aggregate("a", &"x".repeat(StreamId::MAX_LEN)).is_err());
+        let json = serde_json::to_string(&fill(StreamId::MAX_LEN + 1)).unwrap();
+        assert!(serde_json::from_str::<StreamId>(&json).is_err());
     }
 
     #[test]

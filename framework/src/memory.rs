@@ -411,13 +411,13 @@ impl SnapshotStore for InMemoryStore {
 pub fn validate_batch(stream: &StreamId, events: &[NewEvent]) -> Result<(), Error> {
     if events.is_empty() {
         return Err(Error::InvalidArgument(format!(
-            "append to stream `{stream}` has no events"
+            "append to stream `{stream}` has no events (a batch holds at least one)"
         )));
     }
     let mut seen = HashSet::with_capacity(events.len());
     if let Some(dup) = events.iter().find(|e| !seen.insert(e.event_id)) {
         return Err(Error::InvalidArgument(format!(
-            "append to stream `{stream}` contains event id {} twice",
+            "append to stream `{stream}` contains event id {} twice (each event of a batch needs its own id)",
             dup.event_id
         )));
     }

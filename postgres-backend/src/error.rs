@@ -105,6 +105,65 @@ pub(crate) fn to_error(error: sqlx::Error, operation: &'static str) -> Error {
     }
 }
 
+/// The event log holds transaction ids at or above the cluster's next one, so the gap-safe read
+/// order cannot be trusted: the typical cause is a logical restore (`pg_dump` / `pg_restore`)
+/// into another cluster, whose transaction counter is behind the one that wrote the events.
+///
+/// Readers of the global log only return events written by transactions older than the oldest
+/// one in flight; restored ids lie ahead of every id the new cluster has used, so every stored
+/// event would stay invisible, and new appends (with the new cluster's smaller ids) would sort
+/// before them. The store refuses instead: [`PostgresStore::connect`](crate::PostgresStore::connect),
+/// [`migrate`](crate::PostgresStore::migrate), [`health`](crate::PostgresStore::health),
+/// [`head`](factum::EventStore::head) and [`read_all`](factum::EventStore::read_all) (and so
+/// every subscription and projection runner) fail with a [`factum::Error::Permanent`] whose
+/// source is this error. Repair once with
+/// [`PostgresStore::repair_after_restore`](crate::PostgresStore::repair_after_restore), with no
+/// writer running.
+///
+/// Find it in an error with [`RestoreRepairNeeded::find`].
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[non_exhaustive]
+#[error(
+    "the event log in schema `{schema}` holds transaction ids up to {newest_stored}, but this cluster's next transaction id is {next_transaction}: the database was restored from a logical backup (pg_dump/pg_restore) or copied from another cluster, and in the gap-safe log order every stored event would stay hidden and new appends would sort before them; nothing was read. Stop the writers and run `PostgresStore::repair_after_restore` once (see the book's \"Backup and restore\" chapter)"
+)]
+pub struct RestoreRepairNeeded {
+    /// The store's schema.
+    pub schema: String,
+    /// The highest transaction id stored in `events`.
+    pub newest_stored: u64,
+    /// The cluster's next transaction id when it was checked.
+    pub next_transaction: u64,
+}
+
+impl RestoreRepairNeeded {
+    /// The `RestoreRepairNeeded` in `error`'s source chain, if any.
+    ///
+    /// ```
+    /// # fn check(error: &factum::Error) {
+    /// use factum_postgres::RestoreRepairNeeded;
+    ///
+    /// if let Some(restored) = RestoreRepairNeeded::find(error) {
+    ///     eprintln!("run the restore repair: {restored}");
+    /// }
+    /// # }
+    /// ```
+    pub fn find(error: &Error) -> Option<&RestoreRepairNeeded> {
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            if let Some(found) = cause.downcast_ref::<RestoreRepairNeeded>() {
+                return Some(found);
+            }
+            source = cause.source();
+        }
+        None
+    }
+
+    /// This as a [`factum::Error`]: permanent (retrying will not help), for `operation`.
+    pub(crate) fn into_error(self, operation: &'static str) -> Error {
+        Error::permanent(operation, self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

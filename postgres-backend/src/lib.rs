@@ -67,6 +67,11 @@
 //! ends, in any database of the cluster. Keep write transactions short, set
 //! `idle_in_transaction_session_timeout` ([`PoolConfig`] sets 60 s on its own connections), and
 //! watch [`Health::oldest_open_write`].
+//!
+//! The order rests on transaction ids, which belong to the cluster: restored from a logical
+//! backup (`pg_dump`) into another cluster, stored ids may lie ahead of the new cluster's
+//! counter, which would hide every stored event. The store detects it and refuses to read
+//! ([`RestoreRepairNeeded`]) until [`PostgresStore::repair_after_restore`] has run.
 
 // `factum::Error` is the framework's error type, returned as is; its size is the framework's call.
 #![allow(clippy::result_large_err)]
@@ -76,6 +81,7 @@ mod error;
 mod maintenance;
 mod migrate;
 pub mod projection;
+mod restore;
 mod schema;
 mod store;
 mod subscription;
@@ -83,8 +89,10 @@ mod transaction;
 mod tx;
 
 pub use config::{PoolConfig, StoreOptions};
+pub use error::RestoreRepairNeeded;
 pub use maintenance::Partition;
 pub use migrate::migrate;
+pub use restore::RestoreRepair;
 pub use schema::SchemaName;
 pub use store::{Health, PostgresStore};
 pub use transaction::InTransaction;
@@ -96,6 +104,11 @@ pub use sqlx;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/postgres.md")]
 mod postgres_chapter {}
+
+/// The book's backup and restore chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/operations/backup.md")]
+mod backup_chapter {}
 
 /// The book's projections chapter, compiled so it cannot drift from the code.
 #[cfg(doctest)]

@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::config::{PoolConfig, StoreOptions};
-use crate::error::{Failure, Op, classify, to_error};
+use crate::error::{Failure, Op, RestoreRepairNeeded, classify, to_error};
 use crate::migrate::{latest_version, migrate};
 use crate::schema::SchemaName;
 
@@ -88,6 +88,9 @@ impl PostgresStore {
 
     /// Connects to `url` with the default [`PoolConfig`], in the default schema. Does not run
     /// migrations: call [`migrate`](Self::migrate).
+    ///
+    /// Fails with [`RestoreRepairNeeded`] (as the source of a permanent error) when the schema's
+    /// event log was restored from a logical backup and not repaired yet.
     pub async fn connect(url: &str) -> Result<Self, Error> {
         Self::connect_with(url, &PoolConfig::default(), StoreOptions::default()).await
     }
@@ -99,7 +102,9 @@ impl PostgresStore {
         options: StoreOptions,
     ) -> Result<Self, Error> {
         let pool = config.connect(url).await?;
-        Ok(Self::with_options(pool, options))
+        let store = Self::with_options(pool, options);
+        store.check_not_restored_if_migrated("connect").await?;
+        Ok(store)
     }
 
     /// The connection pool.
@@ -113,12 +118,60 @@ impl PostgresStore {
     }
 
     /// Creates the schema if needed and applies the pending migrations (see [`migrate`]).
+    ///
+    /// Then fails with [`RestoreRepairNeeded`] (as the source of a permanent error) when the
+    /// event log was restored from a logical backup and not repaired yet: the migrations are
+    /// applied, but the store must not be used before
+    /// [`repair_after_restore`](Self::repair_after_restore).
     pub async fn migrate(&self) -> Result<(), Error> {
-        migrate(&self.inner.pool, self.schema()).await
+        migrate(&self.inner.pool, self.schema()).await?;
+        self.check_not_restored("migrate").await
+    }
+
+    /// Fails with [`RestoreRepairNeeded`] when the event log holds a transaction id at or above
+    /// the cluster's next one: no committed row can, unless it was written by another cluster
+    /// (a logical restore). One look at the newest entry of the log's index.
+    pub(crate) async fn check_not_restored(&self, operation: &'static str) -> Result<(), Error> {
+        let (newest, next): (Option<Xid8>, Xid8) = sqlx::query_as(&self.inner.sql.restore_check)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(|e| to_error(e, operation))?;
+        self.restore_verdict(newest, next)
+            .map_err(|e| e.into_error(operation))
+    }
+
+    /// The verdict of a restore check from the newest stored transaction id and the cluster's
+    /// next one.
+    fn restore_verdict(&self, newest: Option<Xid8>, next: Xid8) -> Result<(), RestoreRepairNeeded> {
+        match newest {
+            Some(newest) if newest.0 >= next.0 => Err(RestoreRepairNeeded {
+                schema: self.schema().as_str().to_owned(),
+                newest_stored: newest.0,
+                next_transaction: next.0,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// [`check_not_restored`](Self::check_not_restored), when the schema has an `events` table.
+    async fn check_not_restored_if_migrated(&self, operation: &'static str) -> Result<(), Error> {
+        let migrated: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("{}.events", self.schema().quoted()))
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(|e| to_error(e, operation))?;
+        if migrated {
+            self.check_not_restored(operation).await
+        } else {
+            Ok(())
+        }
     }
 
     /// Pings the database and reports the schema's migration state and the oldest open writing
     /// transaction.
+    ///
+    /// Fails with [`RestoreRepairNeeded`] (as the source of a permanent error) when the event
+    /// log was restored from a logical backup and not repaired yet.
     pub async fn health(&self) -> Result<Health, Error> {
         let started = Instant::now();
         let migrated: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
@@ -142,6 +195,9 @@ impl PostgresStore {
         .fetch_one(&self.inner.pool)
         .await
         .map_err(|e| to_error(e, "health check"))?;
+        if applied_version.is_some() {
+            self.check_not_restored("health check").await?;
+        }
         Ok(Health {
             round_trip,
             schema: self.schema().clone(),
@@ -850,7 +906,11 @@ struct Sql {
     save_snapshot: String,
     load_snapshot: String,
     applied_version: String,
+    /// The head, with the newest stored transaction id and the cluster's next one (the restore
+    /// check).
     head: String,
+    /// The newest stored transaction id and the cluster's next one.
+    restore_check: String,
     position_at: String,
 }
 
@@ -1035,11 +1095,24 @@ impl Sql {
                  FROM {s}.snapshots WHERE stream_id = $1"
             ),
             // The newest settled event (below the oldest transaction in flight), by the log's
-            // index read backwards.
+            // index read backwards; and the restore check, from the same index, in the same
+            // round trip.
             head: format!(
-                "SELECT e.transaction_id, e.global_position FROM {s}.events e \
-                 WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-                 ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1"
+                "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, \
+                     pg_snapshot_xmax(pg_current_snapshot()) AS xmax) \
+                 SELECT p.transaction_id, p.global_position, \
+                     (SELECT n.transaction_id FROM {s}.events n \
+                      ORDER BY n.transaction_id DESC LIMIT 1) AS newest, h.xmax \
+                 FROM h LEFT JOIN LATERAL ( \
+                     SELECT e.transaction_id, e.global_position FROM {s}.events e \
+                     WHERE e.transaction_id < h.xmin \
+                     ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1 \
+                 ) p ON true"
+            ),
+            restore_check: format!(
+                "SELECT (SELECT n.transaction_id FROM {s}.events n \
+                         ORDER BY n.transaction_id DESC LIMIT 1) AS newest, \
+                     pg_snapshot_xmax(pg_current_snapshot()) AS xmax"
             ),
             // The first settled event recorded at or after $1, in log order (an index scan of the
             // log from its start up to it), and the event before it.
@@ -1106,11 +1179,17 @@ impl EventStore for PostgresStore {
     }
 
     async fn head(&self) -> Result<LogPosition, Error> {
-        let row: Option<(Xid8, i64)> = sqlx::query_as(&self.inner.sql.head)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(|e| to_error(e, "read the log head"))?;
-        Ok(row.map_or(LogPosition::START, |(commit, global)| commit.at(global)))
+        let (commit, global, newest, next): (Option<Xid8>, Option<i64>, Option<Xid8>, Xid8) =
+            sqlx::query_as(&self.inner.sql.head)
+                .fetch_one(&self.inner.pool)
+                .await
+                .map_err(|e| to_error(e, "read the log head"))?;
+        self.restore_verdict(newest, next)
+            .map_err(|e| e.into_error("read the log head"))?;
+        Ok(match (commit, global) {
+            (Some(commit), Some(global)) => commit.at(global),
+            _ => LogPosition::START,
+        })
     }
 
     async fn position_at(&self, time: DateTime<Utc>) -> Result<LogPosition, Error> {
@@ -1172,6 +1251,12 @@ impl EventStore for PostgresStore {
                 let delay = Duration::from_millis(1 << attempt.min(5));
                 if events.len() >= limit || horizon >= target || started.elapsed() + delay > settle
                 {
+                    // An empty page is what a restored log looks like (every stored id above the
+                    // horizon): look once at the newest stored id. Pages with events, the hot
+                    // path, pay nothing.
+                    if events.is_empty() {
+                        self.check_not_restored("read all").await?;
+                    }
                     return events.into_iter().map(EventRow::into_recorded).collect();
                 }
                 tokio::time::sleep(delay).await;

@@ -8,7 +8,7 @@
 //! | [`Transient`](ErrorKind::Transient) | retried with backoff, within the policy and the retry budget |
 //! | [`UnknownOutcome`](ErrorKind::UnknownOutcome) | idempotent operations (appends, snapshot saves) are re-run unchanged, which settles the outcome; others return it |
 //! | [`Unavailable`](ErrorKind::Unavailable) (an open circuit) | returned at once: fail fast, don't retry |
-//! | [`Conflict`](ErrorKind::Conflict), [`Permanent`](ErrorKind::Permanent), [`BadData`](ErrorKind::BadData) | returned at once |
+//! | [`Conflict`](ErrorKind::Conflict), [`Permanent`](ErrorKind::Permanent), [`InvalidArgument`](ErrorKind::InvalidArgument), [`BadData`](ErrorKind::BadData) | returned at once |
 //!
 //! The pieces, one [`Resilience`] per dependency:
 //! * [`RetryPolicy`] per [`Operation`] ([`RetryPolicies`]): exponential backoff with full jitter
@@ -319,11 +319,52 @@ impl Resilience {
                     Err(Error::UnknownOutcome {
                         operation,
                         stream,
-                        source: Box::new(error),
+                        source: Box::new(Unsettled::from(error)),
                     })
                 }
             }
             _ => Err(error),
+        }
+    }
+}
+
+/// The source of an [`Error::UnknownOutcome`] that retries did not settle: what the last attempt
+/// ran into, worded for that place. The last attempt's own error would say "nothing was stored"
+/// (true of that attempt alone), contradicting the unknown outcome of the earlier one.
+#[derive(Debug, thiserror::Error)]
+#[error("the retries that would have settled it failed too; the last one {last}")]
+struct Unsettled {
+    /// What the last attempt ran into, e.g. "failed with a transient backend error".
+    last: String,
+    /// The backend's error of the last attempt, if any.
+    #[source]
+    source: Option<crate::BoxError>,
+}
+
+impl From<Error> for Unsettled {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Transient { source, .. } => Self {
+                last: "failed with a transient backend error".to_owned(),
+                source: Some(source),
+            },
+            Error::Permanent { source, .. } => Self {
+                last: "failed with a permanent backend error".to_owned(),
+                source: Some(source),
+            },
+            Error::Unavailable {
+                dependency,
+                retry_after,
+            } => Self {
+                last: format!(
+                    "was refused: {dependency} is unavailable (circuit open, next trial in {retry_after:?})"
+                ),
+                source: None,
+            },
+            other => Self {
+                last: format!("failed ({} error)", other.kind()),
+                source: Some(Box::new(other)),
+            },
         }
     }
 }

@@ -317,6 +317,12 @@ async fn an_unsettled_unknown_outcome_stays_an_unknown_outcome() {
     let source = std::error::Error::source(&error).expect("has a source");
     assert!(source.to_string().contains("transient"), "{source}");
 
+    // Nothing in the chain may claim that nothing was stored: the first attempt may have.
+    let chain = error_chain(&error);
+    assert!(!chain.contains("nothing was stored"), "{chain}");
+    assert!(!chain.contains("retrying may succeed"), "{chain}");
+    assert!(chain.contains("connection refused (attempt 3)"), "{chain}");
+
     // A conflict after an unknown outcome is a real answer: nothing of ours was stored.
     let (result, _) = scripted(
         &resilience,
@@ -333,6 +339,39 @@ async fn an_unsettled_unknown_outcome_stays_an_unknown_outcome() {
     )
     .await;
     assert!(result.expect_err("conflict").is_conflict());
+}
+
+/// Every message of an error's chain, joined.
+fn error_chain(error: &Error) -> String {
+    let mut chain = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        chain.push_str(" <- ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    chain
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_outcome_ended_by_an_open_circuit_says_neither_nothing_nor_retry() {
+    let resilience = resilience().with_breaker_config(CircuitBreakerConfig {
+        consecutive_failures: 2,
+        cool_down: Duration::from_secs(60),
+        ..CircuitBreakerConfig::default()
+    });
+    let (result, _) = scripted(
+        &resilience,
+        Operation::Append,
+        true,
+        vec![Err(unknown(1)), Err(transient(2)), Err(transient(3))],
+    )
+    .await;
+    let error = result.expect_err("not settled");
+    assert_eq!(error.kind(), ErrorKind::UnknownOutcome, "{error}");
+    let chain = error_chain(&error);
+    assert!(!chain.contains("nothing was stored"), "{chain}");
+    assert!(chain.contains("unavailable"), "{chain}");
 }
 
 #[tokio::test(start_paused = true)]
