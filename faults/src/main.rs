@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 use cluster::{Cluster, Durability};
 use factum::subscription::{CheckpointStore, EventHandler, Subscription};
 use factum::{
-    BoxError, EventFilter, EventId, EventStore, ExpectedVersion, LogPosition, NewEvent, RawValue,
-    RecordedEvent, StreamId,
+    BoxError, EventFilter, EventId, EventStore, LogPosition, NewEvent, RawValue, RecordedEvent,
+    StreamId,
 };
 use factum_postgres::{PostgresStore, RestoreRepairNeeded, StoreOptions};
 
@@ -260,7 +260,7 @@ async fn append(
     events: Vec<NewEvent>,
 ) -> Result<(), factum::Error> {
     store
-        .append(stream, ExpectedVersion::Any, events)
+        .append(factum::AppendRequest::new(stream.clone(), events))
         .await
         .map(drop)
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use factum::subscription::{CheckpointStore, EventHandler, Subscription};
 use factum::{
-    BoxError, Error, EventFilter, EventId, EventStore, ExpectedVersion, LogPosition, NewEvent,
-    RawValue, RecordedEvent, StreamId,
+    BoxError, Error, EventFilter, EventId, EventStore, LogPosition, NewEvent, RawValue,
+    RecordedEvent, StreamId,
 };
 use factum_postgres::{PostgresStore, RestoreRepairNeeded, StoreOptions};
 use sqlx::{Connection, PgConnection};
@@ -44,7 +44,7 @@ fn stream(id: &str) -> StreamId {
 async fn append(store: &PostgresStore, stream: &StreamId, events: Vec<NewEvent>) -> Vec<EventId> {
     let ids = events.iter().map(|e| e.event_id).collect();
     store
-        .append(stream, ExpectedVersion::Any, events)
+        .append(factum::AppendRequest::new(stream.clone(), events))
         .await
         .expect("append");
     ids

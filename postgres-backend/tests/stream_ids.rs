@@ -54,7 +54,7 @@ async fn append(
     events: Vec<NewEvent>,
 ) -> factum::AppendResult {
     store
-        .append(stream, expected, events)
+        .append(factum::AppendRequest::new(stream.clone(), events).expected_version(expected))
         .await
         .expect("append to a maximal stream id")
 }

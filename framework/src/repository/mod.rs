@@ -582,9 +582,12 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                     Ok(Some(stored)) => Retry::Repeated(stored),
                     // Removed by retention between the two calls: nothing to return.
                     Ok(None) => Retry::Fail(
-                        Error::InvalidArgument(format!(
-                            "the idempotency key of a command on stream `{stream_id}` was removed while it was checked; retry the command"
-                        ))
+                        Error::transient(
+                            "execute",
+                            format!(
+                                "the idempotency key of a command on stream `{stream_id}` was removed by retention while it was checked"
+                            ),
+                        )
                         .into(),
                     ),
                     Err(e) => Retry::Fail(e.into()),
