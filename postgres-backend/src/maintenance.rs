@@ -135,17 +135,17 @@ impl PostgresStore {
             return Ok(Vec::new());
         }
         let last_to = partitions.iter().filter_map(|p| p.to).max().unwrap_or(0);
-        let handed_out: i64 = sqlx::query_scalar(&format!(
+        let handed_out: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
              FROM {s}.events_global_position_seq"
-        ))
+        )))
         .fetch_one(&mut *tx)
         .await
         .map_err(fail)?;
         let in_default: Option<i64> = if partitions.iter().any(|p| p.is_default) {
-            sqlx::query_scalar(&format!(
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT max(global_position) FROM {s}.events_default"
-            ))
+            )))
             .fetch_one(&mut *tx)
             .await
             .map_err(fail)?
@@ -171,7 +171,7 @@ impl PostgresStore {
                 ),
             ];
             for statement in statements {
-                sqlx::query(&statement)
+                sqlx::query(sqlx::AssertSqlSafe(statement.as_str()))
                     .execute(&mut *tx)
                     .await
                     .map_err(fail)?;
@@ -196,10 +196,10 @@ impl PostgresStore {
     /// and keeps the older partitions of the stream from being detached only if the stream is
     /// un-archived; stop writing to a stream before archiving it.
     pub async fn archive_stream(&self, stream: &StreamId) -> Result<bool, Error> {
-        let updated = sqlx::query(&format!(
+        let updated = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {}.streams SET archived = true WHERE stream_id = $1",
             self.schema().quoted()
-        ))
+        )))
         .bind(stream.as_str())
         .execute(self.pool())
         .await
@@ -233,7 +233,7 @@ impl PostgresStore {
         let fail = |e| to_error(e, "detach partition");
         let s = self.schema().quoted();
         let newest: Option<i64> =
-            sqlx::query_scalar(&format!("SELECT max(global_position) FROM {s}.events"))
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT max(global_position) FROM {s}.events")))
                 .fetch_one(self.pool())
                 .await
                 .map_err(fail)?;
@@ -242,10 +242,10 @@ impl PostgresStore {
                 "`{name}` holds the newest event of the log: it is still being written"
             )));
         }
-        let live: Option<String> = sqlx::query_scalar(&format!(
+        let live: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT e.stream_id FROM {s}.{name} e JOIN {s}.streams st USING (stream_id) \
              WHERE NOT st.archived LIMIT 1"
-        ))
+        )))
         .fetch_optional(self.pool())
         .await
         .map_err(fail)?;
@@ -259,9 +259,9 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(fail)?;
-        sqlx::query(&format!(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "ALTER TABLE {s}.events DETACH PARTITION {s}.{name}"
-        ))
+        )))
         .execute(&mut *tx)
         .await
         .map_err(fail)?;

@@ -63,9 +63,9 @@ async fn migrate_on(conn: &mut PgConnection, schema: &SchemaName) -> Result<(), 
         .execute(&mut *conn)
         .await
         .map_err(|e| to_error(e, "migrate"))?;
-    let created = sqlx::raw_sql(&format!(
+    let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE SCHEMA IF NOT EXISTS {quoted}; SET search_path TO {quoted}"
-    ))
+    )))
     .execute(&mut *conn)
     .await
     .map_err(|e| to_error(e, "migrate"));
@@ -77,7 +77,7 @@ async fn migrate_on(conn: &mut PgConnection, schema: &SchemaName) -> Result<(), 
     // With search_path set to the schema, the migrations' unqualified names and sqlx's
     // `_sqlx_migrations` table all land in it.
     MIGRATOR
-        .run_direct(conn)
+        .run_direct(None, conn, false)
         .await
         .map_err(|e| migrate_error(e, schema))
 }

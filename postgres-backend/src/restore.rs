@@ -85,7 +85,7 @@ impl PostgresStore {
             match self.try_repair(&s).await? {
                 Attempt::Done(mut repair) => {
                     if repair.repaired {
-                        sqlx::raw_sql(&format!("ANALYZE {s}.events"))
+                        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ANALYZE {s}.events")))
                             .execute(self.pool())
                             .await
                             .map_err(|e| to_error(e, "repair after restore (analyze)"))?;
@@ -96,11 +96,11 @@ impl PostgresStore {
                 Attempt::NoRoom { needed } => {
                     // Outside any transaction: each loop turn commits, and so takes an id.
                     let count = needed.saturating_add(1000);
-                    sqlx::raw_sql(&format!(
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                         "DO $$ BEGIN FOR i IN 1..{count} LOOP \
                              PERFORM pg_current_xact_id(); COMMIT; \
                          END LOOP; END $$"
-                    ))
+                    )))
                     .execute(self.pool())
                     .await
                     .map_err(|e| to_error(e, "repair after restore (consume transaction ids)"))?;
@@ -120,17 +120,17 @@ impl PostgresStore {
         let err = |e| to_error(e, "repair after restore");
         let mut tx = crate::tx::begin(self.pool()).await.map_err(err)?;
         // Blocks appends and checkpoint writes (they take ROW EXCLUSIVE), lets plain reads on.
-        sqlx::raw_sql(&format!(
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "LOCK TABLE {s}.events, {s}.streams, {s}.subscription_checkpoints IN EXCLUSIVE MODE"
-        ))
+        )))
         .execute(&mut *tx)
         .await
         .map_err(err)?;
-        let (newest, next): (Option<i64>, i64) = sqlx::query_as(&format!(
+        let (newest, next): (Option<i64>, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT (SELECT n.transaction_id FROM {s}.events n \
                      ORDER BY n.transaction_id DESC LIMIT 1)::text::bigint, \
                  pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
-        ))
+        )))
         .fetch_one(&mut *tx)
         .await
         .map_err(err)?;
@@ -142,7 +142,7 @@ impl PostgresStore {
         // The new id of each event: restored rows first (native = false), in their log order;
         // a new id wherever the global position goes back. `xmin` of a restored row is the
         // restoring transaction, never the row's own stored id (only its low 32 bits are kept).
-        sqlx::raw_sql(&format!(
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "CREATE TEMP TABLE factum_restore_map ON COMMIT DROP AS \
              SELECT global_position, old_id, native, \
                  {FIRST_NEW_ID} + sum(back) OVER (ORDER BY native, old_id, global_position \
@@ -160,7 +160,7 @@ impl PostgresStore {
              CREATE INDEX ON factum_restore_map (old_id, global_position) WHERE NOT native; \
              CREATE INDEX ON factum_restore_map (global_position); \
              ANALYZE factum_restore_map"
-        ))
+        )))
         .execute(&mut *tx)
         .await
         .map_err(err)?;
@@ -181,7 +181,7 @@ impl PostgresStore {
 
         // Each checkpoint moves to the new position of the last restored event at or before it
         // (START stays START): the events after it are the same events as before.
-        let checkpoints = sqlx::query(&format!(
+        let checkpoints = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {s}.subscription_checkpoints c \
              SET commit_id = coalesce(m.new_id, 0), \
                  global_position = coalesce(m.global_position, 0), updated_at = now() \
@@ -192,17 +192,17 @@ impl PostgresStore {
                  ORDER BY r.old_id DESC, r.global_position DESC LIMIT 1 \
              ) m ON true \
              WHERE c.subscription = c0.subscription"
-        ))
+        )))
         .execute(&mut *tx)
         .await
         .map_err(err)?
         .rows_affected();
-        let events = sqlx::query(&format!(
+        let events = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {s}.events e SET transaction_id = r.new_id::text::xid8 \
              FROM factum_restore_map r \
              WHERE e.global_position = r.global_position \
                AND e.transaction_id <> r.new_id::text::xid8"
-        ))
+        )))
         .execute(&mut *tx)
         .await
         .map_err(err)?

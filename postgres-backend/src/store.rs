@@ -132,7 +132,7 @@ impl PostgresStore {
     /// the cluster's next one: no committed row can, unless it was written by another cluster
     /// (a logical restore). One look at the newest entry of the log's index.
     pub(crate) async fn check_not_restored(&self, operation: &'static str) -> Result<(), Error> {
-        let (newest, next): (Option<Xid8>, Xid8) = sqlx::query_as(&self.inner.sql.restore_check)
+        let (newest, next): (Option<Xid8>, Xid8) = sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.restore_check.as_str()))
             .fetch_one(&self.inner.pool)
             .await
             .map_err(|e| to_error(e, operation))?;
@@ -181,7 +181,7 @@ impl PostgresStore {
             .map_err(|e| to_error(e, "health check"))?;
         let round_trip = started.elapsed();
         let applied_version = if migrated {
-            sqlx::query_scalar(&self.inner.sql.applied_version)
+            sqlx::query_scalar(sqlx::AssertSqlSafe(self.inner.sql.applied_version.as_str()))
                 .fetch_one(&self.inner.pool)
                 .await
                 .map_err(|e| to_error(e, "health check"))?
@@ -209,7 +209,7 @@ impl PostgresStore {
 
     /// The current version of a stream (0 when it does not exist).
     pub async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, Error> {
-        let version: Option<i64> = sqlx::query_scalar(&self.inner.sql.stream_version)
+        let version: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.inner.sql.stream_version.as_str()))
             .bind(stream.as_str())
             .fetch_optional(&self.inner.pool)
             .await
@@ -229,7 +229,7 @@ impl PostgresStore {
     /// repeating one of them afterwards is a new write (event ids still protect the batch when
     /// they are the same). Run it on a schedule with a retention longer than any client retries.
     pub async fn expire_idempotency_keys(&self, before: DateTime<Utc>) -> Result<u64, Error> {
-        let done = sqlx::query(&self.inner.sql.expire_keys)
+        let done = sqlx::query(sqlx::AssertSqlSafe(self.inner.sql.expire_keys.as_str()))
             .bind(before)
             .execute(&self.inner.pool)
             .await
@@ -411,7 +411,7 @@ impl PostgresStore {
         conn: &mut sqlx::PgConnection,
         stream: &StreamId,
     ) -> Result<StreamVersion, Error> {
-        let version: Option<i64> = sqlx::query_scalar(&self.inner.sql.stream_version)
+        let version: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.inner.sql.stream_version.as_str()))
             .bind(stream.as_str())
             .fetch_optional(conn)
             .await
@@ -435,12 +435,12 @@ impl PostgresStore {
         let sql = &self.inner.sql.append[usize::from(single) + 2 * usize::from(keyed)];
         let query = match request.expected {
             ExpectedVersion::Exact(v) if v != StreamVersion::INITIAL => {
-                sqlx::query_as::<_, (i64, i64)>(&sql.exact).bind(to_i64(v.get()))
+                sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(sql.exact.as_str())).bind(to_i64(v.get()))
             }
             ExpectedVersion::Exact(_) | ExpectedVersion::NoStream => {
-                sqlx::query_as(&sql.no_stream).bind(stream.category())
+                sqlx::query_as(sqlx::AssertSqlSafe(sql.no_stream.as_str())).bind(stream.category())
             }
-            ExpectedVersion::Any => sqlx::query_as(&sql.any).bind(stream.category()),
+            ExpectedVersion::Any => sqlx::query_as(sqlx::AssertSqlSafe(sql.any.as_str())).bind(stream.category()),
         };
         let query = query.bind(stream.as_str()).bind(batch.ids.len() as i64);
         let query = if single {
@@ -505,7 +505,7 @@ impl PostgresStore {
                 })
             });
         }
-        let rows: Vec<(Uuid, String, i64, i64)> = sqlx::query_as(&self.inner.sql.find_ids)
+        let rows: Vec<(Uuid, String, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.find_ids.as_str()))
             .bind(&batch.ids)
             .fetch_all(conn)
             .await
@@ -520,7 +520,7 @@ impl PostgresStore {
         key: &IdempotencyKey,
     ) -> Result<Option<(AppendResult, Vec<Uuid>)>, Error> {
         let row: Option<(String, i64, Vec<i64>, Vec<Uuid>)> =
-            sqlx::query_as(&self.inner.sql.find_key)
+            sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.find_key.as_str()))
                 .bind(key.as_str())
                 .fetch_optional(conn)
                 .await
@@ -1156,7 +1156,7 @@ impl EventStore for PostgresStore {
         stream: &'a StreamId,
         after: StreamVersion,
     ) -> PayloadStream<'a> {
-        let rows = sqlx::query(&self.inner.sql.read_payloads)
+        let rows = sqlx::query(sqlx::AssertSqlSafe(self.inner.sql.read_payloads.as_str()))
             .bind(stream.as_str())
             .bind(to_i64(after.get()))
             .fetch(&self.inner.pool);
@@ -1167,7 +1167,7 @@ impl EventStore for PostgresStore {
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
-        let rows = sqlx::query(&self.inner.sql.read_stream)
+        let rows = sqlx::query(sqlx::AssertSqlSafe(self.inner.sql.read_stream.as_str()))
             .bind(stream.as_str())
             .bind(to_i64(after.get()))
             .fetch(&self.inner.pool);
@@ -1180,7 +1180,7 @@ impl EventStore for PostgresStore {
 
     async fn head(&self) -> Result<LogPosition, Error> {
         let (commit, global, newest, next): (Option<Xid8>, Option<i64>, Option<Xid8>, Xid8) =
-            sqlx::query_as(&self.inner.sql.head)
+            sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.head.as_str()))
                 .fetch_one(&self.inner.pool)
                 .await
                 .map_err(|e| to_error(e, "read the log head"))?;
@@ -1193,7 +1193,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn position_at(&self, time: DateTime<Utc>) -> Result<LogPosition, Error> {
-        let row: Option<(Option<Xid8>, Option<i64>)> = sqlx::query_as(&self.inner.sql.position_at)
+        let row: Option<(Option<Xid8>, Option<i64>)> = sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.position_at.as_str()))
             .bind(time)
             .fetch_optional(&self.inner.pool)
             .await
@@ -1223,7 +1223,7 @@ impl EventStore for PostgresStore {
             let mut target = None;
             let mut attempt = 0;
             loop {
-                let mut query = sqlx::query_as::<_, LogRow>(sql)
+                let mut query = sqlx::query_as::<_, LogRow>(sqlx::AssertSqlSafe(sql.as_str()))
                     .bind(to_i64(after.commit))
                     .bind(to_i64(after.global.get()))
                     .bind(i64::try_from(limit).unwrap_or(i64::MAX));
@@ -1274,7 +1274,7 @@ impl SnapshotStore for PostgresStore {
                     snapshot.schema_version
                 ))
             })?;
-            sqlx::query(&self.inner.sql.save_snapshot)
+            sqlx::query(sqlx::AssertSqlSafe(self.inner.sql.save_snapshot.as_str()))
                 .bind(snapshot.stream_id.as_str())
                 .bind(to_i64(snapshot.stream_version.get()))
                 .bind(schema_version)
@@ -1290,7 +1290,7 @@ impl SnapshotStore for PostgresStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<StoredSnapshot>, Error> {
         {
             let row: Option<(i64, i32, String, DateTime<Utc>)> =
-                sqlx::query_as(&self.inner.sql.load_snapshot)
+                sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.load_snapshot.as_str()))
                     .bind(stream.as_str())
                     .fetch_optional(&self.inner.pool)
                     .await

@@ -25,7 +25,7 @@ impl CheckpointStore for PostgresStore {
             self.schema().quoted()
         );
         async move {
-            let row: Option<(i64, i64)> = sqlx::query_as(&sql)
+            let row: Option<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
                 .bind(name)
                 .fetch_optional(self.pool())
                 .await
@@ -52,7 +52,7 @@ impl CheckpointStore for PostgresStore {
             self.schema().quoted()
         );
         async move {
-            sqlx::query(&sql)
+            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
                 .bind(name)
                 .bind(to_i64(position.commit)?)
                 .bind(to_i64(position.global.get())?)
@@ -73,7 +73,7 @@ impl DeadLetterStore for PostgresStore {
             self.schema().quoted()
         );
         async move {
-            sqlx::query(&sql)
+            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
                 .bind(&parked.subscription)
                 .bind(parked.event.event_id.as_uuid())
                 .bind(&parked.error)
@@ -92,7 +92,7 @@ impl DeadLetterStore for PostgresStore {
     ) -> impl Future<Output = Result<Vec<ParkedEvent>, Error>> + Send {
         let sql = self.parked_sql("d.subscription = $1");
         async move {
-            let rows = sqlx::query(&sql)
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
                 .bind(subscription)
                 .fetch_all(self.pool())
                 .await
@@ -115,7 +115,7 @@ impl DeadLetterStore for PostgresStore {
             let mut tx = crate::tx::begin(self.pool())
                 .await
                 .map_err(|e| to_error(e, "unpark event"))?;
-            let row = sqlx::query(&select)
+            let row = sqlx::query(sqlx::AssertSqlSafe(select.as_str()))
                 .bind(subscription)
                 .bind(event_id.as_uuid())
                 .fetch_optional(&mut *tx)
@@ -123,7 +123,7 @@ impl DeadLetterStore for PostgresStore {
                 .map_err(|e| to_error(e, "unpark event"))?;
             let Some(row) = row else { return Ok(None) };
             let parked = parked_from_row(&row)?;
-            sqlx::query(&delete)
+            sqlx::query(sqlx::AssertSqlSafe(delete.as_str()))
                 .bind(subscription)
                 .bind(event_id.as_uuid())
                 .execute(&mut *tx)

@@ -81,7 +81,7 @@ impl EventStore for InTransaction<'_> {
         // the caller may hold while appending.
         let rows = async move {
             let mut conn = self.conn.lock().await;
-            let rows = sqlx::query(self.store.sql_read_stream())
+            let rows = sqlx::query(sqlx::AssertSqlSafe(self.store.sql_read_stream()))
                 .bind(stream.as_str())
                 .bind(i64::try_from(after.get()).unwrap_or(i64::MAX))
                 .fetch_all(&mut **conn)
@@ -109,7 +109,7 @@ impl EventStore for InTransaction<'_> {
     ) -> PayloadStream<'a> {
         let rows = async move {
             let mut conn = self.conn.lock().await;
-            let rows = sqlx::query(self.store.sql_read_payloads())
+            let rows = sqlx::query(sqlx::AssertSqlSafe(self.store.sql_read_payloads()))
                 .bind(stream.as_str())
                 .bind(i64::try_from(after.get()).unwrap_or(i64::MAX))
                 .fetch_all(&mut **conn)

@@ -4,17 +4,17 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 /// `pool.begin()`, safe to cancel.
 ///
-/// sqlx 0.8 does not roll back a `BEGIN` it has sent when the future awaiting it is dropped
-/// before the answer arrives (its guard looks at a depth it has not raised yet), and the
+/// sqlx (0.8.6 and 0.9.0) does not roll back a `BEGIN` it has sent when the future awaiting it is
+/// dropped before the answer arrives (its guard looks at a depth it has not raised yet), and the
 /// connection goes back to the pool inside a server-side transaction: every statement that later
 /// runs on it joins that transaction, never commits, and holds its locks. A projection runner is
 /// cancelled by design (dropped, aborted, raced in `select!`), so its transactions begin in a
 /// task of their own: the task always finishes the `BEGIN`, and when nobody waits for it any
 /// more it drops the transaction, which rolls it back.
 ///
-/// Upstream: sqlx issues #4385 and #4393, fixed by pull request #4394 (merged August 2026, not in
-/// 0.8.6). Once factum depends on a release with that fix, this can go back to `pool.begin()`;
-/// the test below keeps checking the behaviour either way.
+/// Upstream: sqlx issues #4385 and #4393, fixed by pull request #4394 (merged August 2026, after
+/// the 0.9.0 release factum is built on). Once factum depends on a release with that fix, this can
+/// go back to `pool.begin()`; the test below keeps checking the behaviour either way.
 pub(crate) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     let pool = pool.clone();
     tokio::spawn(async move { pool.begin().await })

@@ -467,7 +467,7 @@ async fn a_rolled_back_append_is_retried_by_the_store_policy() {
                 tokio::time::Instant::now() < deadline,
                 "no second attempt was seen: {starts:?}"
             );
-            let start: Option<String> = sqlx::query_scalar(waiting)
+            let start: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(waiting))
                 .fetch_optional(db.pool())
                 .await
                 .expect("pg_stat_activity");

@@ -399,7 +399,7 @@ async fn an_append_chosen_as_deadlock_victim_is_retried_and_stored_once() {
     let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
                    AND wait_event_type = 'Lock'";
     let deadline = Instant::now() + Duration::from_secs(10);
-    while sqlx::query_scalar::<_, i64>(waiting)
+    while sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(waiting))
         .fetch_one(db.pool())
         .await
         .expect("pg_stat_activity")

@@ -91,7 +91,7 @@ impl TestDatabase {
             .await
             .map_err(|e| format!("cannot connect to {admin_url}: {e}; {NOT_INSTALLED}"))?;
         // The name is ours (digits and `_`): nothing to escape.
-        sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
             .execute(&mut conn)
             .await
             .map_err(|e| format!("cannot create database {name}: {e}"))?;
@@ -181,7 +181,7 @@ impl Drop for TestDatabase {
 
 async fn drop_database(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
     let mut conn = PgConnection::connect(admin_url).await?;
-    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
         .execute(&mut conn)
         .await?;
     conn.close().await
@@ -203,7 +203,7 @@ async fn server() -> Result<String, String> {
         .await
         .unwrap_or_default();
         for name in names.into_iter().filter(|n| owner_is_gone(n)) {
-            let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
                 .execute(&mut conn)
                 .await;
         }

@@ -268,7 +268,7 @@ async fn raw_stream_read(pool: &PgPool, stream: &str) -> usize {
         "SELECT {STORE_COLUMNS} FROM factum.events WHERE stream_id = $1 AND stream_version > $2 \
          ORDER BY stream_version"
     );
-    let mut rows = sqlx::query_as::<_, RawRow>(&sql)
+    let mut rows = sqlx::query_as::<_, RawRow>(sqlx::AssertSqlSafe(sql.as_str()))
         .bind(stream)
         .bind(0i64)
         .fetch(pool);
@@ -391,7 +391,7 @@ async fn main() {
     factum_postgres::migrate(&pool, &SchemaName::new("raw").expect("name"))
         .await
         .expect("raw schema");
-    sqlx::raw_sql(peer::SCHEMA)
+    sqlx::raw_sql(sqlx::AssertSqlSafe(peer::SCHEMA))
         .execute(&pool)
         .await
         .expect("cqrs-es schema");
@@ -399,8 +399,14 @@ async fn main() {
     // The same repository keeping recently used states in memory: a command is then one round
     // trip (the append) instead of a load and an append.
     let cached = Arc::new(Repository::<Account, _>::new(store.clone()).with_cache(100_000));
+    // The same database and pool size for the peer, on the sqlx version it is built on.
+    let peer_pool = sqlx08::postgres::PgPoolOptions::new()
+        .max_connections(24)
+        .connect(db.url())
+        .await
+        .expect("the peer's pool");
     let cqrs = Arc::new(postgres_es::postgres_cqrs::<PeerAccount>(
-        pool.clone(),
+        peer_pool.clone(),
         Vec::new(),
         (),
     ));
@@ -610,7 +616,7 @@ async fn main() {
         .collect();
     let started = Instant::now();
     for (b, rows) in raw_batches.iter().enumerate() {
-        let mut q = sqlx::query(&raw_sql).bind(format!("rawbatch-{b}"));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(raw_sql.as_str())).bind(format!("rawbatch-{b}"));
         for (id, payload) in rows {
             q = q.bind(id).bind(payload);
         }
@@ -669,7 +675,7 @@ async fn main() {
     .await
     .expect("fill cqrs-es");
     for table in ["factum.events", "public.events"] {
-        sqlx::raw_sql(&format!("VACUUM ANALYZE {table}"))
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
             .execute(&pool)
             .await
             .expect("vacuum");
@@ -703,7 +709,7 @@ async fn main() {
     let ours = per_sec(started);
     assert_eq!(loaded.state.balance, long as u64);
     let peer_store = PersistedEventStore::<PostgresEventRepository, PeerAccount>::new_event_store(
-        PostgresEventRepository::new(pool.clone()),
+        PostgresEventRepository::new(peer_pool.clone()),
     );
     let started = Instant::now();
     let mut context = peer_store.load_aggregate(id).await.expect("cqrs-es load");

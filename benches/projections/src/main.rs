@@ -87,7 +87,7 @@ impl Balances {
              SET balance = b.balance + EXCLUDED.balance, events = b.events + EXCLUDED.events",
             t = tx.table("balances"),
         );
-        sqlx::query(&sql)
+        sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
             .bind(accounts)
             .bind(amounts)
             .bind(counts)
@@ -142,7 +142,7 @@ impl PgProjection for BalancesPerEvent {
              ON CONFLICT (account) DO UPDATE SET balance = b.balance + $2, events = b.events + 1",
             t = tx.table("balances"),
         );
-        sqlx::query(&sql)
+        sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
             .bind(event.stream_id.aggregate_id())
             .bind(event.event.amount)
             .execute(tx.conn())

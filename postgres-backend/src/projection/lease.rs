@@ -32,7 +32,7 @@ pub(crate) async fn try_acquire(
             .await
             .map_err(|e| to_error(e, "connect for the projection lease"))?,
     };
-    let taken: bool = match sqlx::query_scalar(LEASE_SQL)
+    let taken: bool = match sqlx::query_scalar(sqlx::AssertSqlSafe(LEASE_SQL))
         .bind(key)
         .fetch_one(&mut conn)
         .await

@@ -42,7 +42,7 @@
 //!              ON CONFLICT (account) DO UPDATE SET balance = b.balance + $2",
 //!             tx.table("balances"),
 //!         );
-//!         sqlx::query(&sql)
+//!         sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
 //!             .bind(event.stream_id.aggregate_id())
 //!             .bind(amount)
 //!             .execute(tx.conn())

@@ -229,7 +229,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 new = table.quoted(REBUILD),
                 live = table.quoted(""),
             );
-            sqlx::raw_sql(&ddl)
+            sqlx::raw_sql(sqlx::AssertSqlSafe(ddl.as_str()))
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| to_error(e, "create rebuild tables"))?;
@@ -271,7 +271,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             name.replace('\'', "''"),
             self.name.replace('\'', "''"),
         ));
-        sqlx::raw_sql(&ddl)
+        sqlx::raw_sql(sqlx::AssertSqlSafe(ddl.as_str()))
             .execute(&mut *tx)
             .await
             .map_err(|e| to_error(e, "swap rebuilt tables"))?;
@@ -302,7 +302,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             ));
         }
         let i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        let mut query = sqlx::query_scalar::<_, i64>(&sql)
+        let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.as_str()))
             .bind(i(after.commit))
             .bind(i(after.global.get()))
             .bind(i(up_to.commit))

@@ -439,7 +439,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         name: &str,
         expected: LogPosition,
     ) -> Result<Option<LogPosition>, Error> {
-        let row: Option<(i64, i64)> = sqlx::query_as(&self.sql.lock_checkpoint)
+        let row: Option<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(self.sql.lock_checkpoint.as_str()))
             .bind(name)
             .fetch_optional(&mut *conn)
             .await
@@ -448,7 +448,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             Some((c, g)) => position(c, g),
             None => {
                 // Deleted by hand meanwhile: recreate it where this runner stands.
-                sqlx::query(&self.sql.insert_checkpoint)
+                sqlx::query(sqlx::AssertSqlSafe(self.sql.insert_checkpoint.as_str()))
                     .bind(name)
                     .bind(to_i64(expected.commit))
                     .bind(to_i64(expected.global.get()))
@@ -645,7 +645,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                         *position = stored;
                         return Ok(false);
                     }
-                    sqlx::query(&self.sql.park)
+                    sqlx::query(sqlx::AssertSqlSafe(self.sql.park.as_str()))
                         .bind(&self.name)
                         .bind(event.event_id.as_uuid())
                         .bind(render(&*error))
@@ -675,7 +675,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             return Ok(false);
         };
         let mut tx = self.begin().await?;
-        let claimed: Option<uuid::Uuid> = sqlx::query_scalar(&self.sql.claim_parked)
+        let claimed: Option<uuid::Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.sql.claim_parked.as_str()))
             .bind(&self.name)
             .bind(event_id.as_uuid())
             .fetch_optional(&mut *tx)
@@ -714,7 +714,7 @@ pub(crate) async fn save_checkpoint_as(
     name: &str,
     position: LogPosition,
 ) -> Result<(), Error> {
-    sqlx::query(&sql.save_checkpoint)
+    sqlx::query(sqlx::AssertSqlSafe(sql.save_checkpoint.as_str()))
         .bind(name)
         .bind(to_i64(position.commit))
         .bind(to_i64(position.global.get()))

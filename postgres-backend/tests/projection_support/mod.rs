@@ -84,7 +84,7 @@ impl PgProjection for Ledger {
             streams = tx.table("ledger_streams"),
             totals = tx.table("ledger_totals"),
         );
-        sqlx::query(&sql)
+        sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
             .bind(event.event_id.as_uuid())
             .bind(event.stream_id.as_str())
             .bind(i64::try_from(event.stream_version.get())?)
