@@ -298,7 +298,7 @@ struct Account {
 }
 
 impl Account {
-    fn handle(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
+    fn decide(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
         if self.closed {
             return Err(IsClosed);
         }
@@ -310,7 +310,7 @@ impl Account {
         })
     }
 
-    fn apply(&mut self, event: &AccountEvent) {
+    fn evolve(&mut self, event: &AccountEvent) {
         match event {
             AccountEvent::Opened(_) => self.opened = true,
             AccountEvent::Deposited(d) => self.balance += d.amount,
@@ -321,7 +321,7 @@ impl Account {
 }
 
 #[test]
-fn the_aggregate_delegates_to_handle_and_apply() {
+fn the_aggregate_delegates_to_decide_and_evolve() {
     assert_eq!(Account::TYPE, "account");
     let mut account = Account::default();
     let events = account
@@ -339,13 +339,66 @@ fn the_aggregate_delegates_to_handle_and_apply() {
     });
     let rejected = account.decide(&AccountCommand::Freeze(1));
     assert!(matches!(rejected, Err(IsClosed)));
+    // Through the trait, as the repository calls it: the inherent methods, no recursion.
+    let mut fresh = Account::default();
+    let events = Aggregate::decide(
+        &fresh,
+        &AccountCommand::Open {
+            account: "b".into(),
+        },
+    )
+    .expect("decides");
+    Aggregate::evolve(&mut fresh, &events[0]);
+    assert!(fresh.opened);
+}
+
+// Methods written in another module, visible to the derive; a generic state type.
+mod elsewhere {
+    use super::*;
+
+    #[derive(Default, Aggregate)]
+    #[aggregate(type = "tally", command = AccountCommand, event = AccountEvent, error = IsClosed)]
+    pub(super) struct Tally<T: Default + Send + Sync + 'static> {
+        pub(super) seen: Vec<T>,
+    }
+
+    mod rules {
+        use super::*;
+
+        impl<T: Default + Send + Sync + 'static> Tally<T> {
+            pub(crate) fn decide(&self, _: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
+                Ok(vec![AccountEvent::Frozen, AccountEvent::Frozen])
+            }
+
+            pub(crate) fn evolve(&mut self, _: &AccountEvent) {
+                self.seen.push(T::default());
+            }
+        }
+    }
+}
+
+#[test]
+fn methods_in_another_module_and_generic_states_are_found() {
+    let mut tally = elsewhere::Tally::<u8>::default();
+    for event in Aggregate::decide(&tally, &AccountCommand::Freeze(1)).expect("decides") {
+        Aggregate::evolve(&mut tally, &event);
+    }
+    assert_eq!(tally.seen, [0, 0]);
 }
 
 mod custom_paths {
     use super::*;
 
-    fn decide_ledger(_: &Ledger, _: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
-        Ok(vec![AccountEvent::Frozen])
+    mod rules {
+        use super::*;
+
+        // Named like the trait method: the derive checks it is not the trait method itself.
+        pub(super) fn decide(
+            _: &Ledger,
+            _: &AccountCommand,
+        ) -> Result<Vec<AccountEvent>, IsClosed> {
+            Ok(vec![AccountEvent::Frozen])
+        }
     }
 
     fn count(ledger: &mut Ledger, _: &AccountEvent) {
@@ -358,8 +411,8 @@ mod custom_paths {
         command = AccountCommand,
         event = AccountEvent,
         error = IsClosed,
-        handle = decide_ledger,
-        apply = count,
+        decide = rules::decide,
+        evolve = count,
         snapshot_version = 4,
     )]
     pub(super) struct Ledger {
@@ -368,7 +421,7 @@ mod custom_paths {
 }
 
 #[test]
-fn handler_paths_and_snapshots_are_configurable() {
+fn function_paths_and_snapshots_are_configurable() {
     use custom_paths::Ledger;
     let mut ledger = Ledger::default();
     let events = ledger.decide(&AccountCommand::Freeze(1)).expect("decides");
@@ -385,7 +438,7 @@ struct Balances {
 }
 
 impl Balances {
-    fn handle(&mut self, envelope: &Envelope<AccountEvent>) -> Result<(), String> {
+    fn apply(&mut self, envelope: &Envelope<AccountEvent>) -> Result<(), String> {
         match &envelope.event {
             AccountEvent::Opened(_) => self.opened.push(envelope.stream_id.to_string()),
             AccountEvent::Deposited(d) if d.amount == 0 => return Err("zero deposit".into()),
@@ -397,7 +450,7 @@ impl Balances {
 }
 
 #[derive(Default, Projection)]
-#[projection(name = "opened-count", event = AccountEvent, handle = Self::count)]
+#[projection(name = "opened-count", event = AccountEvent, apply = Self::count)]
 struct OpenedCount(u32);
 
 impl OpenedCount {
@@ -429,12 +482,15 @@ fn projections_dispatch_to_their_handler() {
         })))
         .expect("applies");
     assert_eq!((balances.total, balances.opened.len()), (7, 1));
-    let err = balances
-        .apply(&envelope(AccountEvent::Deposited(Deposited {
+    // Through the trait, as subscriptions call it: the inherent method's error, boxed.
+    let err = Projection::apply(
+        &mut balances,
+        &envelope(AccountEvent::Deposited(Deposited {
             amount: 0,
             currency: "EUR".into(),
-        })))
-        .expect_err("handler error surfaces");
+        })),
+    )
+    .expect_err("handler error surfaces");
     assert_eq!(err.to_string(), "zero deposit");
 
     let mut count = OpenedCount::default();
