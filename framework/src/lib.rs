@@ -191,11 +191,11 @@ pub mod __private {
         id.to_string()
     }
 
-    /// What a projection handler may return: `()` or `Result<(), E>` with `E` convertible into
-    /// a [`BoxError`](crate::BoxError).
+    /// What the `apply` a projection derive calls may return: `()` or `Result<(), E>` with `E`
+    /// convertible into a [`BoxError`](crate::BoxError).
     #[diagnostic::on_unimplemented(
-        message = "a projection handler must return `()` or `Result<(), E>` where `E` converts into `factum::BoxError`",
-        label = "this handler returns `{Self}`"
+        message = "a projection's `apply` must return `()` or `Result<(), E>` where `E` converts into `factum::BoxError`",
+        label = "this `apply` returns `{Self}`"
     )]
     pub trait HandlerResult {
         /// The result as the `Projection::apply` contract wants it.

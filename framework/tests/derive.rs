@@ -392,11 +392,9 @@ mod custom_paths {
     mod rules {
         use super::*;
 
-        // Named like the trait method: the derive checks it is not the trait method itself.
-        pub(super) fn decide(
-            _: &Ledger,
-            _: &AccountCommand,
-        ) -> Result<Vec<AccountEvent>, IsClosed> {
+        // Named like the trait method, in a module: it cannot be the trait method, and a
+        // generic one has its parameters inferred from the call.
+        pub(super) fn decide<L>(_: &L, _: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
             Ok(vec![AccountEvent::Frozen])
         }
     }
@@ -512,9 +510,59 @@ mod reexported {
     #[factum(crate = "self::my_framework::fw")]
     #[event(name = "x.happened")]
     pub(crate) struct Happened {}
+
+    #[derive(factum::Command)]
+    #[factum(crate = "self::my_framework::fw")]
+    pub(crate) struct Happen {
+        #[command(id)]
+        pub(crate) id: String,
+    }
+
+    // No `use factum::...` here: the derives reach everything through the override.
+    #[derive(Default, factum::Aggregate)]
+    #[factum(crate = "self::my_framework::fw")]
+    #[aggregate(type = "x", command = Happen, event = Happened, error = std::fmt::Error)]
+    pub(crate) struct Counter {
+        pub(crate) seen: u32,
+    }
+
+    impl Counter {
+        fn decide(&self, _: &Happen) -> Result<Vec<Happened>, std::fmt::Error> {
+            Ok(vec![Happened {}])
+        }
+
+        fn evolve(&mut self, _: &Happened) {
+            self.seen += 1;
+        }
+    }
+
+    #[derive(Default, factum::Projection)]
+    #[factum(crate = "self::my_framework::fw")]
+    #[projection(name = "x", event = Happened)]
+    pub(crate) struct Seen(pub(crate) u32);
+
+    impl Seen {
+        fn apply(&mut self, _: &my_framework::fw::Envelope<Happened>) {
+            self.0 += 1;
+        }
+    }
 }
 
 #[test]
 fn the_crate_path_can_be_overridden() {
     assert_eq!(reexported::Happened {}.event_type(), "x.happened");
+    let mut counter = reexported::Counter::default();
+    let command = reexported::Happen { id: "1".into() };
+    for event in Aggregate::decide(&counter, &command).expect("decides") {
+        Aggregate::evolve(&mut counter, &event);
+    }
+    assert_eq!(counter.seen, 1);
+    let mut seen = reexported::Seen::default();
+    let stream = StreamId::for_aggregate("x", "1").expect("valid");
+    Projection::apply(
+        &mut seen,
+        &Envelope::new(stream, StreamVersion::new(1), reexported::Happened {}),
+    )
+    .expect("applies");
+    assert_eq!(seen.0, 1);
 }

@@ -232,8 +232,8 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
 }
 
 /// The call of `method`'s implementation: `Self::{method}(args)` or `{path}(args)`, preceded
-/// by the check that it does not resolve to the trait method being implemented (when the
-/// function is named like it).
+/// by the check that it does not resolve to the trait method being implemented (when the path
+/// could name it).
 pub(crate) fn delegate(
     private: &TokenStream,
     trait_path: &TokenStream,
@@ -250,11 +250,29 @@ pub(crate) fn delegate(
         Some(path) => quote!(#path),
         None => quote_spanned!(span=> Self::#name),
     };
-    let named_like_the_trait = match path {
-        Some(path) => path.segments.last().is_some_and(|s| s.ident == method),
+    // Only `Self::decide` (the default), or a path through the trait (`Aggregate::decide`), can
+    // name the trait method itself; a function in a module (`rules::decide`) cannot, and is left
+    // unchecked so a generic one still has its parameters inferred from the call.
+    let trait_name = trait_path
+        .clone()
+        .into_iter()
+        .filter_map(|t| match t {
+            proc_macro2::TokenTree::Ident(ident) => Some(ident),
+            _ => None,
+        })
+        .last();
+    let could_be_the_trait_method = match path {
+        Some(path) => {
+            path.segments.last().is_some_and(|s| s.ident == method)
+                && path.segments.len() > 1
+                && path
+                    .segments
+                    .iter()
+                    .any(|s| s.ident == "Self" || Some(&s.ident) == trait_name.as_ref())
+        }
         None => true,
     };
-    let check = named_like_the_trait.then(|| {
+    let check = could_be_the_trait_method.then(|| {
         let check = Ident::new(&format!("check_{method}"), span);
         quote_spanned! {span=>
             {
@@ -300,7 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn custom_handlers_and_snapshot_version() {
+    fn custom_functions_and_snapshot_version() {
         let code = expand(parse_quote! {
             #[aggregate(type = "a", command = C, event = E, error = X, decide = rules::decide, evolve = Self::on, snapshot_version = 3)]
             struct A<T> { t: T }
@@ -308,14 +326,12 @@ mod tests {
         .expect("expands")
         .to_string();
         assert!(
-            code.contains("; } rules :: decide (self , command) }"),
+            code.contains("{ rules :: decide (self , command) }"),
             "{code}"
         );
         assert!(code.contains("Self :: on (self , event)"));
-        // `rules::decide` is named like the trait method, so it is checked; `Self::on` is not.
-        assert!(code.contains(
-            "(rules :: decide , < Self as :: factum :: Aggregate > :: decide)) . check_decide ()"
-        ));
+        // Neither a function in a module nor one named otherwise can be the trait method.
+        assert!(!code.contains("check_decide"), "{code}");
         assert!(!code.contains("check_evolve"));
         assert!(code.contains("impl < T > :: factum :: Snapshot for A < T > { const SNAPSHOT_VERSION : u32 = 3u32 ; }"), "{code}");
     }
@@ -335,6 +351,23 @@ mod tests {
         assert!(errors[1].starts_with("unknown `aggregate` attribute `evnt`"));
         assert!(errors[2].starts_with("missing `command = AccountCommand`"));
         assert!(errors[3].starts_with("missing `error = AccountError`"));
+    }
+
+    #[test]
+    fn paths_that_could_name_the_trait_method_are_checked() {
+        for path in [
+            quote!(Self::decide),
+            quote!(Aggregate::decide),
+            quote!(factum::Aggregate::decide),
+        ] {
+            let input: DeriveInput = syn::parse2(quote! {
+                #[aggregate(type = "a", command = C, event = E, error = X, decide = #path)]
+                struct A {}
+            })
+            .expect("parses");
+            let code = expand(input).expect("expands").to_string();
+            assert!(code.contains(". check_decide ()"), "{path}: {code}");
+        }
     }
 
     #[test]

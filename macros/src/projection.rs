@@ -131,7 +131,7 @@ mod tests {
     use syn::parse_quote;
 
     #[test]
-    fn name_event_and_handler() {
+    fn name_event_and_apply() {
         let tokens = expand(parse_quote! {
             #[projection(name = "balances", event = BalanceEvent)]
             struct Balances {}
@@ -165,7 +165,7 @@ mod tests {
     }
 
     #[test]
-    fn the_old_handler_key_says_its_new_name() {
+    fn the_old_key_says_its_new_name() {
         let errors = emitted_errors(
             &expand(parse_quote! {
                 #[projection(name = "p", event = E, handle = Self::on)]
