@@ -16,6 +16,10 @@ use crate::event::Event;
 ///   already happened.
 ///
 /// The state starts at [`Default::default`].
+///
+/// `#[derive(Aggregate)]` writes this impl from `#[aggregate(type = "...", command = ..., event =
+/// ..., error = ...)]` and inherent `decide` and `evolve` methods with the same signatures (see
+/// the derive's documentation).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a factum aggregate",
     label = "this type does not implement `factum::Aggregate`",

@@ -146,8 +146,9 @@ pub use factum_macros::Event;
 /// ```
 pub use factum_macros::Command;
 
-/// Derives [`Aggregate`](trait@crate::Aggregate) for a state type, delegating `decide` and
-/// `evolve` to methods you write.
+/// Derives [`Aggregate`](trait@crate::Aggregate) for a state type, delegating
+/// [`decide`](crate::Aggregate::decide) and [`evolve`](crate::Aggregate::evolve) to inherent
+/// methods of the same names that you write.
 ///
 /// | attribute | meaning |
 /// |---|---|
@@ -155,16 +156,18 @@ pub use factum_macros::Command;
 /// | `command = AccountCommand` | the command type |
 /// | `event = AccountEvent` | the event type |
 /// | `error = AccountError` | the rejection type |
-/// | `handle = path` | the decide function, `fn(&Self, &Command) -> Result<Vec<Event>, Error>`; default `Self::handle` |
-/// | `apply = path` | the evolve function, `fn(&mut Self, &Event)`; default `Self::apply` |
+/// | `decide = path` | the decide function, `fn(&Self, &Command) -> Result<Vec<Event>, Error>`; default `Self::decide` |
+/// | `evolve = path` | the evolve function, `fn(&mut Self, &Event)`; default `Self::evolve` |
 /// | `snapshot_version = 1` | also implement [`Snapshot`](crate::Snapshot) with this version (the state must be `Serialize + Deserialize`) |
 ///
 /// `type`, `command`, `event` and `error` are required, all in `#[aggregate(...)]`. The state
 /// must implement `Default` (the state before the first event).
 ///
-/// The methods are called `handle` and `apply`, not `decide` and `evolve`, on purpose: a
-/// forgotten inherent `decide` would otherwise resolve to the trait method itself and recurse
-/// forever; with distinct names, forgetting one is a compile error.
+/// A forgotten method is a compile error on the type that names the method to write, with its
+/// signature (``"`Counter` has no method `decide`: write `fn decide(&self, command:
+/// &CounterCommand) -> Result<Vec<Added>, TooBig>` in an `impl Counter` block"``), never a
+/// call of the trait method itself that would recurse forever, also when `factum::Aggregate` is
+/// imported.
 ///
 /// ```
 /// use factum::{Aggregate, Command, Event};
@@ -183,13 +186,13 @@ pub use factum_macros::Command;
 /// struct Counter { value: u64 }
 ///
 /// impl Counter {
-///     fn handle(&self, command: &CounterCommand) -> Result<Vec<Added>, TooBig> {
+///     fn decide(&self, command: &CounterCommand) -> Result<Vec<Added>, TooBig> {
 ///         let CounterCommand::Add { by, .. } = command;
 ///         if *by > 10 { return Err(TooBig); }
 ///         Ok(vec![Added { by: *by }])
 ///     }
 ///
-///     fn apply(&mut self, event: &Added) {
+///     fn evolve(&mut self, event: &Added) {
 ///         self.value += event.by;
 ///     }
 /// }
@@ -203,14 +206,17 @@ pub use factum_macros::Command;
 /// ```
 pub use factum_macros::Aggregate;
 
-/// Derives [`Projection`](trait@crate::Projection): its name, the events it handles, and the
-/// handler each event goes to.
+/// Derives [`Projection`](trait@crate::Projection): its name, the events it handles, and
+/// [`apply`](crate::Projection::apply), delegated to an inherent method of the same name that you
+/// write.
 ///
 /// | attribute | meaning |
 /// |---|---|
 /// | `name = "balances"` | [`Projection::NAME`](crate::Projection::NAME), the key of its checkpoint (required) |
 /// | `event = BalanceEvent` | the event type it handles (required); subscriptions fetch only its [`Event::event_types`](crate::Event::event_types) |
-/// | `handle = path` | the handler, `fn(&mut Self, &Envelope<Event>)` returning `()` or `Result<(), E>` with `E: Into<BoxError>`; default `Self::handle` |
+/// | `apply = path` | the function each event goes to, `fn(&mut Self, &Envelope<Event>)` returning `()` or `Result<(), E>` with `E: Into<BoxError>`; default `Self::apply` |
+///
+/// A forgotten `apply` is a compile error on the type that names the method to write.
 ///
 /// To handle events of several aggregates, or a subset of one aggregate's events, derive
 /// [`Event`](macro@Event) on an enum of exactly those events with their wire names.
@@ -232,7 +238,7 @@ pub use factum_macros::Aggregate;
 /// struct Balances { total: u64 }
 ///
 /// impl Balances {
-///     fn handle(&mut self, envelope: &Envelope<BalanceEvent>) {
+///     fn apply(&mut self, envelope: &Envelope<BalanceEvent>) {
 ///         let BalanceEvent::Deposited(d) = &envelope.event;
 ///         self.total += d.amount;
 ///     }
@@ -241,7 +247,8 @@ pub use factum_macros::Aggregate;
 /// let mut balances = Balances::default();
 /// let stream = StreamId::new("account-1")?;
 /// let event = BalanceEvent::Deposited(Deposited { amount: 7 });
-/// balances.apply(&Envelope::new(stream, StreamVersion::new(1), event))?;
+/// // Through the trait, as subscriptions call it (`balances.apply(..)` is your own method).
+/// Projection::apply(&mut balances, &Envelope::new(stream, StreamVersion::new(1), event))?;
 /// assert_eq!((Balances::NAME, balances.total), ("balances", 7));
 /// assert_eq!(factum::EventFilter::for_event::<BalanceEvent>().event_types().unwrap(), ["account.deposited"]);
 /// # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())

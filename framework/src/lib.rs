@@ -95,12 +95,12 @@
 //! struct TooBig;
 //!
 //! impl Counter {
-//!     fn handle(&self, command: &Increment) -> Result<Vec<Incremented>, TooBig> {
+//!     fn decide(&self, command: &Increment) -> Result<Vec<Incremented>, TooBig> {
 //!         if !(1..=10).contains(&command.by) { return Err(TooBig); }
 //!         Ok(vec![Incremented { by: command.by }])
 //!     }
 //!
-//!     fn apply(&mut self, event: &Incremented) {
+//!     fn evolve(&mut self, event: &Incremented) {
 //!         self.value += event.by;
 //!     }
 //! }
@@ -194,11 +194,11 @@ pub mod __private {
         id.to_string()
     }
 
-    /// What a projection handler may return: `()` or `Result<(), E>` with `E` convertible into
-    /// a [`BoxError`](crate::BoxError).
+    /// What the `apply` a projection derive calls may return: `()` or `Result<(), E>` with `E`
+    /// convertible into a [`BoxError`](crate::BoxError).
     #[diagnostic::on_unimplemented(
-        message = "a projection handler must return `()` or `Result<(), E>` where `E` converts into `factum::BoxError`",
-        label = "this handler returns `{Self}`"
+        message = "a projection's `apply` must return `()` or `Result<(), E>` where `E` converts into `factum::BoxError`",
+        label = "this `apply` returns `{Self}`"
     )]
     pub trait HandlerResult {
         /// The result as the `Projection::apply` contract wants it.
@@ -218,6 +218,118 @@ pub mod __private {
             self.map_err(Into::into)
         }
     }
+
+    /// The function a derive delegates a trait method to (`U`), next to the trait method it
+    /// implements (`T`), for the checks below.
+    ///
+    /// `#[derive(Aggregate)]` implements `Aggregate::decide` by calling `Self::decide`, which
+    /// finds the user's inherent method, or, when there is none, the trait method itself (the
+    /// implemented trait is always in scope inside its impl): a call that would recurse forever.
+    /// No name lookup can tell them apart, but their function item types differ. So the derive
+    /// builds `Delegate<Self, typeof(Self::decide), typeof(<Self as Aggregate>::decide)>` and
+    /// calls `check_decide` on a reference to it: `DelegateIsTheTraitMethod` (implemented for
+    /// `Delegate<S, F, F>`, found first) when both are the same function, with a bound that fails
+    /// with a sentence naming the method to write; `DelegateIsAnotherFunction` otherwise (found
+    /// one auto-reference later), which checks nothing.
+    pub struct Delegate<S: ?Sized, U, T>(core::marker::PhantomData<DelegateMarker<S, U, T>>);
+
+    /// `Delegate`'s marker: a function type, so `Delegate` is `Send`, `Sync` and covariant
+    /// whatever the types.
+    type DelegateMarker<S, U, T> = fn(&S) -> (U, T);
+
+    /// A [`Delegate`] for the function `user` (what the derive calls) and `trait_method`.
+    #[inline]
+    pub fn delegate<S: ?Sized, U, T>(user: U, trait_method: T) -> Delegate<S, U, T> {
+        let _ = (user, trait_method);
+        Delegate(core::marker::PhantomData)
+    }
+
+    /// An aggregate's command type, for the bounds below.
+    pub type CommandOf<S> = <S as crate::Aggregate>::Command;
+    /// An aggregate's event type, for the bounds below.
+    pub type EventOf<S> = <S as crate::Aggregate>::Event;
+    /// An aggregate's error type, for the bounds below.
+    pub type ErrorOf<S> = <S as crate::Aggregate>::Error;
+
+    /// The derive would call the trait method it implements: the user's method is missing.
+    pub trait DelegateIsTheTraitMethod<S: ?Sized> {
+        /// Fails to compile: no inherent `decide`.
+        #[inline]
+        fn check_decide(&self)
+        where
+            S: crate::Aggregate + WriteDecide<CommandOf<S>, EventOf<S>, ErrorOf<S>>,
+        {
+        }
+
+        /// Fails to compile: no inherent `evolve`.
+        #[inline]
+        fn check_evolve(&self)
+        where
+            S: crate::Aggregate + WriteEvolve<EventOf<S>>,
+        {
+        }
+
+        /// Fails to compile: no inherent `apply`.
+        #[inline]
+        fn check_apply(&self)
+        where
+            S: crate::Projection + WriteApply<<S as crate::Projection>::Event>,
+        {
+        }
+    }
+
+    impl<S: ?Sized, F> DelegateIsTheTraitMethod<S> for Delegate<S, F, F> {}
+
+    /// The derive calls a function of its own: nothing to check.
+    pub trait DelegateIsAnotherFunction {
+        /// Checks nothing.
+        #[inline]
+        fn check_decide(&self) {}
+        /// Checks nothing.
+        #[inline]
+        fn check_evolve(&self) {}
+        /// Checks nothing.
+        #[inline]
+        fn check_apply(&self) {}
+    }
+
+    impl<S: ?Sized, U, T> DelegateIsAnotherFunction for &Delegate<S, U, T> {}
+
+    /// Never implemented for a user's type: the message of a missing `decide`.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` has no method `decide`: write `fn decide(&self, command: &{C}) -> Result<Vec<{E}>, {X}>` in an `impl {Self}` block",
+        label = "`#[derive(Aggregate)]` implements `Aggregate::decide` by calling `{Self}::decide`",
+        note = "`decide` looks at the state and the command and returns the events to record, or the rejection",
+        note = "a method written in another module must be visible here (e.g. `pub(crate)`); to call a function with another name, use `#[aggregate(decide = path::to::function)]`"
+    )]
+    pub trait WriteDecide<C, E, X> {}
+
+    /// Never implemented for a user's type: the message of a missing `evolve`.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` has no method `evolve`: write `fn evolve(&mut self, event: &{E})` in an `impl {Self}` block",
+        label = "`#[derive(Aggregate)]` implements `Aggregate::evolve` by calling `{Self}::evolve`",
+        note = "`evolve` applies one recorded event to the state; it cannot fail",
+        note = "a method written in another module must be visible here (e.g. `pub(crate)`); to call a function with another name, use `#[aggregate(evolve = path::to::function)]`"
+    )]
+    pub trait WriteEvolve<E> {}
+
+    /// Never implemented for a user's type: the message of a missing projection `apply`.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` has no method `apply`: write `fn apply(&mut self, event: &factum::Envelope<{E}>)` in an `impl {Self}` block",
+        label = "`#[derive(Projection)]` implements `Projection::apply` by calling `{Self}::apply`",
+        note = "`apply` updates the read model with one event; it returns `()`, or `Result<(), E>` where `E` converts into `factum::BoxError`",
+        note = "a method written in another module must be visible here (e.g. `pub(crate)`); to call a function with another name, use `#[projection(apply = path::to::function)]`"
+    )]
+    pub trait WriteApply<E> {}
+
+    // One impl each, for a type no user has, so rustc does not add "this trait has no
+    // implementations" under the message.
+    #[diagnostic::do_not_recommend]
+    impl<C, E, X> WriteDecide<C, E, X> for Unparsed {}
+    #[diagnostic::do_not_recommend]
+    impl<E> WriteEvolve<E> for Unparsed {}
+    #[diagnostic::do_not_recommend]
+    impl<E> WriteApply<E> for Unparsed {}
 
     /// Stands in for a type a derive attribute failed to name, so the fallback impl emitted
     /// next to the real error adds no errors of its own.

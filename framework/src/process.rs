@@ -1,13 +1,13 @@
 //! Process managers: react to events by issuing commands.
 //!
-//! A [`ProcessManager`] coordinates a workflow that spans aggregates (or services): it handles
+//! A [`ProcessManager`] coordinates a workflow that spans aggregates (or services): it reacts to
 //! events, keeps whatever state it needs to remember where the workflow stands, and issues
 //! commands into an [`Outbox`]. The outbox stamps every command with a [`CommandContext`] built by
-//! [`CommandContext::caused_by`] from the event being handled, so the correlation id of the
+//! [`CommandContext::caused_by`] from the event it reacts to, so the correlation id of the
 //! workflow flows from the first command, through every event, into the commands issued here and
 //! on into the events they produce.
 //!
-//! Handling is synchronous and side-effect free: the process manager only *says* which commands
+//! Reacting is synchronous and side-effect free: the process manager only *says* which commands
 //! to send. Whoever drives it (a subscription, a saga runtime, a test fixture) decides when and how
 //! they are executed, retried or compensated.
 
@@ -50,7 +50,7 @@ use crate::repository::CommandContext;
 ///     type Event = OrderEvent;
 ///     type Command = PaymentCommand;
 ///
-///     fn handle(
+///     fn react(
 ///         &mut self,
 ///         event: &Envelope<OrderEvent>,
 ///         outbox: &mut Outbox<PaymentCommand>,
@@ -72,7 +72,7 @@ use crate::repository::CommandContext;
 /// );
 /// let mut checkout = Checkout::default();
 /// let mut outbox = Outbox::for_event(&placed);
-/// checkout.handle(&placed, &mut outbox).unwrap();
+/// checkout.react(&placed, &mut outbox).unwrap();
 ///
 /// let [charge] = &outbox.into_commands()[..] else { panic!("one command expected") };
 /// assert_eq!(charge.command, PaymentCommand::Charge { order: "7".into(), amount: 30 });
@@ -82,7 +82,7 @@ use crate::repository::CommandContext;
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a factum process manager",
     label = "this type does not implement `factum::ProcessManager`",
-    note = "implement `factum::ProcessManager` for `{Self}`: name it, declare its `Event` and `Command` types, and write `handle`"
+    note = "implement `factum::ProcessManager` for `{Self}`: name it, declare its `Event` and `Command` types, and write `react`"
 )]
 pub trait ProcessManager: Send + 'static {
     /// A stable name: the key of the process manager's checkpoint and stored state.
@@ -93,11 +93,12 @@ pub trait ProcessManager: Send + 'static {
     /// The commands it issues.
     type Command: Send + 'static;
 
-    /// Handles one event: updates the process manager's state and issues commands into `outbox`.
+    /// Reacts to one event: updates the process manager's state and issues commands into
+    /// `outbox`.
     ///
     /// An error stops the subscription feeding it (or parks the event in the dead-letter queue
     /// when the subscription is configured to); commands issued before the error are discarded.
-    fn handle(
+    fn react(
         &mut self,
         event: &Envelope<Self::Event>,
         outbox: &mut Outbox<Self::Command>,
@@ -127,7 +128,7 @@ impl<C> IssuedCommand<C> {
     }
 }
 
-/// Collects the commands a process manager issues while handling one event.
+/// Collects the commands a process manager issues while reacting to one event.
 ///
 /// Every command gets its own [`CommandId`] and the correlation and causation of the event the
 /// outbox was created for ([`CommandContext::caused_by`]).
@@ -146,7 +147,7 @@ impl<C> Outbox<C> {
         }
     }
 
-    /// Issues a command caused by the event being handled. The returned reference allows adding
+    /// Issues a command caused by the event being reacted to. The returned reference allows adding
     /// metadata to it.
     pub fn issue(&mut self, command: C) -> &mut IssuedCommand<C> {
         let context = CommandContext {

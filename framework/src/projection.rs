@@ -10,7 +10,7 @@ use crate::event::{Envelope, Event};
 /// Subscriptions fetch only those wire names from the store ([`crate::EventFilter::for_event`]).
 ///
 /// `#[derive(Projection)]` writes this impl from `#[projection(name = "...", event = ...)]` and
-/// an inherent `handle` method (see the derive's documentation).
+/// an inherent `apply` method (see the derive's documentation).
 pub trait Projection: Send + 'static {
     /// A stable name: the key of the projection's checkpoint.
     const NAME: &'static str;

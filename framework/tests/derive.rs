@@ -298,7 +298,7 @@ struct Account {
 }
 
 impl Account {
-    fn handle(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
+    fn decide(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
         if self.closed {
             return Err(IsClosed);
         }
@@ -310,7 +310,7 @@ impl Account {
         })
     }
 
-    fn apply(&mut self, event: &AccountEvent) {
+    fn evolve(&mut self, event: &AccountEvent) {
         match event {
             AccountEvent::Opened(_) => self.opened = true,
             AccountEvent::Deposited(d) => self.balance += d.amount,
@@ -321,7 +321,7 @@ impl Account {
 }
 
 #[test]
-fn the_aggregate_delegates_to_handle_and_apply() {
+fn the_aggregate_delegates_to_decide_and_evolve() {
     assert_eq!(Account::TYPE, "account");
     let mut account = Account::default();
     let events = account
@@ -339,13 +339,64 @@ fn the_aggregate_delegates_to_handle_and_apply() {
     });
     let rejected = account.decide(&AccountCommand::Freeze(1));
     assert!(matches!(rejected, Err(IsClosed)));
+    // Through the trait, as the repository calls it: the inherent methods, no recursion.
+    let mut fresh = Account::default();
+    let events = Aggregate::decide(
+        &fresh,
+        &AccountCommand::Open {
+            account: "b".into(),
+        },
+    )
+    .expect("decides");
+    Aggregate::evolve(&mut fresh, &events[0]);
+    assert!(fresh.opened);
+}
+
+// Methods written in another module, visible to the derive; a generic state type.
+mod elsewhere {
+    use super::*;
+
+    #[derive(Default, Aggregate)]
+    #[aggregate(type = "tally", command = AccountCommand, event = AccountEvent, error = IsClosed)]
+    pub(super) struct Tally<T: Default + Send + Sync + 'static> {
+        pub(super) seen: Vec<T>,
+    }
+
+    mod rules {
+        use super::*;
+
+        impl<T: Default + Send + Sync + 'static> Tally<T> {
+            pub(crate) fn decide(&self, _: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
+                Ok(vec![AccountEvent::Frozen, AccountEvent::Frozen])
+            }
+
+            pub(crate) fn evolve(&mut self, _: &AccountEvent) {
+                self.seen.push(T::default());
+            }
+        }
+    }
+}
+
+#[test]
+fn methods_in_another_module_and_generic_states_are_found() {
+    let mut tally = elsewhere::Tally::<u8>::default();
+    for event in Aggregate::decide(&tally, &AccountCommand::Freeze(1)).expect("decides") {
+        Aggregate::evolve(&mut tally, &event);
+    }
+    assert_eq!(tally.seen, [0, 0]);
 }
 
 mod custom_paths {
     use super::*;
 
-    fn decide_ledger(_: &Ledger, _: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
-        Ok(vec![AccountEvent::Frozen])
+    mod rules {
+        use super::*;
+
+        // Named like the trait method, in a module: it cannot be the trait method, and a
+        // generic one has its parameters inferred from the call.
+        pub(super) fn decide<L>(_: &L, _: &AccountCommand) -> Result<Vec<AccountEvent>, IsClosed> {
+            Ok(vec![AccountEvent::Frozen])
+        }
     }
 
     fn count(ledger: &mut Ledger, _: &AccountEvent) {
@@ -358,8 +409,8 @@ mod custom_paths {
         command = AccountCommand,
         event = AccountEvent,
         error = IsClosed,
-        handle = decide_ledger,
-        apply = count,
+        decide = rules::decide,
+        evolve = count,
         snapshot_version = 4,
     )]
     pub(super) struct Ledger {
@@ -368,7 +419,7 @@ mod custom_paths {
 }
 
 #[test]
-fn handler_paths_and_snapshots_are_configurable() {
+fn function_paths_and_snapshots_are_configurable() {
     use custom_paths::Ledger;
     let mut ledger = Ledger::default();
     let events = ledger.decide(&AccountCommand::Freeze(1)).expect("decides");
@@ -385,7 +436,7 @@ struct Balances {
 }
 
 impl Balances {
-    fn handle(&mut self, envelope: &Envelope<AccountEvent>) -> Result<(), String> {
+    fn apply(&mut self, envelope: &Envelope<AccountEvent>) -> Result<(), String> {
         match &envelope.event {
             AccountEvent::Opened(_) => self.opened.push(envelope.stream_id.to_string()),
             AccountEvent::Deposited(d) if d.amount == 0 => return Err("zero deposit".into()),
@@ -397,7 +448,7 @@ impl Balances {
 }
 
 #[derive(Default, Projection)]
-#[projection(name = "opened-count", event = AccountEvent, handle = Self::count)]
+#[projection(name = "opened-count", event = AccountEvent, apply = Self::count)]
 struct OpenedCount(u32);
 
 impl OpenedCount {
@@ -429,12 +480,15 @@ fn projections_dispatch_to_their_handler() {
         })))
         .expect("applies");
     assert_eq!((balances.total, balances.opened.len()), (7, 1));
-    let err = balances
-        .apply(&envelope(AccountEvent::Deposited(Deposited {
+    // Through the trait, as subscriptions call it: the inherent method's error, boxed.
+    let err = Projection::apply(
+        &mut balances,
+        &envelope(AccountEvent::Deposited(Deposited {
             amount: 0,
             currency: "EUR".into(),
-        })))
-        .expect_err("handler error surfaces");
+        })),
+    )
+    .expect_err("handler error surfaces");
     assert_eq!(err.to_string(), "zero deposit");
 
     let mut count = OpenedCount::default();
@@ -456,9 +510,59 @@ mod reexported {
     #[factum(crate = "self::my_framework::fw")]
     #[event(name = "x.happened")]
     pub(crate) struct Happened {}
+
+    #[derive(factum::Command)]
+    #[factum(crate = "self::my_framework::fw")]
+    pub(crate) struct Happen {
+        #[command(id)]
+        pub(crate) id: String,
+    }
+
+    // No `use factum::...` here: the derives reach everything through the override.
+    #[derive(Default, factum::Aggregate)]
+    #[factum(crate = "self::my_framework::fw")]
+    #[aggregate(type = "x", command = Happen, event = Happened, error = std::fmt::Error)]
+    pub(crate) struct Counter {
+        pub(crate) seen: u32,
+    }
+
+    impl Counter {
+        fn decide(&self, _: &Happen) -> Result<Vec<Happened>, std::fmt::Error> {
+            Ok(vec![Happened {}])
+        }
+
+        fn evolve(&mut self, _: &Happened) {
+            self.seen += 1;
+        }
+    }
+
+    #[derive(Default, factum::Projection)]
+    #[factum(crate = "self::my_framework::fw")]
+    #[projection(name = "x", event = Happened)]
+    pub(crate) struct Seen(pub(crate) u32);
+
+    impl Seen {
+        fn apply(&mut self, _: &my_framework::fw::Envelope<Happened>) {
+            self.0 += 1;
+        }
+    }
 }
 
 #[test]
 fn the_crate_path_can_be_overridden() {
     assert_eq!(reexported::Happened {}.event_type(), "x.happened");
+    let mut counter = reexported::Counter::default();
+    let command = reexported::Happen { id: "1".into() };
+    for event in Aggregate::decide(&counter, &command).expect("decides") {
+        Aggregate::evolve(&mut counter, &event);
+    }
+    assert_eq!(counter.seen, 1);
+    let mut seen = reexported::Seen::default();
+    let stream = StreamId::for_aggregate("x", "1").expect("valid");
+    Projection::apply(
+        &mut seen,
+        &Envelope::new(stream, StreamVersion::new(1), reexported::Happened {}),
+    )
+    .expect("applies");
+    assert_eq!(seen.0, 1);
 }

@@ -1,14 +1,14 @@
-//! `#[derive(Aggregate)]`: the aggregate type's name and types, delegating to inherent
-//! `handle`/`apply` methods.
+//! `#[derive(Aggregate)]`: the aggregate type's name and types, delegating `decide` and
+//! `evolve` to inherent methods of the same names (or to the functions the attribute names).
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned as _;
-use syn::{Data, DeriveInput, LitStr, Path, Type};
+use syn::{Data, DeriveInput, Ident, LitStr, Path, Type};
 
 use crate::attr::{self, Ctxt, Spanned};
 
-const KEYS: &str = "`type`, `command`, `event`, `error`, `handle`, `apply` or `snapshot_version`";
+const KEYS: &str = "`type`, `command`, `event`, `error`, `decide`, `evolve` or `snapshot_version`";
 
 #[derive(Default)]
 struct AggregateAttrs {
@@ -16,8 +16,8 @@ struct AggregateAttrs {
     command: Option<Type>,
     event: Option<Type>,
     error: Option<Type>,
-    handle: Option<Path>,
-    apply: Option<Path>,
+    decide: Option<Path>,
+    evolve: Option<Path>,
     snapshot_version: Option<Spanned<u32>>,
     /// The `aggregate` in `#[aggregate(...)]`, to point "missing key" errors at.
     attr_span: Option<Span>,
@@ -72,11 +72,11 @@ fn parse_attrs(cx: &mut Ctxt, input: &DeriveInput) -> AggregateAttrs {
                     *slot = Some(ty);
                 }
             }
-            "handle" | "apply" => {
-                let slot = if key == "handle" {
-                    &mut out.handle
+            "decide" | "evolve" => {
+                let slot = if key == "decide" {
+                    &mut out.decide
                 } else {
-                    &mut out.apply
+                    &mut out.evolve
                 };
                 attr::check_duplicate(cx, &meta, slot);
                 if let Some(path) = attr::path_value(cx, &meta)? {
@@ -87,6 +87,16 @@ fn parse_attrs(cx: &mut Ctxt, input: &DeriveInput) -> AggregateAttrs {
                 attr::check_duplicate(cx, &meta, &out.snapshot_version);
                 let value = meta.value()?;
                 out.snapshot_version = attr::version_value(cx, value, "snapshot_version = 1")?;
+            }
+            "handle" | "apply" => {
+                let new = if key == "handle" { "decide" } else { "evolve" };
+                cx.error(
+                    &meta.path,
+                    format_args!(
+                        "`{key}` is now `{new}`, like the `Aggregate` method it implements: write `{new} = ...`"
+                    ),
+                );
+                return attr::skip_value(&meta);
             }
             _ => return attr::unknown_key(cx, &meta, "aggregate", KEYS),
         }
@@ -165,16 +175,26 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         });
     }
 
-    // Spanned on the user's tokens: a missing method or a wrong signature points at the
-    // attribute that asked for it.
-    let handle = match &attrs.handle {
-        Some(path) => quote_spanned!(path.span()=> #path(self, command)),
-        None => quote_spanned!(missing_span=> Self::handle(self, command)),
-    };
-    let apply = match &attrs.apply {
-        Some(path) => quote_spanned!(path.span()=> #path(self, event)),
-        None => quote_spanned!(missing_span=> Self::apply(self, event)),
-    };
+    // The user's method, or the function the attribute names. A missing method is a compile
+    // error spanned on the type (or on the attribute's path) that names the method to write;
+    // see `__private::Delegate` for why `Self::decide` alone would recurse instead.
+    let aggregate = quote!(#krate::Aggregate);
+    let decide = delegate(
+        &private,
+        &aggregate,
+        ident,
+        &attrs.decide,
+        "decide",
+        quote!(self, command),
+    );
+    let evolve = delegate(
+        &private,
+        &aggregate,
+        ident,
+        &attrs.evolve,
+        "evolve",
+        quote!(self, event),
+    );
     let snapshot = attrs.snapshot_version.map(|v| {
         let version = v.value;
         quote! {
@@ -198,17 +218,76 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
                     &self,
                     command: &Self::Command,
                 ) -> ::core::result::Result<#private::Vec<Self::Event>, Self::Error> {
-                    #handle
+                    #decide
                 }
 
                 #[inline]
                 fn evolve(&mut self, event: &Self::Event) {
-                    #apply
+                    #evolve
                 }
             }
             #snapshot
         };
     })
+}
+
+/// The call of `method`'s implementation: `Self::{method}(args)` or `{path}(args)`, preceded
+/// by the check that it does not resolve to the trait method being implemented (when the path
+/// could name it).
+pub(crate) fn delegate(
+    private: &TokenStream,
+    trait_path: &TokenStream,
+    ident: &Ident,
+    path: &Option<Path>,
+    method: &str,
+    args: TokenStream,
+) -> TokenStream {
+    // Located on the user's tokens so errors point there, but marked as macro output so lints
+    // on user code leave the generated lines alone.
+    let span = Span::call_site().located_at(path.as_ref().map_or(ident.span(), |p| p.span()));
+    let name = Ident::new(method, span);
+    let callee = match path {
+        Some(path) => quote!(#path),
+        None => quote_spanned!(span=> Self::#name),
+    };
+    // Only `Self::decide` (the default), or a path through the trait (`Aggregate::decide`), can
+    // name the trait method itself; a function in a module (`rules::decide`) cannot, and is left
+    // unchecked so a generic one still has its parameters inferred from the call.
+    let trait_name = trait_path
+        .clone()
+        .into_iter()
+        .filter_map(|t| match t {
+            proc_macro2::TokenTree::Ident(ident) => Some(ident),
+            _ => None,
+        })
+        .last();
+    let could_be_the_trait_method = match path {
+        Some(path) => {
+            path.segments.last().is_some_and(|s| s.ident == method)
+                && path.segments.len() > 1
+                && path
+                    .segments
+                    .iter()
+                    .any(|s| s.ident == "Self" || Some(&s.ident) == trait_name.as_ref())
+        }
+        None => true,
+    };
+    let check = could_be_the_trait_method.then(|| {
+        let check = Ident::new(&format!("check_{method}"), span);
+        quote_spanned! {span=>
+            {
+                #[allow(unused_imports)]
+                use #private::{DelegateIsAnotherFunction as _, DelegateIsTheTraitMethod as _};
+                (&#private::delegate::<Self, _, _>(#callee, <Self as #trait_path>::#name)).#check();
+            }
+        }
+    });
+    quote_spanned! {span=>
+        {
+            #check
+            #callee(#args)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -218,7 +297,7 @@ mod tests {
     use syn::parse_quote;
 
     #[test]
-    fn delegates_to_handle_and_apply() {
+    fn delegates_to_decide_and_evolve() {
         let tokens = expand(parse_quote! {
             #[aggregate(type = "account", command = Cmd, event = Ev, error = Err)]
             struct Account { balance: u64 }
@@ -228,21 +307,32 @@ mod tests {
         let code = tokens.to_string();
         assert!(code.contains(r#"const TYPE : & 'static str = "account" ;"#));
         assert!(code.contains("type Command = Cmd ;"));
-        assert!(code.contains("Self :: handle (self , command)"));
-        assert!(code.contains("Self :: apply (self , event)"));
+        assert!(code.contains("Self :: decide (self , command)"), "{code}");
+        assert!(code.contains("Self :: evolve (self , event)"));
+        // Each call is checked not to be the trait method it implements.
+        assert!(code.contains(
+            "delegate :: < Self , _ , _ > (Self :: decide , < Self as :: factum :: Aggregate > :: decide)) . check_decide ()"
+        ));
+        assert!(code.contains(". check_evolve ()"));
         assert!(!code.contains("Snapshot"));
     }
 
     #[test]
-    fn custom_handlers_and_snapshot_version() {
+    fn custom_functions_and_snapshot_version() {
         let code = expand(parse_quote! {
-            #[aggregate(type = "a", command = C, event = E, error = X, handle = decide, apply = Self::on, snapshot_version = 3)]
+            #[aggregate(type = "a", command = C, event = E, error = X, decide = rules::decide, evolve = Self::on, snapshot_version = 3)]
             struct A<T> { t: T }
         })
         .expect("expands")
         .to_string();
-        assert!(code.contains("decide (self , command)"));
+        assert!(
+            code.contains("{ rules :: decide (self , command) }"),
+            "{code}"
+        );
         assert!(code.contains("Self :: on (self , event)"));
+        // Neither a function in a module nor one named otherwise can be the trait method.
+        assert!(!code.contains("check_decide"), "{code}");
+        assert!(!code.contains("check_evolve"));
         assert!(code.contains("impl < T > :: factum :: Snapshot for A < T > { const SNAPSHOT_VERSION : u32 = 3u32 ; }"), "{code}");
     }
 
@@ -261,6 +351,43 @@ mod tests {
         assert!(errors[1].starts_with("unknown `aggregate` attribute `evnt`"));
         assert!(errors[2].starts_with("missing `command = AccountCommand`"));
         assert!(errors[3].starts_with("missing `error = AccountError`"));
+    }
+
+    #[test]
+    fn paths_that_could_name_the_trait_method_are_checked() {
+        for path in [
+            quote!(Self::decide),
+            quote!(Aggregate::decide),
+            quote!(factum::Aggregate::decide),
+        ] {
+            let input: DeriveInput = syn::parse2(quote! {
+                #[aggregate(type = "a", command = C, event = E, error = X, decide = #path)]
+                struct A {}
+            })
+            .expect("parses");
+            let code = expand(input).expect("expands").to_string();
+            assert!(code.contains(". check_decide ()"), "{path}: {code}");
+        }
+    }
+
+    #[test]
+    fn the_old_method_keys_say_their_new_names() {
+        let errors = emitted_errors(
+            &expand(parse_quote! {
+                #[aggregate(type = "a", command = C, event = E, error = X, handle = Self::h, apply = Self::a)]
+                struct A {}
+            })
+            .expect("expands"),
+        );
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("`handle` is now `decide`"),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[1].starts_with("`apply` is now `evolve`"),
+            "{errors:#?}"
+        );
     }
 
     #[test]

@@ -242,7 +242,7 @@ pub(crate) fn path_value(cx: &mut Ctxt, meta: &ParseNestedMeta<'_>) -> syn::Resu
             cx.error(
                 other,
                 format_args!(
-                    "expected a path to a function, e.g. `{} = Self::handle`",
+                    "expected a path to a function, e.g. `{} = Self::on_event`",
                     key_name(meta)
                 ),
             );

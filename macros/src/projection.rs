@@ -1,5 +1,5 @@
-//! `#[derive(Projection)]`: the projection's name and events, delegating to an inherent
-//! `handle` method.
+//! `#[derive(Projection)]`: the projection's name and events, delegating `apply` to an inherent
+//! method of the same name (or to the function the attribute names).
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
@@ -8,7 +8,7 @@ use syn::{Data, DeriveInput, LitStr, Path, Type};
 
 use crate::attr::{self, Ctxt};
 
-const KEYS: &str = "`name`, `event` or `handle`";
+const KEYS: &str = "`name`, `event` or `apply`";
 
 /// Expands `#[derive(Projection)]`.
 pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
@@ -24,7 +24,7 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
 
     let mut name: Option<LitStr> = None;
     let mut event: Option<Type> = None;
-    let mut handle: Option<Path> = None;
+    let mut apply: Option<Path> = None;
     // Keys given, even with a bad value (which has its own error).
     let mut seen: Vec<String> = Vec::new();
     let attr_span = input
@@ -45,9 +45,15 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         } else if meta.path.is_ident("event") {
             attr::check_duplicate(cx, &meta, &event);
             event = attr::type_value(cx, &meta)?.or(event.take());
+        } else if meta.path.is_ident("apply") {
+            attr::check_duplicate(cx, &meta, &apply);
+            apply = attr::path_value(cx, &meta)?.or(apply.take());
         } else if meta.path.is_ident("handle") {
-            attr::check_duplicate(cx, &meta, &handle);
-            handle = attr::path_value(cx, &meta)?.or(handle.take());
+            cx.error(
+                &meta.path,
+                "`handle` is now `apply`, like the `Projection` method it implements: write `apply = ...`",
+            );
+            return attr::skip_value(&meta);
         } else {
             return attr::unknown_key(cx, &meta, "projection", KEYS);
         }
@@ -80,14 +86,22 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
     let body = if cx.has_errors() {
         quote!(::core::unreachable!())
     } else {
-        let call = match &handle {
-            Some(path) => quote_spanned!(path.span()=> #path(self, event)),
-            None => {
-                let span = attr_span.unwrap_or_else(Span::call_site);
-                quote_spanned!(span=> Self::handle(self, event))
-            }
+        // A missing `apply` is an error on the type naming the method to write; see
+        // `__private::Delegate` for why `Self::apply` alone would recurse instead.
+        let call = crate::aggregate::delegate(
+            &private,
+            &quote!(#krate::Projection),
+            ident,
+            &apply,
+            "apply",
+            quote!(self, event),
+        );
+        // The result's trait bound is checked on the attribute, or on the type.
+        let span = match &apply {
+            Some(path) => path.span(),
+            None => attr_span.unwrap_or_else(|| ident.span()),
         };
-        quote!(#private::HandlerResult::into_result(#call))
+        quote_spanned!(span=> #private::HandlerResult::into_result(#call))
     };
     let errors = cx.into_compile_errors();
     let impl_attrs = attr::impl_attrs();
@@ -117,7 +131,7 @@ mod tests {
     use syn::parse_quote;
 
     #[test]
-    fn name_event_and_handler() {
+    fn name_event_and_apply() {
         let tokens = expand(parse_quote! {
             #[projection(name = "balances", event = BalanceEvent)]
             struct Balances {}
@@ -127,14 +141,18 @@ mod tests {
         let code = tokens.to_string();
         assert!(code.contains(r#"const NAME : & 'static str = "balances" ;"#));
         assert!(code.contains("type Event = BalanceEvent ;"));
-        assert!(code.contains("HandlerResult :: into_result (Self :: handle (self , event))"));
+        assert!(code.contains("Self :: apply (self , event)"), "{code}");
+        assert!(code.contains(
+            "(Self :: apply , < Self as :: factum :: Projection > :: apply)) . check_apply ()"
+        ));
+        assert!(code.contains("HandlerResult :: into_result ({"));
     }
 
     #[test]
     fn errors_are_reported_together() {
         let errors = emitted_errors(
             &expand(parse_quote! {
-                #[projection(name = "", handle = 5, extra)]
+                #[projection(name = "", apply = 5, extra)]
                 struct P {}
             })
             .expect("expands"),
@@ -144,5 +162,21 @@ mod tests {
         assert!(errors[1].starts_with("expected a path to a function"));
         assert!(errors[2].starts_with("unknown `projection` attribute `extra`"));
         assert!(errors[3].starts_with("missing `event = EventType`"));
+    }
+
+    #[test]
+    fn the_old_key_says_its_new_name() {
+        let errors = emitted_errors(
+            &expand(parse_quote! {
+                #[projection(name = "p", event = E, handle = Self::on)]
+                struct P {}
+            })
+            .expect("expands"),
+        );
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("`handle` is now `apply`"),
+            "{errors:#?}"
+        );
     }
 }

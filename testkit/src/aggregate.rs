@@ -107,7 +107,7 @@ impl<A: Aggregate> AggregateFixture<A> {
 ///
 /// Everything goes through an [`InMemoryStore`] as in production: the command is executed by a
 /// [`Repository`]; projections and process managers read the global log, filtered to the event
-/// types they declare and decoded into their own event types. Process managers handle the given
+/// types they declare and decoded into their own event types. Process managers react to the given
 /// events as the past (the commands they issue are dropped) and the command's events as the
 /// events under test.
 ///
@@ -145,7 +145,7 @@ impl<A: Aggregate> AggregateFixture<A> {
 ///     const NAME: &'static str = "large-withdrawals";
 ///     type Event = AccountEvent;
 ///     type Command = Review;
-///     fn handle(&mut self, e: &Envelope<AccountEvent>, outbox: &mut Outbox<Review>) -> Result<(), BoxError> {
+///     fn react(&mut self, e: &Envelope<AccountEvent>, outbox: &mut Outbox<Review>) -> Result<(), BoxError> {
 ///         if let AccountEvent::Withdrawn(w) = &e.event {
 ///             if w.amount >= 1000 {
 ///                 outbox.issue(Review { account: e.stream_id.aggregate_id().into(), amount: w.amount });
@@ -452,9 +452,9 @@ impl<M: ProcessManager> Reader for ManagerReader<M> {
         }
         let envelope = decode_for::<M::Event>("process manager", M::NAME, event);
         let mut outbox = Outbox::for_event(&envelope);
-        if let Err(e) = self.manager.handle(&envelope, &mut outbox) {
+        if let Err(e) = self.manager.react(&envelope, &mut outbox) {
             panic!(
-                "process manager `{}` failed to handle event {:?} of `{}` at version {}: {e}",
+                "process manager `{}` failed to react to event {:?} of `{}` at version {}: {e}",
                 M::NAME,
                 event.event_type,
                 event.stream_id,

@@ -27,6 +27,8 @@
 //!   the state. Runs the command through a real [`Repository`](factum::Repository) on an
 //!   [`InMemoryStore`](factum::InMemoryStore).
 //! * [`ProjectionFixture`]: given events in [envelopes](envelope), then the read model.
+//! * `PgProjectionFixture` (feature `postgres`): given events, applied to a PostgreSQL
+//!   projection in real transactions on a `postgres::TestDatabase`, then rows.
 //! * [`ProcessManagerFixture`]: given past events, when new ones, then the commands issued.
 //! * [`FlowFixture`]: the whole flow in one test — given events, when a command, then its
 //!   events, what the projections show and what the process managers issue.
@@ -41,6 +43,8 @@
 
 mod aggregate;
 mod envelope;
+#[cfg(feature = "postgres")]
+mod pg_projection;
 mod process;
 mod projection;
 mod support;
@@ -52,6 +56,8 @@ pub mod properties;
 
 pub use aggregate::{AggregateFixture, FlowFixture, Outcome};
 pub use envelope::{TestEnvelope, envelope};
+#[cfg(feature = "postgres")]
+pub use pg_projection::PgProjectionFixture;
 pub use process::ProcessManagerFixture;
 pub use projection::ProjectionFixture;
 

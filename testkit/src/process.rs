@@ -41,7 +41,7 @@ use crate::support::sequence_mismatch;
 ///     const NAME: &'static str = "reviews";
 ///     type Event = Withdrawn;
 ///     type Command = Alert;
-///     fn handle(&mut self, event: &Envelope<Withdrawn>, outbox: &mut Outbox<Alert>) -> Result<(), BoxError> {
+///     fn react(&mut self, event: &Envelope<Withdrawn>, outbox: &mut Outbox<Alert>) -> Result<(), BoxError> {
 ///         self.seen += 1;
 ///         if self.seen % 3 == 0 {
 ///             outbox.issue(Alert::Review { account: event.stream_id.aggregate_id().to_owned() });
@@ -103,7 +103,7 @@ impl<M: ProcessManager> ProcessManagerFixture<M> {
     #[track_caller]
     pub fn given(mut self, event: impl Into<TestEnvelope<M::Event>>) -> Self {
         let envelope = self.log.place(event.into());
-        self.handle(&envelope);
+        self.react(&envelope);
         self.issued.clear();
         self.phase = Phase::Given;
         self
@@ -139,7 +139,7 @@ impl<M: ProcessManager> ProcessManagerFixture<M> {
             self.phase = Phase::When;
         }
         let envelope = self.log.place(event.into());
-        let issued = self.handle(&envelope);
+        let issued = self.react(&envelope);
         self.issued.extend(issued);
         self
     }
@@ -158,11 +158,11 @@ impl<M: ProcessManager> ProcessManagerFixture<M> {
     }
 
     #[track_caller]
-    fn handle(&mut self, envelope: &Envelope<M::Event>) -> Vec<IssuedCommand<M::Command>> {
+    fn react(&mut self, envelope: &Envelope<M::Event>) -> Vec<IssuedCommand<M::Command>> {
         let mut outbox = Outbox::for_event(envelope);
-        if let Err(error) = self.manager.handle(envelope, &mut outbox) {
+        if let Err(error) = self.manager.react(envelope, &mut outbox) {
             panic!(
-                "process manager `{}` failed to handle the event in stream {} at version {} ({:?}): {error}",
+                "process manager `{}` failed to react to the event in stream {} at version {} ({:?}): {error}",
                 M::NAME,
                 envelope.stream_id,
                 envelope.stream_version,

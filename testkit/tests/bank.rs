@@ -283,7 +283,7 @@ impl ProcessManager for LargeWithdrawals {
     type Event = AccountEvent;
     type Command = ReviewCommand;
 
-    fn handle(
+    fn react(
         &mut self,
         envelope: &Envelope<AccountEvent>,
         outbox: &mut Outbox<ReviewCommand>,

@@ -262,7 +262,7 @@ impl ProcessManager for Receipts {
     const NAME: &'static str = "receipts";
     type Event = AccountEvent;
     type Command = SendReceipt;
-    fn handle(
+    fn react(
         &mut self,
         envelope: &Envelope<AccountEvent>,
         outbox: &mut Outbox<SendReceipt>,

@@ -123,7 +123,7 @@ pub struct Account {
 
 impl Account {
     /// Decides what a command does (`Aggregate::decide`).
-    fn handle(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+    fn decide(&self, command: &AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
         if self.closed {
             return Err(AccountError::Closed);
         }
@@ -157,7 +157,7 @@ impl Account {
     }
 
     /// Applies one recorded event (`Aggregate::evolve`).
-    fn apply(&mut self, event: &AccountEvent) {
+    fn evolve(&mut self, event: &AccountEvent) {
         match event {
             AccountEvent::Opened(e) => {
                 self.open = true;

@@ -126,7 +126,7 @@ pub struct Customer {
 }
 
 impl Customer {
-    fn handle(&self, command: &CustomerCommand) -> Result<Vec<CustomerEvent>, CustomerError> {
+    fn decide(&self, command: &CustomerCommand) -> Result<Vec<CustomerEvent>, CustomerError> {
         match command {
             CustomerCommand::Register { .. } if self.registered => {
                 Err(CustomerError::AlreadyRegistered)
@@ -150,7 +150,7 @@ impl Customer {
         }
     }
 
-    fn apply(&mut self, event: &CustomerEvent) {
+    fn evolve(&mut self, event: &CustomerEvent) {
         match event {
             CustomerEvent::Registered(e) => {
                 self.registered = true;

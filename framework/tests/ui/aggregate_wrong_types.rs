@@ -9,10 +9,10 @@ struct NotAnError;
 struct Account {}
 
 impl Account {
-    fn handle(&self, _: &NotACommand) -> Result<Vec<NotAnEvent>, NotAnError> {
+    fn decide(&self, _: &NotACommand) -> Result<Vec<NotAnEvent>, NotAnError> {
         Ok(Vec::new())
     }
-    fn apply(&mut self, _: &NotAnEvent) {}
+    fn evolve(&mut self, _: &NotAnEvent) {}
 }
 
 fn main() {}

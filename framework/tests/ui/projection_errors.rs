@@ -16,7 +16,7 @@ struct NoAttribute {}
 struct WrongReturn {}
 
 impl WrongReturn {
-    fn handle(&mut self, _: &factum::Envelope<Happened>) -> u32 {
+    fn apply(&mut self, _: &factum::Envelope<Happened>) -> u32 {
         0
     }
 }

@@ -22,7 +22,7 @@ struct Deposit {
 struct Account {}
 
 #[derive(Projection)]
-#[projection(name = "balances", event = AccountEvent, handle = 5)]
+#[projection(name = "balances", event = AccountEvent, apply = 5)]
 struct Balances {}
 
 fn main() {}

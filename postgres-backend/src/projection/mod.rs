@@ -84,6 +84,7 @@ mod lease;
 mod rebuild;
 mod runner;
 
+use std::borrow::Cow;
 use std::future::Future;
 
 use factum::{BoxError, Envelope, Error, Event};
@@ -139,7 +140,7 @@ pub trait PgProjection: Send + 'static {
 /// The transaction a [`PgProjection`] writes in, and where its tables are.
 pub struct ProjectionTx<'a> {
     conn: &'a mut PgConnection,
-    tables: &'a Tables,
+    tables: Cow<'a, Tables>,
 }
 
 impl std::fmt::Debug for ProjectionTx<'_> {
@@ -152,7 +153,24 @@ impl std::fmt::Debug for ProjectionTx<'_> {
 
 impl<'a> ProjectionTx<'a> {
     pub(crate) fn new(conn: &'a mut PgConnection, tables: &'a Tables) -> Self {
-        Self { conn, tables }
+        Self {
+            conn,
+            tables: Cow::Borrowed(tables),
+        }
+    }
+
+    /// The handle the runner gives `P`'s [`apply`](PgProjection::apply), on a transaction the
+    /// caller holds, writing to `P`'s live tables: for code that drives a projection itself,
+    /// such as test fixtures (`factum_testkit::PgProjectionFixture`). The caller begins and
+    /// commits the transaction; no checkpoint is read or moved.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when one of `P::TABLES` is not a valid table name.
+    pub fn for_live_tables<P: PgProjection>(conn: &'a mut PgConnection) -> Result<Self, Error> {
+        Ok(Self {
+            conn,
+            tables: Cow::Owned(Tables::new(P::TABLES, "")?),
+        })
     }
 
     /// The connection, inside the batch's transaction: run the read model's SQL on it.

@@ -17,8 +17,8 @@ struct Do {
     command = Do,
     event = Happened,
     error = std::fmt::Error,
-    handle = Self::decide_account,
-    apply = Self::evolve_account,
+    decide = Self::decide_account,
+    evolve = Self::evolve_account,
 )]
 struct Account {}
 
