@@ -130,11 +130,15 @@ impl<C> IssuedCommand<C> {
 
 /// Collects the commands a process manager issues while reacting to one event.
 ///
-/// Every command gets its own [`CommandId`] and the correlation and causation of the event the
-/// outbox was created for ([`CommandContext::caused_by`]).
+/// Every command gets the correlation and causation of the event the outbox was created for, and
+/// a [`CommandId`] derived from that event's id and the command's index
+/// ([`CommandContext::caused_by_nth`]), used as its idempotency key too: reacting to the same
+/// event again (a replay, a redelivery) issues the same commands with the same ids, and executing
+/// them again stores nothing twice.
 #[derive(Debug)]
 pub struct Outbox<C> {
     cause: CommandContext,
+    event_id: crate::EventId,
     commands: Vec<IssuedCommand<C>>,
 }
 
@@ -143,6 +147,7 @@ impl<C> Outbox<C> {
     pub fn for_event<E>(event: &Envelope<E>) -> Self {
         Self {
             cause: CommandContext::caused_by(event),
+            event_id: event.event_id,
             commands: Vec::new(),
         }
     }
@@ -150,10 +155,12 @@ impl<C> Outbox<C> {
     /// Issues a command caused by the event being reacted to. The returned reference allows adding
     /// metadata to it.
     pub fn issue(&mut self, command: C) -> &mut IssuedCommand<C> {
-        let context = CommandContext {
-            command_id: CommandId::new(),
-            ..self.cause.clone()
-        };
+        let index = u32::try_from(self.commands.len()).unwrap_or(u32::MAX);
+        let context = self
+            .cause
+            .clone()
+            .with_command_id(CommandId::derived(self.event_id, index))
+            .idempotent();
         self.commands.push(IssuedCommand { command, context });
         let last = self.commands.len() - 1;
         &mut self.commands[last]
@@ -218,6 +225,31 @@ mod tests {
                 .expect("decodes")
                 .as_deref(),
             Some("acme")
+        );
+    }
+
+    #[test]
+    fn reacting_to_the_same_event_again_issues_the_same_command_ids() {
+        let event = Envelope::new(
+            "order-1".parse().expect("valid stream id"),
+            StreamVersion::new(1),
+            (),
+        );
+        let issue_two = || {
+            let mut outbox = Outbox::for_event(&event);
+            outbox.issue("reserve");
+            outbox.issue("charge");
+            outbox.into_commands()
+        };
+        let (first, replay) = (issue_two(), issue_two());
+        for (a, b) in first.iter().zip(&replay) {
+            assert_eq!(a.context.command_id, b.context.command_id);
+            assert_eq!(a.context.idempotency_key, b.context.idempotency_key);
+            assert!(a.context.idempotency_key.is_some());
+        }
+        assert_eq!(
+            first[1].context.command_id,
+            CommandId::derived(event.event_id, 1)
         );
     }
 
