@@ -78,7 +78,7 @@ mod migrate;
 pub mod projection;
 mod schema;
 mod store;
-mod subscription;
+pub mod subscription;
 mod tx;
 
 pub use config::{PoolConfig, StoreOptions};

@@ -80,7 +80,6 @@
 //! `apply` can run for events whose transaction is then rolled back (a later event of the batch
 //! failed) and run again.
 
-mod lease;
 mod rebuild;
 mod runner;
 
