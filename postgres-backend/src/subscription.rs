@@ -298,7 +298,7 @@ pub(crate) async fn commit(tx: Transaction<'static, Postgres>) -> Result<(), Err
 ///
 /// impl BatchHandler<PgTx> for Seen {
 ///     async fn handle_batch(&mut self, tx: &mut PgTx, events: &[RecordedEvent]) -> Result<(), BatchFailure> {
-///         let ids: Vec<uuid::Uuid> = events.iter().map(|e| *e.event_id.as_uuid()).collect();
+///         let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id.as_uuid()).collect();
 ///         sqlx::query("INSERT INTO seen SELECT unnest($1::uuid[])")
 ///             .bind(ids)
 ///             .execute(tx.conn())

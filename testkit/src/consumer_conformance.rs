@@ -1,6 +1,6 @@
 //! The conformance checks for what a backend keeps for consumers of the log: checkpoints
 //! ([`CheckpointStore`]) and dead letters ([`DeadLetterStore`]), directly, through `Arc`, `dyn`
-//! and [`Resilient`](factum::resilience::Resilient), and under factum's consumer loop
+//! and [`Resilient`], and under factum's consumer loop
 //! ([`Subscription`]).
 //!
 //! [`consumer_conformance_tests!`](crate::consumer_conformance_tests) generates one `#[test]` per

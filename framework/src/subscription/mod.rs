@@ -16,6 +16,18 @@
 //! it) or, with [`park_failures`](Subscription::park_failures), parks the event in the
 //! [`DeadLetterStore`] and goes on.
 //!
+//! # One runtime
+//! `Subscription` is factum's one consumer loop: the PostgreSQL projection runner and its
+//! rebuild run on it too. Every consumer takes the same [`ConsumerOptions`]; what a backend does
+//! differently is a capability the loop is generic over:
+//! * a [`TransactionalCheckpoint`]: where the handler's effects, the checkpoint and parked
+//!   events commit together ([`StoreCheckpoints`] for any store; PostgreSQL's `PgCheckpoints`
+//!   for exactly-once effects);
+//! * a [`Lease`]: which one of several instances works ([`NoLease`], [`InMemoryLease`];
+//!   PostgreSQL's `PgLease`);
+//! * a [`BatchHandler`]: handlers may take whole batches; an [`EventHandler`] is the per-event
+//!   case.
+//!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! use factum::subscription::{EventHandler, Subscription};
@@ -35,7 +47,7 @@
 //! store.append(&StreamId::new("x-1")?, ExpectedVersion::Any, vec![event(), event()]).await?;
 //!
 //! let mut counter = Count(0);
-//! let subscription = Subscription::new("counter", store.clone());
+//! let mut subscription = Subscription::new("counter", store.clone());
 //! let position = subscription.catch_up(&mut counter).await?;
 //! assert_eq!(counter.0, 2);
 //! assert_eq!(position, store.head());

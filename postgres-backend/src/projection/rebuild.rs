@@ -62,7 +62,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
     /// projection runs at a time; another waits for it.
     ///
     /// Every table the projection writes must be listed in [`PgProjection::TABLES`] and named
-    /// through [`ProjectionTx::table`]: a write to any other table would be applied to the live
+    /// through [`ProjectionTx::table`](super::ProjectionTx::table): a write to any other table would be applied to the live
     /// model a second time. A projection with no `TABLES` is refused
     /// ([`Error::InvalidArgument`]).
     pub async fn rebuild(
