@@ -533,6 +533,81 @@ mod projections {
         );
     }
 
+    /// `Total`, declaring the events registered in its category.
+    #[derive(Default)]
+    struct StrictTotal(u64);
+
+    impl Projection for StrictTotal {
+        const NAME: &'static str = "strict-total";
+        type Event = Deposited;
+        fn known_events() -> Option<factum::subscription::KnownEvents> {
+            Some(
+                factum::subscription::KnownEvents::new()
+                    .category("account", ["account.deposited", "account.opened"]),
+            )
+        }
+        fn apply(&mut self, event: &Envelope<Deposited>) -> Result<(), BoxError> {
+            self.0 += event.event.amount;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_of_a_type_nothing_registers_stops_the_projection_or_is_parked() {
+        let store = InMemoryStore::new();
+        append(
+            &store,
+            "account-1",
+            vec![deposit(r#"{"amount":5}"#), event("account.opened")],
+        )
+        .await;
+        // A typo in a stored type: a type filter would never read it.
+        let typo = append(&store, "account-1", vec![event("account.depositd")]).await;
+        append(&store, "account-1", vec![deposit(r#"{"amount":1}"#)]).await;
+        let mut projector = Projector::new(StrictTotal::default());
+        let err = Subscription::for_projection::<StrictTotal>(store.clone())
+            .handler_retries(1, Duration::ZERO)
+            .catch_up(&mut projector)
+            .await
+            .unwrap_err();
+        match &err {
+            Error::Handler {
+                stream,
+                version,
+                event_type,
+                event_id,
+                ..
+            } => {
+                assert_eq!(stream.as_str(), "account-1");
+                assert_eq!(version.get(), 3);
+                assert_eq!(event_type, "account.depositd");
+                assert_eq!(*event_id, typo[0]);
+            }
+            other => panic!("expected a handler error, got {other:?}"),
+        }
+        assert_eq!(projector.get().0, 5, "nothing after the unknown event");
+
+        let mut projector = Projector::new(StrictTotal::default());
+        Subscription::for_projection::<StrictTotal>(store.clone())
+            .handler_retries(1, Duration::ZERO)
+            .park_failures()
+            .catch_up(&mut projector)
+            .await
+            .unwrap();
+        assert_eq!(
+            projector.get().0,
+            1,
+            "resumed at the unknown event, parked it, went on"
+        );
+        let parked = store.parked("strict-total").await.unwrap();
+        assert_eq!(parked.len(), 1);
+        assert!(
+            parked[0].error.contains("no registered event type"),
+            "{}",
+            parked[0].error
+        );
+    }
+
     #[tokio::test]
     async fn an_undecodable_event_stops_the_projection_naming_the_event() {
         let store = InMemoryStore::new();

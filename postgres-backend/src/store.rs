@@ -569,7 +569,14 @@ impl EventRow {
             source: DecodeError::Payload(source),
         };
         let payload = RawValue::from_string(self.payload).map_err(bad)?;
-        let user: Metadata = serde_json::from_str(&self.metadata).map_err(bad)?;
+        let user: Metadata =
+            serde_json::from_str(&self.metadata).map_err(|source| Error::Metadata {
+                stream: stream_id.clone(),
+                version: stream_version,
+                event_type: self.event_type.clone(),
+                position,
+                source,
+            })?;
         Ok(RecordedEvent {
             event_id: EventId::from_uuid(self.event_id),
             stream_id,

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use factum::subscription::{
-    BatchFailure, BatchHandler, StartFrom, Subscription, SubscriptionState,
+    BatchFailure, BatchHandler, KnownEvents, StartFrom, Subscription, SubscriptionState,
 };
 use factum::{EventStore, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
 use factum_postgres::projection::PgProjectionRunner;
@@ -365,6 +365,195 @@ async fn a_requested_start_survives_a_transient_failure_of_its_checkpoint_write(
             read_model(db.pool()).await,
             fold.model,
             "the replay from the beginning happened, not a resume from the old checkpoint"
+        );
+    })
+    .await;
+}
+
+/// The ledger projection, declaring the events registered in its category: it reads the
+/// category whole and decides by type.
+#[derive(Default)]
+struct StrictLedger(Ledger);
+
+impl factum_postgres::projection::PgProjection for StrictLedger {
+    const NAME: &'static str = "ledger";
+    const TABLES: &'static [&'static str] = Ledger::TABLES;
+    type Event = Entry;
+
+    fn known_events() -> Option<KnownEvents> {
+        Some(KnownEvents::new().category("ledger", ["ledger.entry", "ledger.closed"]))
+    }
+
+    async fn apply(
+        &mut self,
+        tx: &mut factum_postgres::projection::ProjectionTx<'_>,
+        event: &factum::Envelope<Entry>,
+    ) -> Result<(), factum::BoxError> {
+        factum_postgres::projection::PgProjection::apply(&mut self.0, tx, event).await
+    }
+}
+
+/// The stored events of `stream`, in order.
+async fn stored(store: &PostgresStore, stream: &str) -> Vec<RecordedEvent> {
+    use futures_util::TryStreamExt as _;
+    store
+        .read_stream(
+            &StreamId::new(stream).expect("id"),
+            factum::StreamVersion::INITIAL,
+        )
+        .try_collect()
+        .await
+        .expect("read")
+}
+
+#[tokio::test]
+async fn an_event_of_a_type_nothing_registers_stops_the_projection_or_is_parked_never_skipped() {
+    bounded(60, async {
+        let db = TestDatabase::create().await;
+        let store = patient_store(&db);
+        create_tables(db.pool()).await;
+        let mut fold = Fold::default();
+        append(&store, &mut fold, "ledger-1", 1, 3).await;
+        append_to(
+            &store,
+            "ledger-2",
+            vec![NewEvent {
+                event_type: "ledger.closed".into(),
+                ..entry(0)
+            }],
+        )
+        .await;
+        // A stored type renamed by hand (as a typo or a rename without an alias would leave it).
+        let events = stored(&store, "ledger-1").await;
+        sqlx::query("UPDATE factum.events SET event_type = 'ledger.entyr' WHERE event_id = $1")
+            .bind(events[1].event_id.as_uuid())
+            .execute(db.pool())
+            .await
+            .expect("rename");
+
+        let mut stopping = PgProjectionRunner::new(store.clone(), StrictLedger::default())
+            .handler_retries(1, Duration::ZERO);
+        let error = stopping
+            .catch_up()
+            .await
+            .expect_err("stops on the unknown type");
+        match &error {
+            factum::Error::Handler {
+                stream,
+                version,
+                event_type,
+                position,
+                ..
+            } => {
+                assert_eq!(stream.as_str(), "ledger-1");
+                assert_eq!(version.get(), 2);
+                assert_eq!(event_type, "ledger.entyr");
+                assert_eq!(*position, events[1].position);
+            }
+            other => panic!("expected a handler error, got {other:?}"),
+        }
+        let text = format!(
+            "{error}: {}",
+            std::error::Error::source(&error).expect("source")
+        );
+        assert!(text.contains("no registered event type"), "{text}");
+        let model = read_model(db.pool()).await;
+        assert_eq!(
+            (model.count, model.total),
+            (1, 1),
+            "only the event before it"
+        );
+        assert_eq!(
+            factum::subscription::CheckpointStore::load_checkpoint(&store, "ledger")
+                .await
+                .expect("checkpoint"),
+            Some(events[0].position),
+            "the checkpoint rests just before the unknown event"
+        );
+
+        // Parking: it goes to the dead letters, the rest is applied (the known foreign type is
+        // passed over).
+        let mut parking = PgProjectionRunner::new(store.clone(), StrictLedger::default())
+            .handler_retries(1, Duration::ZERO)
+            .park_failures();
+        parking.catch_up().await.expect("goes on");
+        let parked = factum::subscription::DeadLetterStore::parked(&store, "ledger")
+            .await
+            .expect("parked");
+        assert_eq!(parked.len(), 1);
+        assert_eq!(parked[0].event.event_type, "ledger.entyr");
+        let model = read_model(db.pool()).await;
+        assert_eq!((model.count, model.total), (2, 1 + 3));
+
+        // The same through a plain in-process projection subscription over PostgreSQL.
+        let mut projector = factum::subscription::Projector::new(StrictTotal::default());
+        let error = Subscription::for_projection::<StrictTotal>(store.clone())
+            .handler_retries(1, Duration::ZERO)
+            .catch_up(&mut projector)
+            .await
+            .expect_err("stops on the unknown type");
+        assert!(error.to_string().contains("ledger.entyr"), "{error}");
+        assert_eq!(projector.get().0, 1);
+    })
+    .await;
+}
+
+/// An in-process total of the ledger entries, declaring its category's events.
+#[derive(Default)]
+struct StrictTotal(i64);
+
+impl factum::Projection for StrictTotal {
+    const NAME: &'static str = "strict-total";
+    type Event = Entry;
+
+    fn known_events() -> Option<KnownEvents> {
+        Some(KnownEvents::new().category("ledger", ["ledger.entry", "ledger.closed"]))
+    }
+
+    fn apply(&mut self, event: &factum::Envelope<Entry>) -> Result<(), factum::BoxError> {
+        self.0 += event.event.n;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn corrupt_metadata_stops_the_runner_naming_the_metadata_after_the_good_events_before_it() {
+    bounded(60, async {
+        let db = TestDatabase::create().await;
+        let store = patient_store(&db);
+        create_tables(db.pool()).await;
+        let mut fold = Fold::default();
+        append(&store, &mut fold, "ledger-1", 1, 5).await;
+        let events = stored(&store, "ledger-1").await;
+        // A JSON array where the metadata object belongs, in the middle of one page.
+        sqlx::query("UPDATE factum.events SET metadata = '[1, 2]'::jsonb WHERE event_id = $1")
+            .bind(events[2].event_id.as_uuid())
+            .execute(db.pool())
+            .await
+            .expect("corrupt");
+
+        let mut runner = PgProjectionRunner::new(store.clone(), Ledger::default());
+        let error = runner.catch_up().await.expect_err("stops on the corrupt row");
+        assert!(
+            matches!(&error, factum::Error::Metadata { stream, version, position, .. }
+                if stream.as_str() == "ledger-1" && version.get() == 3 && *position == events[2].position),
+            "{error:?}"
+        );
+        let text = error.to_string();
+        assert!(text.contains("metadata"), "{text}");
+        assert!(!text.contains("decoding or upcasting"), "{text}");
+        let model = read_model(db.pool()).await;
+        assert_eq!(
+            (model.count, model.total),
+            (2, 1 + 2),
+            "the good events before it were applied"
+        );
+        assert_eq!(
+            factum::subscription::CheckpointStore::load_checkpoint(&store, "ledger")
+                .await
+                .expect("checkpoint"),
+            Some(events[1].position),
+            "the checkpoint rests just before the bad event"
         );
     })
     .await;

@@ -57,6 +57,7 @@
 
 mod checkpoint;
 mod handler;
+mod known;
 mod lease;
 mod options;
 mod store;
@@ -72,6 +73,7 @@ use tokio::sync::watch;
 
 pub use checkpoint::{Begun, StoreCheckpoints, TransactionalCheckpoint};
 pub use handler::{BatchFailure, BatchHandler, EventHandler, Projector};
+pub use known::KnownEvents;
 pub use lease::{InMemoryLease, InMemoryLeaseGuard, Lease, NoLease};
 pub use options::ConsumerOptions;
 pub use store::{
@@ -251,10 +253,19 @@ impl<S: EventStore + CheckpointStore + DeadLetterStore + Clone> Subscription<S> 
         Self::with_checkpoints(name, store, checkpoints)
     }
 
-    /// A subscription feeding projection `P`: named [`Projection::NAME`], reading only the wire
-    /// names of [`Projection::Event`]. Run it with a [`Projector`].
+    /// A subscription feeding projection `P`: named [`Projection::NAME`], handling the wire
+    /// names of [`Projection::Event`], with [`Projection::known_events`] if it declares them
+    /// (then it reads whole categories and stops on, or parks, an event of a type nothing
+    /// registers). Run it with a [`Projector`].
     pub fn for_projection<P: Projection>(store: S) -> Self {
-        Self::new(P::NAME, store).filter(EventFilter::for_event::<P::Event>())
+        let subscription = Self::new(P::NAME, store).filter(EventFilter::for_event::<P::Event>());
+        match P::known_events() {
+            Some(known) => {
+                let options = subscription.options.clone().known_events(known);
+                subscription.options(options)
+            }
+            None => subscription,
+        }
     }
 }
 
@@ -420,9 +431,33 @@ impl<S: EventStore, C: TransactionalCheckpoint, L: Lease> Subscription<S, C, L> 
 
     async fn consume<H: BatchHandler<C::Tx>>(
         &mut self,
+        handler: H,
+        shutdown: impl Future<Output = ()> + Send,
+        until: Until,
+    ) -> Result<LogPosition, Error> {
+        match self.options.known.clone() {
+            Some(known) => {
+                let source = known.source_filter(&self.options.filter);
+                let handler = known::Screened {
+                    inner: handler,
+                    wanted: self.options.filter.event_types().map(<[String]>::to_vec),
+                    known,
+                };
+                self.consume_from(handler, shutdown, until, source).await
+            }
+            None => {
+                let source = self.options.filter.clone();
+                self.consume_from(handler, shutdown, until, source).await
+            }
+        }
+    }
+
+    async fn consume_from<H: BatchHandler<C::Tx>>(
+        &mut self,
         mut handler: H,
         shutdown: impl Future<Output = ()> + Send,
         until: Until,
+        source: EventFilter,
     ) -> Result<LogPosition, Error> {
         let mut shutdown = Shutdown::new(shutdown);
         let mut reached = self.status.borrow().position;
@@ -473,23 +508,49 @@ impl<S: EventStore, C: TransactionalCheckpoint, L: Lease> Subscription<S, C, L> 
             reached = position;
             let mut idle = self.options.idle_min;
             let mut prefetched: Option<(LogPosition, Vec<RecordedEvent>)> = None;
+            // After a page failed on a stored event that cannot be read (bad data), the next
+            // reads take one event at a time, so the events before the bad one are handled and
+            // checkpointed before the consumer stops on it.
+            let mut narrow = 0;
             loop {
                 // Shutdown takes effect here, between batches, and while waiting below.
                 if shutdown.is_done() {
                     break 'lease;
                 }
+                let limit = if narrow > 0 {
+                    1
+                } else {
+                    self.options.batch_size
+                };
                 let batch = match prefetched.take() {
                     Some((after, batch)) if after == position => Ok(batch),
                     _ => tokio::select! {
                         biased;
                         () = shutdown.wait() => break 'lease,
-                        batch = self.store.read_all(position, self.options.batch_size, &self.options.filter) => batch,
+                        batch = self.store.read_all(position, limit, &source) => batch,
                     },
                 };
                 let step = match batch {
+                    Err(error)
+                        if error.kind() == crate::ErrorKind::BadData
+                            && narrow == 0
+                            && self.options.batch_size > 1 =>
+                    {
+                        tracing::debug!(consumer = %self.name, %error, "a page holds an unreadable event; reading one event at a time up to it");
+                        narrow = self.options.batch_size;
+                        continue;
+                    }
                     Ok(batch) => {
-                        self.step(&mut handler, &mut position, batch, &mut prefetched)
-                            .await
+                        narrow = narrow.saturating_sub(1);
+                        self.step(
+                            &mut handler,
+                            &mut position,
+                            batch,
+                            limit,
+                            &source,
+                            &mut prefetched,
+                        )
+                        .await
                     }
                     Err(error) => Err(error),
                 };
@@ -608,6 +669,8 @@ impl<S: EventStore, C: TransactionalCheckpoint, L: Lease> Subscription<S, C, L> 
         handler: &mut H,
         position: &mut LogPosition,
         batch: Vec<RecordedEvent>,
+        limit: usize,
+        source: &EventFilter,
         prefetched: &mut Option<(LogPosition, Vec<RecordedEvent>)>,
     ) -> Result<Step, Error> {
         if batch.is_empty() {
@@ -628,7 +691,7 @@ impl<S: EventStore, C: TransactionalCheckpoint, L: Lease> Subscription<S, C, L> 
             });
             return Ok(Step::Idle);
         }
-        let full = batch.len() >= self.options.batch_size;
+        let full = batch.len() >= limit;
         // Falling behind (a full batch after being caught up): look the head up once, so the lag
         // in events is known. Live following (partial batches) never pays for it.
         if self.options.track_head
@@ -647,8 +710,7 @@ impl<S: EventStore, C: TransactionalCheckpoint, L: Lease> Subscription<S, C, L> 
             let last = batch.last().map_or(*position, |e| e.position);
             let (outcome, next) = tokio::join!(
                 self.handle_batch(handler, &batch, *position),
-                self.store
-                    .read_all(last, self.options.batch_size, &self.options.filter)
+                self.store.read_all(last, limit, source)
             );
             let outcome = outcome?;
             if let Handled::Done(_) = outcome {

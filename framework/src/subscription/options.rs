@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::store::EventFilter;
 
-use super::StartFrom;
+use super::{KnownEvents, StartFrom};
 
 /// How a consumer of the log runs: where it starts, what it reads, in which batches, how it
 /// polls, retries and parks. Every consumer ([`Subscription`](super::Subscription), the
@@ -34,6 +34,7 @@ pub struct ConsumerOptions {
     pub(crate) handler_backoff: Duration,
     pub(crate) track_head: bool,
     pub(crate) park: bool,
+    pub(crate) known: Option<KnownEvents>,
 }
 
 impl Default for ConsumerOptions {
@@ -52,6 +53,7 @@ impl Default for ConsumerOptions {
             handler_backoff: Duration::from_millis(100),
             track_head: true,
             park: false,
+            known: None,
         }
     }
 }
@@ -124,6 +126,16 @@ impl ConsumerOptions {
     #[must_use]
     pub fn park_failures(mut self) -> Self {
         self.park = true;
+        self
+    }
+
+    /// Reads the categories of `known` whole at the source and decides by type in the consumer:
+    /// the types of the [filter](Self::filter) go to the handler, other registered types are
+    /// passed over, and a type nothing registers stops the consumer (or is parked) like an
+    /// undecodable event, instead of being hidden by a filter on types. See [`KnownEvents`].
+    #[must_use]
+    pub fn known_events(mut self, known: KnownEvents) -> Self {
+        self.known = Some(known);
         self
     }
 

@@ -109,6 +109,14 @@ pub trait PgProjection: Send + 'static {
     /// The events it handles; the runner reads only their wire names.
     type Event: Event;
 
+    /// The events registered in the categories this projection reads, or `None` (the default)
+    /// to read only its own event types at the source. With them, the runner reads those
+    /// categories whole and stops on (or parks) an event of a type nothing registers, instead of
+    /// never seeing it: see [`factum::Projection::known_events`].
+    fn known_events() -> Option<factum::subscription::KnownEvents> {
+        None
+    }
+
     /// Applies one event within the runner's transaction. An error rolls the transaction back.
     fn apply(
         &mut self,

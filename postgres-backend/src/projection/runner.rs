@@ -83,7 +83,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         let checkpoints = PgCheckpoints::new(&store);
         let consumer = Subscription::with_checkpoints(P::NAME, store.clone(), checkpoints.clone())
             .lease(PgLease::new(&store))
-            .filter(EventFilter::for_event::<P::Event>());
+            .options(Self::projection_options(ConsumerOptions::default()));
         Self {
             store,
             projection,
@@ -109,8 +109,17 @@ impl<P: PgProjection> PgProjectionRunner<P> {
     /// options' filter.
     #[must_use]
     pub fn options(self, options: ConsumerOptions) -> Self {
-        let options = options.filter(EventFilter::for_event::<P::Event>());
+        let options = Self::projection_options(options);
         self.with_consumer(|c| c.options(options))
+    }
+
+    /// `options` narrowed to the projection's event types, with its known events.
+    fn projection_options(options: ConsumerOptions) -> ConsumerOptions {
+        let options = options.filter(EventFilter::for_event::<P::Event>());
+        match P::known_events() {
+            Some(known) => options.known_events(known),
+            None => options,
+        }
     }
 
     /// Where to start: see [`ConsumerOptions::start_from`]. `Beginning` and `After` move the
