@@ -138,9 +138,9 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             tokio::pin!(run);
             let mut reported = 0;
             let mut watching = true;
-            position = loop {
+            let result = loop {
                 tokio::select! {
-                    result = &mut run => break result?,
+                    result = &mut run => break result,
                     changed = status.changed(), if watching => {
                         if changed.is_err() {
                             watching = false;
@@ -154,8 +154,10 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                     }
                 }
             };
-            let handled = status.borrow().handled;
-            report(done_before + handled, position, &mut on_progress);
+            // The last progress, also when the rebuild stopped on an event.
+            let last = status.borrow().clone();
+            report(done_before + last.handled, last.position, &mut on_progress);
+            position = result?;
         }
         self.swap(&name, &tables, position).await?;
         Ok(position)
