@@ -78,6 +78,25 @@ pub enum Error {
         source: DecodeError,
     },
 
+    /// A stored event's metadata is corrupt (not a JSON object): the row was damaged outside
+    /// factum. Its payload and type are not in question.
+    #[error(
+        "stored event in stream `{stream}` at version {version} (type {event_type:?}, log position {position}) has corrupt metadata: it is not a JSON object; repair the row's metadata (e.g. set it to '{{}}') and restart the consumer, which resumes at this event"
+    )]
+    Metadata {
+        /// The stream holding the event.
+        stream: StreamId,
+        /// Its version in the stream.
+        version: StreamVersion,
+        /// Its stored wire name.
+        event_type: String,
+        /// Its place in the global log.
+        position: LogPosition,
+        /// Why the metadata did not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+
     /// An event (or a snapshot) could not be serialised. Nothing was stored.
     #[error("{what} for stream `{stream}` could not be serialised; nothing was stored")]
     Encode {
@@ -227,7 +246,9 @@ impl Error {
             Error::Transient { .. } => ErrorKind::Transient,
             Error::UnknownOutcome { .. } => ErrorKind::UnknownOutcome,
             Error::Unavailable { .. } => ErrorKind::Unavailable,
-            Error::Decode { .. } | Error::Snapshot { .. } => ErrorKind::BadData,
+            Error::Decode { .. } | Error::Metadata { .. } | Error::Snapshot { .. } => {
+                ErrorKind::BadData
+            }
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::DuplicateEventId { .. }
             | Error::IdempotencyKeyReused { .. }

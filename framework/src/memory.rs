@@ -350,7 +350,12 @@ impl CheckpointStore for InMemoryStore {
 
 impl DeadLetterStore for InMemoryStore {
     fn park(&self, parked: ParkedEvent) -> impl Future<Output = Result<(), Error>> + Send {
-        self.write().dead_letters.push(parked);
+        let mut inner = self.write();
+        // Parking an event again (a retried park) replaces its dead letter.
+        inner.dead_letters.retain(|p| {
+            p.subscription != parked.subscription || p.event.event_id != parked.event.event_id
+        });
+        inner.dead_letters.push(parked);
         std::future::ready(Ok(()))
     }
 

@@ -2,6 +2,7 @@
 
 use crate::error::BoxError;
 use crate::event::{Envelope, Event};
+use crate::subscription::KnownEvents;
 
 /// A read model fed by events from the global log.
 ///
@@ -16,6 +17,18 @@ pub trait Projection: Send + 'static {
     const NAME: &'static str;
     /// The events this projection handles.
     type Event: Event;
+
+    /// The events registered in the categories this projection reads, or `None` (the default)
+    /// to read only its own event types at the source.
+    ///
+    /// With `None`, a stored event whose type nothing registers (a typo, a rename without an
+    /// alias) is never read, so it cannot be noticed. Declare the aggregates whose events it
+    /// reads (`KnownEvents::new().aggregate::<Account>()`) and such an event stops the projection
+    /// (or is parked) with an error naming it; events of the other registered types are passed
+    /// over.
+    fn known_events() -> Option<KnownEvents> {
+        None
+    }
 
     /// Applies one event to the read model. An error stops the subscription (or parks the event
     /// in the dead-letter queue when the subscription is configured to).

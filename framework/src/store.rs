@@ -244,6 +244,32 @@ impl EventFilter {
         self
     }
 
+    /// Only events passing both `self` and `other`: each part (wire names, categories) is the
+    /// intersection of the two filters' parts.
+    ///
+    /// ```
+    /// use factum::EventFilter;
+    /// let projection = EventFilter::all().with_event_types(["account.opened", "order.placed"]);
+    /// let narrowed = projection.and(EventFilter::all().with_categories(["account"]));
+    /// assert!(narrowed.matches_parts("account", "account.opened"));
+    /// assert!(!narrowed.matches_parts("account", "account.closed"), "still only its types");
+    /// assert!(!narrowed.matches_parts("order", "order.placed"), "only the categories asked for");
+    /// ```
+    #[must_use]
+    pub fn and(self, other: EventFilter) -> Self {
+        fn both(a: Option<Vec<String>>, b: Option<Vec<String>>) -> Option<Vec<String>> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.into_iter().filter(|x| b.contains(x)).collect()),
+                (a, None) => a,
+                (None, b) => b,
+            }
+        }
+        Self {
+            event_types: both(self.event_types, other.event_types),
+            categories: both(self.categories, other.categories),
+        }
+    }
+
     /// The wire names this filter keeps, or `None` for all.
     pub fn event_types(&self) -> Option<&[String]> {
         self.event_types.as_deref()

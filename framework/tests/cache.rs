@@ -234,39 +234,101 @@ async fn a_rejection_on_a_cached_state_is_checked_against_the_store() {
     assert_eq!(nothing.state.balance, 7);
 }
 
-#[tokio::test]
+/// Yields to the scheduler before every call reaches the store, so commands running on other
+/// threads get in between one command's load and its append.
+#[derive(Clone)]
+struct Yielding {
+    inner: InMemoryStore,
+}
+
+impl EventStore for Yielding {
+    async fn append(&self, request: factum::AppendRequest) -> Result<AppendResult, Error> {
+        tokio::task::yield_now().await;
+        self.inner.append(request).await
+    }
+
+    async fn idempotency_outcome(
+        &self,
+        key: &factum::IdempotencyKey,
+    ) -> Result<Option<AppendResult>, Error> {
+        self.inner.idempotency_outcome(key).await
+    }
+
+    fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {
+        use futures_util::StreamExt as _;
+        let events = self.inner.read_stream(stream, after);
+        Box::pin(
+            futures_util::stream::once(tokio::task::yield_now())
+                .filter_map(|()| std::future::ready(None))
+                .chain(events),
+        )
+    }
+
+    async fn read_all(
+        &self,
+        after: LogPosition,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<Vec<RecordedEvent>, Error> {
+        tokio::task::yield_now().await;
+        self.inner.read_all(after, limit, filter).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_commands_on_one_cached_aggregate_all_apply() {
     let store = InMemoryStore::new();
     let cached = Arc::new(
-        Repository::<Account, _>::new(store.clone())
-            .with_cache(100)
-            .with_conflict_retries(64),
+        Repository::<Account, _>::new(Yielding {
+            inner: store.clone(),
+        })
+        .with_cache(100)
+        .with_conflict_retries(1000),
     );
+    // Deposits of two sizes from 16 tasks on 4 threads: a cache that lost or reordered an
+    // update would end with a balance or version other than the store's (checked below).
     let tasks: Vec<_> = (0..16)
-        .map(|_| {
+        .map(|t| {
             let cached = cached.clone();
             tokio::spawn(async move {
-                for _ in 0..10 {
-                    cached
-                        .execute(cmd("a", Op::Deposit(1)))
-                        .await
-                        .expect("deposit");
+                let mut retried = 0;
+                for _ in 0..20 {
+                    let op = if t % 2 == 0 {
+                        Op::Deposit(3)
+                    } else {
+                        Op::Deposit(1)
+                    };
+                    let done = cached.execute(cmd("a", op)).await.expect("deposit");
+                    retried += usize::from(done.attempts > 1);
                 }
+                retried
             })
         })
         .collect();
+    let mut retried = 0;
     for task in tasks {
-        task.await.expect("task");
+        retried += task.await.expect("task");
     }
+    assert!(
+        retried > 0,
+        "no command ever met a concurrent one: the test did not interleave"
+    );
     let loaded = Repository::<Account, _>::new(store)
         .load("a")
         .await
         .expect("load");
-    assert_eq!(loaded.state.balance, 160);
-    assert_eq!(loaded.version, StreamVersion::new(160));
-    let next = cached
-        .execute(cmd("a", Op::Deposit(1)))
+    assert_eq!(loaded.state.balance, 8 * 20 * 3 + 8 * 20);
+    assert_eq!(loaded.version, StreamVersion::new(320));
+    // The cache holds exactly the stored state: withdrawing all of it is allowed, one more is not.
+    let all = loaded.state.balance;
+    let emptied = cached
+        .execute(cmd("a", Op::Withdraw(all)))
         .await
-        .expect("deposit");
-    assert_eq!(next.state.balance, 161);
+        .expect("the cached balance is the stored one");
+    assert_eq!(emptied.state.balance, 0);
+    assert_eq!(emptied.attempts, 1, "the cached version was current");
+    cached
+        .execute(cmd("a", Op::Withdraw(1)))
+        .await
+        .expect_err("nothing left");
 }

@@ -73,7 +73,7 @@ async fn catch_up_handles_every_event_once_in_log_order_and_checkpoints() {
     expected.extend(append(&store, "a-1", vec![event("a.z")]).await);
 
     let mut recorder = Recorder::default();
-    let subscription = Subscription::new("all", store.clone()).batch_size(2);
+    let mut subscription = Subscription::new("all", store.clone()).batch_size(2);
     let reached = subscription.catch_up(&mut recorder).await.unwrap();
     assert_eq!(ids(&recorder.seen), expected);
     assert_eq!(reached, store.head());
@@ -166,7 +166,7 @@ async fn a_live_subscription_sees_every_concurrent_write_exactly_once_in_order()
     let store = InMemoryStore::new();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let subscription = Subscription::new("live", store.clone())
+    let mut subscription = Subscription::new("live", store.clone())
         .batch_size(7)
         .idle_backoff(Duration::from_millis(1), Duration::from_millis(5));
     let reader = tokio::spawn(async move {
@@ -228,7 +228,7 @@ async fn a_failing_handler_stops_the_subscription_before_the_event_and_a_restart
         poison: poison.iter().copied().collect(),
         ..Recorder::default()
     };
-    let subscription =
+    let mut subscription =
         Subscription::new("strict", store.clone()).handler_retries(3, Duration::ZERO);
     let err = subscription.catch_up(&mut failing).await.unwrap_err();
     match &err {
@@ -278,7 +278,7 @@ async fn poison_events_are_parked_and_can_be_retried_after_a_fix() {
         poison: poison.iter().copied().collect(),
         ..Recorder::default()
     };
-    let subscription = Subscription::new("lenient", store.clone())
+    let mut subscription = Subscription::new("lenient", store.clone())
         .handler_retries(2, Duration::ZERO)
         .park_failures();
     let reached = subscription.catch_up(&mut recorder).await.unwrap();
@@ -318,7 +318,7 @@ async fn poison_events_are_parked_and_can_be_retried_after_a_fix() {
 async fn run_stops_on_shutdown_and_reports_stopped() {
     let store = InMemoryStore::new();
     append(&store, "a-1", vec![event("a.x")]).await;
-    let subscription = Arc::new(Subscription::new("stopper", store.clone()));
+    let mut subscription = Subscription::new("stopper", store.clone());
     let mut recorder = Recorder::default();
     let position = subscription
         .run(&mut recorder, std::future::ready(()))
@@ -390,6 +390,27 @@ impl CheckpointStore for Flaky {
     }
 }
 
+impl DeadLetterStore for Flaky {
+    async fn park(&self, parked: factum::subscription::ParkedEvent) -> Result<(), Error> {
+        self.inner.park(parked).await
+    }
+
+    async fn parked(
+        &self,
+        subscription: &str,
+    ) -> Result<Vec<factum::subscription::ParkedEvent>, Error> {
+        self.inner.parked(subscription).await
+    }
+
+    async fn unpark(
+        &self,
+        subscription: &str,
+        event_id: EventId,
+    ) -> Result<Option<factum::subscription::ParkedEvent>, Error> {
+        self.inner.unpark(subscription, event_id).await
+    }
+}
+
 #[tokio::test]
 async fn run_waits_out_transient_store_failures_and_stops_on_permanent_ones() {
     let store = InMemoryStore::new();
@@ -399,11 +420,10 @@ async fn run_waits_out_transient_store_failures_and_stops_on_permanent_ones() {
         failures: Arc::new(2.into()),
         permanent: false,
     };
-    let subscription = Arc::new(Subscription::new("flaky", flaky.clone()));
+    let mut subscription = Subscription::new("flaky", flaky.clone());
     let mut status = subscription.status();
     let (tx, mut done) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn({
-        let subscription = subscription.clone();
         async move {
             let mut recorder = Recorder {
                 done: Some((2, tx)),
@@ -413,14 +433,14 @@ async fn run_waits_out_transient_store_failures_and_stops_on_permanent_ones() {
                 let _ = done.recv().await;
             };
             let reached = subscription.run(&mut recorder, stop).await;
-            (reached, recorder.seen)
+            (reached, recorder.seen, subscription)
         }
     });
     status
         .wait_for(|s| matches!(s.state, SubscriptionState::Retrying(_)))
         .await
         .expect("reports that it is retrying");
-    let (reached, seen) = task.await.expect("task");
+    let (reached, seen, _) = task.await.expect("task");
     assert_eq!(reached.expect("not failed"), store.head());
     assert_eq!(ids(&seen), expected, "every event once, in order");
 
@@ -429,7 +449,7 @@ async fn run_waits_out_transient_store_failures_and_stops_on_permanent_ones() {
         failures: Arc::new(1.into()),
         permanent: true,
     };
-    let subscription = Subscription::new("broken", broken);
+    let mut subscription = Subscription::new("broken", broken);
     let mut recorder = Recorder::default();
     let error = subscription
         .run(&mut recorder, std::future::pending::<()>())
@@ -514,6 +534,81 @@ mod projections {
         );
     }
 
+    /// `Total`, declaring the events registered in its category.
+    #[derive(Default)]
+    struct StrictTotal(u64);
+
+    impl Projection for StrictTotal {
+        const NAME: &'static str = "strict-total";
+        type Event = Deposited;
+        fn known_events() -> Option<factum::subscription::KnownEvents> {
+            Some(
+                factum::subscription::KnownEvents::new()
+                    .category("account", ["account.deposited", "account.opened"]),
+            )
+        }
+        fn apply(&mut self, event: &Envelope<Deposited>) -> Result<(), BoxError> {
+            self.0 += event.event.amount;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_of_a_type_nothing_registers_stops_the_projection_or_is_parked() {
+        let store = InMemoryStore::new();
+        append(
+            &store,
+            "account-1",
+            vec![deposit(r#"{"amount":5}"#), event("account.opened")],
+        )
+        .await;
+        // A typo in a stored type: a type filter would never read it.
+        let typo = append(&store, "account-1", vec![event("account.depositd")]).await;
+        append(&store, "account-1", vec![deposit(r#"{"amount":1}"#)]).await;
+        let mut projector = Projector::new(StrictTotal::default());
+        let err = Subscription::for_projection::<StrictTotal>(store.clone())
+            .handler_retries(1, Duration::ZERO)
+            .catch_up(&mut projector)
+            .await
+            .unwrap_err();
+        match &err {
+            Error::Handler {
+                stream,
+                version,
+                event_type,
+                event_id,
+                ..
+            } => {
+                assert_eq!(stream.as_str(), "account-1");
+                assert_eq!(version.get(), 3);
+                assert_eq!(event_type, "account.depositd");
+                assert_eq!(*event_id, typo[0]);
+            }
+            other => panic!("expected a handler error, got {other:?}"),
+        }
+        assert_eq!(projector.get().0, 5, "nothing after the unknown event");
+
+        let mut projector = Projector::new(StrictTotal::default());
+        Subscription::for_projection::<StrictTotal>(store.clone())
+            .handler_retries(1, Duration::ZERO)
+            .park_failures()
+            .catch_up(&mut projector)
+            .await
+            .unwrap();
+        assert_eq!(
+            projector.get().0,
+            1,
+            "resumed at the unknown event, parked it, went on"
+        );
+        let parked = store.parked("strict-total").await.unwrap();
+        assert_eq!(parked.len(), 1);
+        assert!(
+            parked[0].error.contains("no registered event type"),
+            "{}",
+            parked[0].error
+        );
+    }
+
     #[tokio::test]
     async fn an_undecodable_event_stops_the_projection_naming_the_event() {
         let store = InMemoryStore::new();
@@ -560,23 +655,23 @@ async fn the_status_reports_the_head_and_the_lag_while_behind_and_none_once_caug
         append(&store, "a-1", vec![event("a.x"), event("a.y")]).await;
     }
     let head = store.head();
-    let subscription = Subscription::new("lag", store.clone())
+    let mut subscription = Subscription::new("lag", store.clone())
         .batch_size(3)
-        .track_head();
+        .track_head(true);
     let mut probe = StatusProbe {
         status: subscription.status(),
         seen: Vec::new(),
     };
     subscription.catch_up(&mut probe).await.unwrap();
 
-    // While behind: the head is known, and the lag in events shrinks as it goes.
+    // While behind: the head is known, and the lag in events shrinks batch by batch.
     let first = &probe.seen[0];
     assert_eq!(first.state, SubscriptionState::CatchingUp);
     assert_eq!(first.head, head);
     assert_eq!(first.lag_events, 10);
-    let second = &probe.seen[1];
-    assert_eq!(second.lag_events, 9);
-    assert!(second.last_event_at.is_some());
+    let lags: Vec<u64> = probe.seen.iter().step_by(3).map(|s| s.lag_events).collect();
+    assert_eq!(lags, [10, 7, 4, 1]);
+    assert!(probe.seen[3].last_event_at.is_some());
 
     // Caught up: no lag, the head is where it stands.
     let done = subscription.status().borrow().clone();
@@ -586,4 +681,260 @@ async fn the_status_reports_the_head_and_the_lag_while_behind_and_none_once_caug
     assert_eq!(done.lag_events, 0);
     assert_eq!(done.lag, Duration::ZERO);
     assert_eq!(done.handled, 10);
+}
+
+/// Fails the first `failures` checkpoint saves with a transient error.
+#[derive(Clone)]
+struct FlakyCheckpoints {
+    inner: InMemoryStore,
+    failures: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl EventStore for FlakyCheckpoints {
+    async fn append(&self, request: factum::AppendRequest) -> Result<factum::AppendResult, Error> {
+        self.inner.append(request).await
+    }
+
+    async fn idempotency_outcome(
+        &self,
+        key: &factum::IdempotencyKey,
+    ) -> Result<Option<factum::AppendResult>, Error> {
+        self.inner.idempotency_outcome(key).await
+    }
+
+    fn read_stream<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after: factum::StreamVersion,
+    ) -> factum::EventStream<'a> {
+        self.inner.read_stream(stream, after)
+    }
+
+    async fn read_all(
+        &self,
+        after: LogPosition,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<Vec<RecordedEvent>, Error> {
+        self.inner.read_all(after, limit, filter).await
+    }
+}
+
+impl CheckpointStore for FlakyCheckpoints {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<LogPosition>, Error> {
+        self.inner.load_checkpoint(name).await
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: LogPosition) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        let failing = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(Error::transient("save checkpoint", "connection reset"));
+        }
+        self.inner.save_checkpoint(name, position).await
+    }
+}
+
+impl DeadLetterStore for FlakyCheckpoints {
+    async fn park(&self, parked: factum::subscription::ParkedEvent) -> Result<(), Error> {
+        self.inner.park(parked).await
+    }
+
+    async fn parked(
+        &self,
+        subscription: &str,
+    ) -> Result<Vec<factum::subscription::ParkedEvent>, Error> {
+        self.inner.parked(subscription).await
+    }
+
+    async fn unpark(
+        &self,
+        subscription: &str,
+        event_id: EventId,
+    ) -> Result<Option<factum::subscription::ParkedEvent>, Error> {
+        self.inner.unpark(subscription, event_id).await
+    }
+}
+
+#[tokio::test]
+async fn a_requested_start_survives_a_transient_failure_of_its_checkpoint_write() {
+    let store = InMemoryStore::new();
+    let all = append(&store, "a-1", vec![event("a.x"), event("a.y")]).await;
+    store.save_checkpoint("replay", store.head()).await.unwrap();
+    let flaky = FlakyCheckpoints {
+        inner: store.clone(),
+        failures: Arc::new(1.into()),
+    };
+    let mut recorder = Recorder::default();
+    let mut subscription = Subscription::new("replay", flaky).start_from(StartFrom::Beginning);
+    let mut status = subscription.status();
+    let watcher = tokio::spawn(async move {
+        status
+            .wait_for(|s| matches!(s.state, SubscriptionState::Retrying(_)))
+            .await
+            .is_ok()
+    });
+    subscription.catch_up(&mut recorder).await.unwrap();
+    assert!(watcher.await.unwrap(), "the failed write was waited out");
+    assert_eq!(
+        ids(&recorder.seen),
+        all,
+        "the replay from the beginning still happened"
+    );
+}
+
+/// Signals when it starts an event, then waits to be released before finishing it.
+struct Slow {
+    started: Option<tokio::sync::oneshot::Sender<()>>,
+    release: Option<tokio::sync::oneshot::Receiver<()>>,
+    finished: Vec<EventId>,
+}
+
+impl EventHandler for Slow {
+    async fn handle(&mut self, event: &RecordedEvent) -> Result<(), BoxError> {
+        if let Some(started) = self.started.take() {
+            started.send(()).unwrap();
+        }
+        if let Some(release) = self.release.take() {
+            release.await.unwrap();
+        }
+        self.finished.push(event.event_id);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn shutdown_takes_effect_between_batches_never_inside_a_handler() {
+    let store = InMemoryStore::new();
+    let first = append(&store, "a-1", vec![event("a.x")]).await;
+    append(&store, "a-1", vec![event("a.y")]).await;
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel();
+    let mut handler = Slow {
+        started: Some(started_tx),
+        release: Some(release_rx),
+        finished: Vec::new(),
+    };
+    // Shutdown is requested while the handler is in the middle of the first event (then the
+    // handler may go on).
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        started_rx.await.unwrap();
+        stop_tx.send(()).unwrap();
+        release_tx.send(()).unwrap();
+    });
+    let shutdown = async move {
+        stop_rx.await.unwrap();
+    };
+    let mut subscription = Subscription::new("graceful", store.clone()).batch_size(1);
+    let reached = subscription.run(&mut handler, shutdown).await.unwrap();
+    assert_eq!(
+        handler.finished, first,
+        "the event in progress was finished, and only it"
+    );
+    let checkpoint = store.load_checkpoint("graceful").await.unwrap();
+    assert_eq!(checkpoint, Some(reached), "and checkpointed");
+    assert_eq!(
+        subscription.status().borrow().state,
+        SubscriptionState::Stopped
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_a_lease_one_instance_leads_and_another_takes_over_when_it_loses_it() {
+    use factum::subscription::InMemoryLease;
+    let store = InMemoryStore::new();
+    let leases = InMemoryLease::new();
+    // A, once it lost the lease, stands by a long poll before trying again; B tries often.
+    let instance = |standby_poll| {
+        Subscription::new("leased", store.clone())
+            .lease(leases.clone())
+            .idle_backoff(Duration::from_millis(1), Duration::from_millis(5))
+            .standby_poll(standby_poll)
+    };
+    let (a_seen_tx, mut a_seen) = tokio::sync::mpsc::unbounded_channel();
+    let (b_seen_tx, mut b_seen) = tokio::sync::mpsc::unbounded_channel();
+    struct Forward(tokio::sync::mpsc::UnboundedSender<EventId>);
+    impl EventHandler for Forward {
+        async fn handle(&mut self, event: &RecordedEvent) -> Result<(), BoxError> {
+            self.0.send(event.event_id).map_err(|e| e.to_string())?;
+            Ok(())
+        }
+    }
+    let mut a = instance(Duration::from_secs(2));
+    let mut a_status = a.status();
+    let a_task = tokio::spawn(async move {
+        a.run(Forward(a_seen_tx), std::future::pending::<()>())
+            .await
+    });
+    a_status
+        .wait_for(|s| s.state == SubscriptionState::Live)
+        .await
+        .unwrap();
+    let mut b = instance(Duration::from_millis(5));
+    let mut b_status = b.status();
+    let b_task = tokio::spawn(async move {
+        b.run(Forward(b_seen_tx), std::future::pending::<()>())
+            .await
+    });
+    b_status
+        .wait_for(|s| s.state == SubscriptionState::Standby)
+        .await
+        .unwrap();
+
+    let first = append(&store, "a-1", vec![event("a.x"), event("a.y")]).await;
+    for id in &first {
+        assert_eq!(
+            a_seen.recv().await.as_ref(),
+            Some(id),
+            "the leader handles it"
+        );
+    }
+    assert!(b_seen.try_recv().is_err(), "the standby handles nothing");
+
+    // The leader loses its lease (as a lost connection would): it stands by, B takes over.
+    assert!(leases.revoke("leased"));
+    b_status
+        .wait_for(|s| s.state == SubscriptionState::Live)
+        .await
+        .unwrap();
+    let second = append(&store, "a-1", vec![event("a.z")]).await;
+    assert_eq!(b_seen.recv().await, Some(second[0]));
+    a_status
+        .wait_for(|s| s.state == SubscriptionState::Standby)
+        .await
+        .unwrap();
+    assert!(
+        a_seen.try_recv().is_err(),
+        "the old leader handles nothing more"
+    );
+    for task in [a_task, b_task] {
+        task.abort();
+        let _ = task.await;
+    }
+}
+
+#[tokio::test]
+async fn checkpoint_and_dead_letter_stores_work_through_arc_and_dyn() {
+    use factum::subscription::{DynCheckpointStore, DynDeadLetterStore};
+    let store = InMemoryStore::new();
+    let checkpoints: Arc<dyn DynCheckpointStore> = Arc::new(store.clone());
+    let position = LogPosition::new(3, factum::GlobalPosition::new(7));
+    checkpoints.save_checkpoint("dyn", position).await.unwrap();
+    assert_eq!(
+        checkpoints.load_checkpoint("dyn").await.unwrap(),
+        Some(position)
+    );
+    let letters: Arc<dyn DynDeadLetterStore> = Arc::new(store.clone());
+    assert!(letters.parked("dyn").await.unwrap().is_empty());
+    // The resilient wrapper forwards both.
+    let resilient = factum::resilience::Resilient::new("memory", store.clone());
+    assert_eq!(
+        resilient.load_checkpoint("dyn").await.unwrap(),
+        Some(position)
+    );
+    assert!(resilient.parked("dyn").await.unwrap().is_empty());
 }

@@ -84,7 +84,7 @@ pub mod projection;
 mod restore;
 mod schema;
 mod store;
-mod subscription;
+pub mod subscription;
 mod transaction;
 mod tx;
 

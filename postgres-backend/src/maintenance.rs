@@ -232,11 +232,12 @@ impl PostgresStore {
         }
         let fail = |e| to_error(e, "detach partition");
         let s = self.schema().quoted();
-        let newest: Option<i64> =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT max(global_position) FROM {s}.events")))
-                .fetch_one(self.pool())
-                .await
-                .map_err(fail)?;
+        let newest: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT max(global_position) FROM {s}.events"
+        )))
+        .fetch_one(self.pool())
+        .await
+        .map_err(fail)?;
         if newest.is_some_and(|n| partition.contains(u64::try_from(n).unwrap_or(0))) {
             return Err(Error::InvalidArgument(format!(
                 "`{name}` holds the newest event of the log: it is still being written"

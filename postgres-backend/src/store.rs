@@ -132,10 +132,11 @@ impl PostgresStore {
     /// the cluster's next one: no committed row can, unless it was written by another cluster
     /// (a logical restore). One look at the newest entry of the log's index.
     pub(crate) async fn check_not_restored(&self, operation: &'static str) -> Result<(), Error> {
-        let (newest, next): (Option<Xid8>, Xid8) = sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.restore_check.as_str()))
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(|e| to_error(e, operation))?;
+        let (newest, next): (Option<Xid8>, Xid8) =
+            sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.restore_check.as_str()))
+                .fetch_one(&self.inner.pool)
+                .await
+                .map_err(|e| to_error(e, operation))?;
         self.restore_verdict(newest, next)
             .map_err(|e| e.into_error(operation))
     }
@@ -209,11 +210,12 @@ impl PostgresStore {
 
     /// The current version of a stream (0 when it does not exist).
     pub async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, Error> {
-        let version: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.inner.sql.stream_version.as_str()))
-            .bind(stream.as_str())
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(|e| to_error(e, "read stream version"))?;
+        let version: Option<i64> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(self.inner.sql.stream_version.as_str()))
+                .bind(stream.as_str())
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(|e| to_error(e, "read stream version"))?;
         Ok(StreamVersion::new(to_u64(version.unwrap_or(0))))
     }
 
@@ -411,11 +413,12 @@ impl PostgresStore {
         conn: &mut sqlx::PgConnection,
         stream: &StreamId,
     ) -> Result<StreamVersion, Error> {
-        let version: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(self.inner.sql.stream_version.as_str()))
-            .bind(stream.as_str())
-            .fetch_optional(conn)
-            .await
-            .map_err(|e| to_error(e, "read stream version"))?;
+        let version: Option<i64> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(self.inner.sql.stream_version.as_str()))
+                .bind(stream.as_str())
+                .fetch_optional(conn)
+                .await
+                .map_err(|e| to_error(e, "read stream version"))?;
         Ok(StreamVersion::new(to_u64(version.unwrap_or(0))))
     }
 
@@ -435,12 +438,15 @@ impl PostgresStore {
         let sql = &self.inner.sql.append[usize::from(single) + 2 * usize::from(keyed)];
         let query = match request.expected {
             ExpectedVersion::Exact(v) if v != StreamVersion::INITIAL => {
-                sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(sql.exact.as_str())).bind(to_i64(v.get()))
+                sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(sql.exact.as_str()))
+                    .bind(to_i64(v.get()))
             }
             ExpectedVersion::Exact(_) | ExpectedVersion::NoStream => {
                 sqlx::query_as(sqlx::AssertSqlSafe(sql.no_stream.as_str())).bind(stream.category())
             }
-            ExpectedVersion::Any => sqlx::query_as(sqlx::AssertSqlSafe(sql.any.as_str())).bind(stream.category()),
+            ExpectedVersion::Any => {
+                sqlx::query_as(sqlx::AssertSqlSafe(sql.any.as_str())).bind(stream.category())
+            }
         };
         let query = query.bind(stream.as_str()).bind(batch.ids.len() as i64);
         let query = if single {
@@ -505,11 +511,12 @@ impl PostgresStore {
                 })
             });
         }
-        let rows: Vec<(Uuid, String, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.find_ids.as_str()))
-            .bind(&batch.ids)
-            .fetch_all(conn)
-            .await
-            .map_err(|e| to_error(e, "append"))?;
+        let rows: Vec<(Uuid, String, i64, i64)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.find_ids.as_str()))
+                .bind(&batch.ids)
+                .fetch_all(conn)
+                .await
+                .map_err(|e| to_error(e, "append"))?;
         Ok(Existing::judge(&request.stream, batch, rows))
     }
 
@@ -821,7 +828,14 @@ impl EventRow {
             source: DecodeError::Payload(source),
         };
         let payload = RawValue::from_string(self.payload).map_err(bad)?;
-        let user: Metadata = serde_json::from_str(&self.metadata).map_err(bad)?;
+        let user: Metadata =
+            serde_json::from_str(&self.metadata).map_err(|source| Error::Metadata {
+                stream: stream_id.clone(),
+                version: stream_version,
+                event_type: self.event_type.clone(),
+                position,
+                source,
+            })?;
         Ok(RecordedEvent {
             event_id: EventId::from_uuid(self.event_id),
             stream_id,
@@ -1193,11 +1207,12 @@ impl EventStore for PostgresStore {
     }
 
     async fn position_at(&self, time: DateTime<Utc>) -> Result<LogPosition, Error> {
-        let row: Option<(Option<Xid8>, Option<i64>)> = sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.position_at.as_str()))
-            .bind(time)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(|e| to_error(e, "find a position by time"))?;
+        let row: Option<(Option<Xid8>, Option<i64>)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.position_at.as_str()))
+                .bind(time)
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(|e| to_error(e, "find a position by time"))?;
         match row {
             // Nothing recorded since `time`: start at the head.
             None => self.head().await,

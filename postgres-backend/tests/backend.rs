@@ -87,6 +87,13 @@ fn assert_names_the_event(error: &Error, stream_id: &StreamId, version: u64, eve
             event_type: t,
             position,
             ..
+        }
+        | Error::Metadata {
+            stream,
+            version: v,
+            event_type: t,
+            position,
+            ..
         } => {
             assert_eq!(stream, stream_id);
             assert_eq!(v.get(), version);
@@ -189,7 +196,7 @@ async fn unknown_event_type_names_stream_version_type_and_position() {
 }
 
 #[tokio::test]
-async fn corrupted_metadata_is_a_decode_error_naming_the_event() {
+async fn corrupted_metadata_is_a_metadata_error_naming_the_event() {
     bounded(async {
         let db = TestDatabase::create().await;
         let store = db.store();
@@ -204,6 +211,8 @@ async fn corrupted_metadata_is_a_decode_error_naming_the_event() {
             .try_collect::<Vec<_>>()
             .await
             .expect_err("metadata must be an object");
+        assert!(matches!(error, Error::Metadata { .. }), "{error:?}");
+        assert!(error.to_string().contains("metadata"), "{error}");
         assert_names_the_event(&error, &id, 1, "account.deposited");
     })
     .await;

@@ -75,7 +75,7 @@ async fn concurrent_writers_are_seen_once_in_order_and_the_checkpoint_survives_a
             .collect();
         // A subscription catching up while the writers commit concurrently, repeatedly.
         let mut recorder = Recorder::default();
-        let subscription = Subscription::new("ledger", store.clone()).batch_size(16);
+        let mut subscription = Subscription::new("ledger", store.clone()).batch_size(16);
         let mut written = HashSet::new();
         for writer in writers {
             subscription

@@ -39,7 +39,8 @@
 //! sequences, the index of the first difference and both sides pretty-printed.
 //!
 //! # The conformance suite
-//! [`conformance`] runs the guarantees every backend keeps against any backend.
+//! [`conformance`] runs the guarantees every backend keeps against any backend;
+//! [`consumer_conformance`] the checkpoint and dead-letter checks.
 
 mod aggregate;
 mod envelope;
@@ -50,6 +51,7 @@ mod projection;
 mod support;
 
 pub mod conformance;
+pub mod consumer_conformance;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod properties;

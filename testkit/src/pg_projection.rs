@@ -141,7 +141,10 @@ impl<P: PgProjection> PgProjectionFixture<P> {
     /// # Panics
     /// When a statement fails; the message shows the SQL.
     pub async fn setup(self, sql: &str) -> Self {
-        if let Err(error) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&self.pool).await {
+        if let Err(error) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&self.pool)
+            .await
+        {
             panic!(
                 "projection `{}`: the setup SQL failed: {error}\n  sql: {sql}",
                 P::NAME
@@ -256,7 +259,10 @@ impl<P: PgProjection> PgProjectionFixture<P> {
     where
         T: for<'r> FromRow<'r, PgRow> + Send + Unpin,
     {
-        match sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await {
+        match sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+        {
             Ok(rows) => rows,
             Err(error) => panic!(
                 "projection `{}`: the query failed: {error}\n  sql: {sql}",

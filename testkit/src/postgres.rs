@@ -181,9 +181,11 @@ impl Drop for TestDatabase {
 
 async fn drop_database(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
     let mut conn = PgConnection::connect(admin_url).await?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
-        .execute(&mut conn)
-        .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await?;
     conn.close().await
 }
 
@@ -203,9 +205,11 @@ async fn server() -> Result<String, String> {
         .await
         .unwrap_or_default();
         for name in names.into_iter().filter(|n| owner_is_gone(n)) {
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
-                .execute(&mut conn)
-                .await;
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+            )))
+            .execute(&mut conn)
+            .await;
         }
         let _ = conn.close().await;
     }

@@ -616,7 +616,8 @@ async fn main() {
         .collect();
     let started = Instant::now();
     for (b, rows) in raw_batches.iter().enumerate() {
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(raw_sql.as_str())).bind(format!("rawbatch-{b}"));
+        let mut q =
+            sqlx::query(sqlx::AssertSqlSafe(raw_sql.as_str())).bind(format!("rawbatch-{b}"));
         for (id, payload) in rows {
             q = q.bind(id).bind(payload);
         }

@@ -8,11 +8,12 @@ use futures_util::StreamExt;
 use crate::error::{Error, ErrorKind};
 use crate::event::RecordedEvent;
 use crate::idempotency::IdempotencyKey;
-use crate::ids::{LogPosition, StreamId, StreamVersion};
+use crate::ids::{EventId, LogPosition, StreamId, StreamVersion};
 use crate::store::{
     AppendRequest, AppendResult, EventFilter, EventPayload, EventStore, EventStream, PayloadStream,
     SnapshotStore, StoredSnapshot,
 };
+use crate::subscription::{CheckpointStore, DeadLetterStore, ParkedEvent};
 
 use super::{Operation, Resilience, RetryGate};
 
@@ -34,6 +35,8 @@ use super::{Operation, Resilience, RetryGate};
 /// | `read_all`, `head`, `idempotency_outcome` | [`Read`](Operation::Read) | transient errors |
 /// | `save_snapshot` | [`Snapshot`](Operation::Snapshot) | transient errors and unknown outcomes (saving is idempotent) |
 /// | `load_snapshot` | [`Snapshot`](Operation::Snapshot) | transient errors |
+/// | `save_checkpoint`, `park` | [`SubscriptionPoll`](Operation::SubscriptionPoll) | transient errors and unknown outcomes (both are idempotent upserts) |
+/// | `load_checkpoint`, `parked`, `unpark` | [`SubscriptionPoll`](Operation::SubscriptionPoll) | transient errors |
 ///
 /// ```
 /// use factum::resilience::Resilient;
@@ -166,6 +169,55 @@ impl<S: SnapshotStore> SnapshotStore for Resilient<S> {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<StoredSnapshot>, Error> {
         self.resilience
             .run(Operation::Snapshot, || self.inner.load_snapshot(stream))
+            .await
+    }
+}
+
+impl<S: CheckpointStore> CheckpointStore for Resilient<S> {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<LogPosition>, Error> {
+        self.resilience
+            .run(Operation::SubscriptionPoll, || {
+                self.inner.load_checkpoint(name)
+            })
+            .await
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: LogPosition) -> Result<(), Error> {
+        self.resilience
+            .run_idempotent(Operation::SubscriptionPoll, || {
+                self.inner.save_checkpoint(name, position)
+            })
+            .await
+    }
+}
+
+impl<S: DeadLetterStore> DeadLetterStore for Resilient<S> {
+    async fn park(&self, parked: ParkedEvent) -> Result<(), Error> {
+        self.resilience
+            .run_idempotent(Operation::SubscriptionPoll, || {
+                self.inner.park(parked.clone())
+            })
+            .await
+    }
+
+    async fn parked(&self, subscription: &str) -> Result<Vec<ParkedEvent>, Error> {
+        self.resilience
+            .run(Operation::SubscriptionPoll, || {
+                self.inner.parked(subscription)
+            })
+            .await
+    }
+
+    async fn unpark(
+        &self,
+        subscription: &str,
+        event_id: EventId,
+    ) -> Result<Option<ParkedEvent>, Error> {
+        // Not idempotent (a lost answer's retry finds nothing parked): only transient errors.
+        self.resilience
+            .run(Operation::SubscriptionPoll, || {
+                self.inner.unpark(subscription, event_id)
+            })
             .await
     }
 }

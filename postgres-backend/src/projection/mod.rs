@@ -61,6 +61,8 @@
 //! # Failures
 //! A handler error rolls the batch back; the runner then applies the batch's events one per
 //! transaction, retrying the failing one ([`handler_retries`](PgProjectionRunner::handler_retries)).
+//! (An event that does not decode is found before the batch is applied: the events before it
+//! commit in one transaction, then it is retried alone.)
 //! If it keeps failing, the runner stops with [`factum::Error::Handler`] (its checkpoint just
 //! before the event), or — with [`park_failures`](PgProjectionRunner::park_failures) — parks it in
 //! the dead-letter table in the same transaction that moves the checkpoint past it, and goes on.
@@ -68,8 +70,11 @@
 //! handler is fixed), again in one transaction with its removal from the dead-letter table.
 //!
 //! # Several instances
-//! Only one runner of a projection applies events at a time: the runner holds a session-level
-//! advisory lock (keyed by schema and projection name) on a dedicated connection while it works.
+//! The runner is factum's one consumer loop ([`Subscription`](factum::subscription::Subscription))
+//! with [`PgCheckpoints`](crate::subscription::PgCheckpoints) and
+//! [`PgLease`](crate::subscription::PgLease). Only one runner of a projection applies events at a
+//! time: the runner holds a session-level advisory lock (a 64-bit key hashed from schema and
+//! projection name) on a dedicated connection while it works.
 //! Other instances wait in [`SubscriptionState::Standby`](factum::subscription::SubscriptionState)
 //! and take over when the holder's connection ends (its process died, its task was dropped).
 //! Independently of the lock, every batch transaction locks the checkpoint row and checks it is
@@ -80,7 +85,6 @@
 //! `apply` can run for events whose transaction is then rolled back (a later event of the batch
 //! failed) and run again.
 
-mod lease;
 mod rebuild;
 mod runner;
 
@@ -110,6 +114,14 @@ pub trait PgProjection: Send + 'static {
     const TABLES: &'static [&'static str] = &[];
     /// The events it handles; the runner reads only their wire names.
     type Event: Event;
+
+    /// The events registered in the categories this projection reads, or `None` (the default)
+    /// to read only its own event types at the source. With them, the runner reads those
+    /// categories whole and stops on (or parks) an event of a type nothing registers, instead of
+    /// never seeing it: see [`factum::Projection::known_events`].
+    fn known_events() -> Option<factum::subscription::KnownEvents> {
+        None
+    }
 
     /// Applies one event within the runner's transaction. An error rolls the transaction back.
     fn apply(

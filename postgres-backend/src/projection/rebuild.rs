@@ -2,12 +2,13 @@
 
 use std::time::{Duration, Instant};
 
-use factum::{Error, EventStore, LogPosition};
+use factum::subscription::{Lease, StartFrom};
+use factum::{Error, LogPosition};
 
-use super::lease;
-use super::runner::{PgProjectionRunner, commit, rollback, save_checkpoint_as};
-use super::{PgProjection, ProjectionTx, TableName, Tables};
+use super::runner::{PgProjectionRunner, PgProjector};
+use super::{PgProjection, TableName, Tables};
 use crate::error::to_error;
+use crate::subscription::{PgLease, commit, lock_checkpoint, save_checkpoint_as};
 
 /// How far a rebuild is, as reported to its progress callback after each batch.
 #[derive(Clone, PartialEq, Debug)]
@@ -61,7 +62,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
     /// projection runs at a time; another waits for it.
     ///
     /// Every table the projection writes must be listed in [`PgProjection::TABLES`] and named
-    /// through [`ProjectionTx::table`]: a write to any other table would be applied to the live
+    /// through [`ProjectionTx::table`](super::ProjectionTx::table): a write to any other table would be applied to the live
     /// model a second time. A projection with no `TABLES` is refused
     /// ([`Error::InvalidArgument`]).
     pub async fn rebuild(
@@ -76,11 +77,11 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             )));
         }
         let name = format!("{}:rebuild", self.name);
-        let mut spare = None;
+        // Held through the swap: only one rebuild of a projection at a time.
+        let lease = PgLease::new(&self.store);
         let _lease = loop {
-            let key = format!("{}.{}", self.store.schema().as_str(), name);
-            if let Some(lease) = lease::try_acquire(self.store.pool(), &key, &mut spare).await? {
-                break lease;
+            if let Some(guard) = lease.try_acquire(&name).await? {
+                break guard;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
@@ -89,12 +90,11 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             .map(|t| TableName::parse(t))
             .collect::<Result<_, _>>()?;
         let rebuild_tables = Tables::new(P::TABLES, REBUILD)?;
-        let mut position = self.prepare_rebuild(&name, &tables).await?;
+        let position = self.prepare_rebuild(&name, &tables).await?;
         let target = self.head().await?;
         let done_before = self.count_between(LogPosition::START, position).await?;
         let total = self.count_between(LogPosition::START, target).await?;
         let started = Instant::now();
-        let mut done = done_before;
         let report = |done: u64, position: LogPosition, on_progress: &mut dyn FnMut(&Progress)| {
             let elapsed = started.elapsed();
             let this_run = done.saturating_sub(done_before);
@@ -114,86 +114,53 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 position,
             });
         };
-        report(done, position, &mut on_progress);
-        while position < target {
-            let batch = self
-                .store
-                .read_all(position, self.batch_size, &self.filter)
-                .await?;
-            let Some(last) = batch.last().map(|e| e.position) else {
-                break;
-            };
-            let mut tx = self.begin_rebuild(&name, position).await?;
-            let applied = match batch
-                .iter()
-                .map(factum::RecordedEvent::decode::<P::Event>)
-                .collect::<Result<Vec<_>, _>>()
-            {
-                Ok(envelopes) => {
-                    let mut ptx = ProjectionTx::new(&mut tx, &rebuild_tables);
-                    self.projection.apply_batch(&mut ptx, &envelopes).await
-                }
-                Err(error) => Err(error.into()),
-            };
-            if applied.is_ok() {
-                save_checkpoint_as(&self.sql, &mut tx, &name, last).await?;
-                commit(tx).await?;
-            } else {
-                // Find the failing event: one transaction per event, keeping those before it.
-                rollback(tx).await;
-                for event in &batch {
-                    let mut tx = self.begin_rebuild(&name, position).await?;
-                    let result = super::runner::apply_event(
-                        &mut self.projection,
-                        &rebuild_tables,
-                        &mut tx,
-                        event,
-                    )
-                    .await;
-                    if let Err(source) = result {
-                        rollback(tx).await;
-                        return Err(Error::Handler {
-                            subscription: name,
-                            stream: event.stream_id.clone(),
-                            version: event.stream_version,
-                            event_type: event.event_type.clone(),
-                            event_id: event.event_id,
-                            position: event.position,
-                            attempts: 1,
-                            source,
-                        });
+        report(done_before, position, &mut on_progress);
+        let mut position = position;
+        if position < target {
+            // The one consumer loop, on the rebuild's own checkpoint, writing to the fresh
+            // tables; a failing event stops it (retry the rebuild after the fix: it resumes).
+            let options = self
+                .consumer
+                .consumer_options()
+                .clone()
+                .start_from(StartFrom::Checkpoint)
+                .handler_retries(1, Duration::ZERO)
+                .stop_on_failures();
+            let mut consumer = factum::subscription::Subscription::with_checkpoints(
+                name.clone(),
+                self.store.clone(),
+                self.checkpoints.clone(),
+            )
+            .options(options);
+            let mut status = consumer.status();
+            let projector = PgProjector::new(&mut self.projection, &rebuild_tables);
+            let run = consumer.catch_up_to(projector, target);
+            tokio::pin!(run);
+            let mut reported = 0;
+            let mut watching = true;
+            let result = loop {
+                tokio::select! {
+                    result = &mut run => break result,
+                    changed = status.changed(), if watching => {
+                        if changed.is_err() {
+                            watching = false;
+                            continue;
+                        }
+                        let s = status.borrow_and_update().clone();
+                        if s.handled != reported {
+                            reported = s.handled;
+                            report(done_before + s.handled, s.position, &mut on_progress);
+                        }
                     }
-                    save_checkpoint_as(&self.sql, &mut tx, &name, event.position).await?;
-                    commit(tx).await?;
-                    position = event.position;
                 }
-            }
-            position = last;
-            done += batch.len() as u64;
-            report(done, position, &mut on_progress);
+            };
+            // The last progress, also when the rebuild stopped on an event.
+            let last = status.borrow().clone();
+            report(done_before + last.handled, last.position, &mut on_progress);
+            position = result?;
         }
         self.swap(&name, &tables, position).await?;
-        self.status.send_modify(|s| s.position = position);
         Ok(position)
-    }
-
-    /// Begins a rebuild transaction, holding the rebuild checkpoint (which must be at `position`).
-    async fn begin_rebuild(
-        &self,
-        name: &str,
-        position: LogPosition,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, Error> {
-        let mut tx = crate::tx::begin(self.store.pool())
-            .await
-            .map_err(|e| to_error(e, "begin rebuild transaction"))?;
-        if let Some(stored) = self.lock_checkpoint(&mut tx, name, position).await? {
-            rollback(tx).await;
-            return Err(Error::InvalidArgument(format!(
-                "the rebuild checkpoint of projection `{}` moved to {stored} under the rebuild; is another rebuild running without the lease?",
-                self.name
-            )));
-        }
-        Ok(tx)
     }
 
     /// Resumes an interrupted rebuild, or creates empty `_rebuild` tables and a checkpoint at the
@@ -234,7 +201,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 .await
                 .map_err(|e| to_error(e, "create rebuild tables"))?;
         }
-        save_checkpoint_as(&self.sql, &mut tx, name, LogPosition::START).await?;
+        save_checkpoint_as(self.sql(), &mut tx, name, LogPosition::START).await?;
         commit(tx).await?;
         Ok(LogPosition::START)
     }
@@ -251,8 +218,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             .map_err(|e| to_error(e, "swap rebuilt tables"))?;
         // Taken first, like every batch of a live runner does: no deadlock with one, and its
         // batch in flight finishes (on the old tables) before the swap.
-        self.lock_checkpoint(&mut tx, &self.name, LogPosition::START)
-            .await?;
+        lock_checkpoint(self.sql(), &mut tx, &self.name, LogPosition::START).await?;
         let mut ddl = String::new();
         for table in tables {
             ddl.push_str(&format!(
@@ -275,7 +241,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             .execute(&mut *tx)
             .await
             .map_err(|e| to_error(e, "swap rebuilt tables"))?;
-        save_checkpoint_as(&self.sql, &mut tx, &self.name, position).await?;
+        save_checkpoint_as(self.sql(), &mut tx, &self.name, position).await?;
         commit(tx).await
     }
 
@@ -287,14 +253,32 @@ impl<P: PgProjection> PgProjectionRunner<P> {
              WHERE (e.transaction_id, e.global_position) > ($1::bigint::text::xid8, $2) \
                AND (e.transaction_id, e.global_position) <= ($3::bigint::text::xid8, $4)"
         );
-        if self.filter.event_types().is_some() {
+        if self
+            .consumer
+            .consumer_options()
+            .event_filter()
+            .event_types()
+            .is_some()
+        {
             sql.push_str(" AND e.event_type = ANY($5::text[])");
         }
-        if self.filter.categories().is_some() {
+        if self
+            .consumer
+            .consumer_options()
+            .event_filter()
+            .categories()
+            .is_some()
+        {
             sql.push_str(&format!(
                 " AND split_part(e.stream_id, '{}', 1) = ANY(${}::text[])",
                 factum::CATEGORY_SEPARATOR,
-                if self.filter.event_types().is_some() {
+                if self
+                    .consumer
+                    .consumer_options()
+                    .event_filter()
+                    .event_types()
+                    .is_some()
+                {
                     6
                 } else {
                     5
@@ -307,10 +291,15 @@ impl<P: PgProjection> PgProjectionRunner<P> {
             .bind(i(after.global.get()))
             .bind(i(up_to.commit))
             .bind(i(up_to.global.get()));
-        if let Some(types) = self.filter.event_types() {
+        if let Some(types) = self
+            .consumer
+            .consumer_options()
+            .event_filter()
+            .event_types()
+        {
             query = query.bind(types.to_vec());
         }
-        if let Some(categories) = self.filter.categories() {
+        if let Some(categories) = self.consumer.consumer_options().event_filter().categories() {
             query = query.bind(categories.to_vec());
         }
         let count = query
