@@ -459,6 +459,68 @@ impl OpenedCount {
     }
 }
 
+/// Reads the `account` category whole: a stored type the aggregate does not register stops it.
+#[derive(Default, Projection)]
+#[projection(name = "strict-opened-count", event = AccountEvent, apply = Self::count, reads(Account))]
+struct StrictOpenedCount(u32);
+
+impl StrictOpenedCount {
+    fn count(&mut self, envelope: &Envelope<AccountEvent>) {
+        if let AccountEvent::Opened(_) = envelope.event {
+            self.0 += 1;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_projection_that_reads_its_aggregates_stops_on_an_unregistered_type() {
+    use factum::subscription::{Projector, Subscription};
+    use factum::{AppendRequest, EventStore, InMemoryStore, NewEvent};
+
+    assert!(<OpenedCount as factum::Projection>::known_events().is_none());
+    let known = <StrictOpenedCount as factum::Projection>::known_events().expect("declared");
+    assert!(known.knows("account", "account.opened"));
+    assert!(!known.knows("account", "account.opend"));
+
+    let store = InMemoryStore::new();
+    let raw_event = |event_type: &str, json: &str| NewEvent {
+        event_id: factum::EventId::new(),
+        event_type: event_type.into(),
+        schema_version: 1,
+        payload: raw(json),
+        metadata: Default::default(),
+    };
+    let stream = StreamId::new("account-1").expect("valid");
+    for (event_type, json) in [
+        ("account.opened", r#"{"owner":"a"}"#),
+        ("account.opend", r#"{"owner":"b"}"#),
+    ] {
+        store
+            .append(AppendRequest::new(
+                stream.clone(),
+                vec![raw_event(event_type, json)],
+            ))
+            .await
+            .expect("append");
+    }
+    let mut strict = Projector::new(StrictOpenedCount::default());
+    let err = Subscription::for_projection::<StrictOpenedCount>(store.clone())
+        .handler_retries(1, std::time::Duration::ZERO)
+        .catch_up(&mut strict)
+        .await
+        .expect_err("an unregistered type stops the projection");
+    assert!(err.to_string().contains("account.opend"), "{err}");
+    assert_eq!(strict.get().0, 1);
+
+    // Without `reads`, the type filter never reads the typo (the documented default).
+    let mut lenient = Projector::new(OpenedCount::default());
+    Subscription::for_projection::<OpenedCount>(store)
+        .catch_up(&mut lenient)
+        .await
+        .expect("reads only its own types");
+    assert_eq!(lenient.get().0, 1);
+}
+
 fn envelope(event: AccountEvent) -> Envelope<AccountEvent> {
     let stream = StreamId::for_aggregate("account", "1").expect("valid");
     Envelope::new(stream, StreamVersion::new(1), event)

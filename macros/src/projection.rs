@@ -8,7 +8,7 @@ use syn::{Data, DeriveInput, LitStr, Path, Type};
 
 use crate::attr::{self, Ctxt};
 
-const KEYS: &str = "`name`, `event` or `apply`";
+const KEYS: &str = "`name`, `event`, `apply` or `reads`";
 
 /// Expands `#[derive(Projection)]`.
 pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
@@ -25,6 +25,8 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
     let mut name: Option<LitStr> = None;
     let mut event: Option<Type> = None;
     let mut apply: Option<Path> = None;
+    // The aggregates whose categories the projection reads whole (`Projection::known_events`).
+    let mut reads: Option<Vec<Path>> = None;
     // Keys given, even with a bad value (which has its own error).
     let mut seen: Vec<String> = Vec::new();
     let attr_span = input
@@ -48,6 +50,28 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         } else if meta.path.is_ident("apply") {
             attr::check_duplicate(cx, &meta, &apply);
             apply = attr::path_value(cx, &meta)?.or(apply.take());
+        } else if meta.path.is_ident("reads") {
+            attr::check_duplicate(cx, &meta, &reads);
+            if !meta.input.peek(syn::token::Paren) {
+                cx.error(
+                    &meta.path,
+                    "write `reads(Account, ...)`: the aggregates whose events this projection reads",
+                );
+                return attr::skip_value(&meta);
+            }
+            let content;
+            syn::parenthesized!(content in meta.input);
+            let aggregates: Vec<Path> =
+                syn::punctuated::Punctuated::<Path, syn::Token![,]>::parse_terminated(&content)?
+                    .into_iter()
+                    .collect();
+            if aggregates.is_empty() {
+                cx.error(
+                    &meta.path,
+                    "`reads()` names no aggregate: name at least one, or leave `reads` out",
+                );
+            }
+            reads = Some(aggregates);
         } else if meta.path.is_ident("handle") {
             cx.error(
                 &meta.path,
@@ -103,6 +127,18 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         };
         quote_spanned!(span=> #private::HandlerResult::into_result(#call))
     };
+    // Declared aggregates: their categories are read whole, so a stored event of a type none of
+    // them registers stops the projection instead of being hidden by a filter on types.
+    let known = reads.map(|aggregates| {
+        quote! {
+            fn known_events() -> ::core::option::Option<#krate::subscription::KnownEvents> {
+                ::core::option::Option::Some(
+                    #krate::subscription::KnownEvents::new()
+                        #(.aggregate::<#aggregates>())*
+                )
+            }
+        }
+    });
     let errors = cx.into_compile_errors();
     let impl_attrs = attr::impl_attrs();
     Ok(quote! {
@@ -112,6 +148,8 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
             impl #impl_generics #krate::Projection for #ident #ty_generics #where_clause {
                 const NAME: &'static str = #name_value;
                 type Event = #event_ty;
+
+                #known
 
                 fn apply(
                     &mut self,
@@ -129,6 +167,43 @@ mod tests {
     use super::*;
     use crate::attr::emitted_errors;
     use syn::parse_quote;
+
+    #[test]
+    fn reads_declares_the_known_events() {
+        let tokens = expand(parse_quote! {
+            #[projection(name = "balances", event = BalanceEvent, reads(Account, crate::Customer))]
+            struct Balances {}
+        })
+        .expect("expands");
+        assert!(emitted_errors(&tokens).is_empty());
+        let code = tokens.to_string();
+        assert!(code.contains("fn known_events ()"), "{code}");
+        assert!(code.contains(". aggregate :: < Account > ()"), "{code}");
+        assert!(
+            code.contains(". aggregate :: < crate :: Customer > ()"),
+            "{code}"
+        );
+
+        let tokens = expand(parse_quote! {
+            #[projection(name = "balances", event = BalanceEvent, reads = Account)]
+            struct Balances {}
+        })
+        .expect("expands");
+        let errors = emitted_errors(&tokens);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("write `reads(Account, ...)`")),
+            "{errors:?}"
+        );
+
+        let tokens = expand(parse_quote! {
+            #[projection(name = "balances", event = BalanceEvent)]
+            struct Balances {}
+        })
+        .expect("expands");
+        assert!(!tokens.to_string().contains("known_events"));
+    }
 
     #[test]
     fn name_event_and_apply() {

@@ -526,19 +526,24 @@ impl PostgresStore {
         conn: impl sqlx::PgExecutor<'c>,
         key: &IdempotencyKey,
     ) -> Result<Option<(AppendResult, Vec<Uuid>)>, Error> {
-        let row: Option<(String, i64, Vec<i64>, Vec<Uuid>)> =
+        let row: Option<(String, i64, i32, Vec<i64>, Vec<Uuid>)> =
             sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.find_key.as_str()))
                 .bind(key.as_str())
                 .fetch_optional(conn)
                 .await
                 .map_err(|e| to_error(e, "look up an idempotency key"))?;
-        row.map(|(stream, first, positions, ids)| {
+        row.map(|(stream, first, count, positions, ids)| {
             let stream = StreamId::new(stream).map_err(|e| {
-                Error::permanent(
-                    "look up an idempotency key",
-                    format!("stored stream id: {e}"),
-                )
+                Error::permanent("look up an idempotency key", format!("stored stream id: {e}"))
             })?;
+            if positions.len() != usize::try_from(count).unwrap_or(0) {
+                return Err(Error::permanent(
+                    "look up an idempotency key",
+                    format!(
+                        "the {count} events stored with idempotency key {key} (stream `{stream}` after version {first}) are no longer all in the store (archived or deleted): the original outcome cannot be returned"
+                    ),
+                ));
+            }
             let positions = positions
                 .into_iter()
                 .map(|p| GlobalPosition::new(to_u64(p)))
@@ -1040,12 +1045,10 @@ impl Sql {
         };
         // A keyed append also requires the key to be new, and records it from the inserted rows
         // in the same statement (a data-modifying CTE runs whether or not the query reads it).
+        // A keyed append also requires the key to be new, and records it (with the version before
+        // the batch and its size, both known from the bump) in the same statement: a
+        // data-modifying CTE runs whether or not the query reads it.
         let keyed = |single: bool, insert: &str| {
-            let ids = if single {
-                "ARRAY[$4::uuid]"
-            } else {
-                "$4::uuid[]"
-            };
             AppendSql::new(
                 &s,
                 &format!(
@@ -1053,12 +1056,9 @@ impl Sql {
                     ids_not_stored(single)
                 ),
                 &format!(
-                    ", ins AS ({insert}), \
-                     k AS (INSERT INTO {s}.idempotency_keys (key, stream_id, first_version, positions, event_ids) \
-                         SELECT $11::text, $2::text, min(stream_version) - 1, \
-                             array_agg(global_position ORDER BY stream_version), {ids} \
-                         FROM ins HAVING count(*) > 0) \
-                     SELECT global_position, stream_version FROM ins"
+                    ", k AS (INSERT INTO {s}.idempotency_keys (key, stream_id, first_version, event_count) \
+                         SELECT $11::text, $2::text, bump.base, $3::int4 FROM bump) \
+                     {insert}"
                 ),
             )
         };
@@ -1069,9 +1069,17 @@ impl Sql {
                 keyed(false, &insert_many),
                 keyed(true, &insert_one),
             ],
+            // The key's batch, as its events are stored (a repeat compares their ids).
             find_key: format!(
-                "SELECT stream_id, first_version, positions, event_ids \
-                 FROM {s}.idempotency_keys WHERE key = $1"
+                "SELECT k.stream_id, k.first_version, k.event_count, \
+                     COALESCE(array_agg(e.global_position ORDER BY e.stream_version) \
+                         FILTER (WHERE e.event_id IS NOT NULL), '{{}}'), \
+                     COALESCE(array_agg(e.event_id ORDER BY e.stream_version) \
+                         FILTER (WHERE e.event_id IS NOT NULL), '{{}}') \
+                 FROM {s}.idempotency_keys k LEFT JOIN {s}.events e \
+                     ON e.stream_id = k.stream_id AND e.stream_version > k.first_version \
+                     AND e.stream_version <= k.first_version + k.event_count \
+                 WHERE k.key = $1 GROUP BY k.stream_id, k.first_version, k.event_count"
             ),
             expire_keys: format!("DELETE FROM {s}.idempotency_keys WHERE stored_at < $1"),
             find_ids: format!(
