@@ -526,7 +526,7 @@ impl PostgresStore {
         conn: impl sqlx::PgExecutor<'c>,
         key: &IdempotencyKey,
     ) -> Result<Option<(AppendResult, Vec<Uuid>)>, Error> {
-        let row: Option<(String, i64, i32, Vec<i64>, Vec<Uuid>)> =
+        let row: Option<KeyRow> =
             sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.find_key.as_str()))
                 .bind(key.as_str())
                 .fetch_optional(conn)
@@ -588,6 +588,10 @@ impl PostgresStore {
         }
     }
 }
+
+/// An idempotency key's row with its batch's positions and ids: stream, version before the batch,
+/// event count, positions, event ids.
+type KeyRow = (String, i64, i32, Vec<i64>, Vec<Uuid>);
 
 /// What an append that changed nothing comes to.
 enum Resolved {

@@ -4,10 +4,8 @@
 //! the projection's, and a requested start surviving a failed checkpoint write.
 
 mod projection_support;
+mod proxy_support;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use factum::subscription::{
@@ -19,10 +17,8 @@ use factum_postgres::subscription::{PgCheckpoints, PgLease, PgTx};
 use factum_postgres::{PostgresStore, StoreOptions};
 use factum_testkit::postgres::TestDatabase;
 use projection_support::*;
+use proxy_support::{Proxy, upstream};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Appends through today's positional API (one place to change when it becomes a request).
@@ -34,77 +30,6 @@ async fn append_to(store: &PostgresStore, stream: &str, events: Vec<NewEvent>) {
         ))
         .await
         .expect("append");
-}
-
-/// A TCP proxy to the database that the test can cut: every connection dropped, new ones refused.
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let up = Arc::new(AtomicBool::new(true));
-        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let accept = tokio::spawn({
-            let (up, connections) = (up.clone(), connections.clone());
-            async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    if !up.load(Ordering::SeqCst) {
-                        continue; // refused: the client sees the connection closed
-                    }
-                    let Ok(server) = TcpStream::connect(upstream).await else {
-                        continue;
-                    };
-                    let connection = tokio::spawn(forward(client, server));
-                    connections.lock().expect("lock").push(connection);
-                }
-            }
-        });
-        Self {
-            addr,
-            up,
-            connections,
-            accept,
-        }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for connection in self.connections.lock().expect("lock").drain(..) {
-            connection.abort();
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
-
-async fn forward(client: TcpStream, server: TcpStream) {
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let answers = async {
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            let n = server_read.read(&mut buffer).await?;
-            if n == 0 {
-                return Ok::<_, std::io::Error>(());
-            }
-            client_write.write_all(&buffer[..n]).await?;
-        }
-    };
-    tokio::select! {
-        _ = tokio::io::copy(&mut client_read, &mut server_write) => {}
-        _ = answers => {}
-    }
 }
 
 /// A store whose every connection (pool and lease) goes through `proxy`.
@@ -122,13 +47,6 @@ async fn store_through(db: &TestDatabase, proxy: &Proxy) -> PostgresStore {
             .with_retry(factum::resilience::RetryPolicy::no_retry())
             .with_read_settle_timeout(Duration::from_secs(10)),
     )
-}
-
-fn upstream(db: &TestDatabase) -> SocketAddr {
-    let options: PgConnectOptions = db.url().parse().expect("a PostgreSQL URL");
-    format!("{}:{}", options.get_host(), options.get_port())
-        .parse()
-        .expect("the test server listens on an IP address")
 }
 
 /// A plain handler that records each event in `handled`, in the checkpoint's transaction.
@@ -186,7 +104,7 @@ async fn two_plain_subscriptions_with_a_lease_one_leads_the_other_takes_over_and
             .await
             .expect("table");
         let direct = patient_store(&db);
-        let proxy = Proxy::start(upstream(&db)).await;
+        let proxy = Proxy::start(upstream(&db).1).await;
         let through_proxy = store_through(&db, &proxy).await;
 
         let instance = |store: &PostgresStore| {

@@ -4,9 +4,10 @@
 //! The proxy runs inside the test, between the store's pool and the test's own throwaway
 //! database; the machine's PostgreSQL service is never touched.
 
+mod proxy_support;
+
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,112 +17,11 @@ use factum::resilience::{
 use factum::{Error, ErrorKind, EventId, EventStore, ExpectedVersion, NewEvent, StreamId};
 use factum_postgres::{PostgresStore, StoreOptions};
 use factum_testkit::postgres::TestDatabase;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use proxy_support::{Proxy, upstream};
+use sqlx::postgres::PgPoolOptions;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
-
-/// A TCP proxy to the database that the test can cut (every connection dropped, new ones
-/// refused) and restore, or arm to cut right after the server answers a request, so that the
-/// request committed but its answer is lost.
-struct Proxy {
-    addr: SocketAddr,
-    state: Arc<ProxyState>,
-    accept: JoinHandle<()>,
-}
-
-struct ProxyState {
-    up: AtomicBool,
-    lose_next_answer: AtomicBool,
-    connections: Mutex<Vec<JoinHandle<()>>>,
-}
-
-impl ProxyState {
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        for connection in self.connections.lock().expect("lock").drain(..) {
-            connection.abort();
-        }
-    }
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let state = Arc::new(ProxyState {
-            up: AtomicBool::new(true),
-            lose_next_answer: AtomicBool::new(false),
-            connections: Mutex::new(Vec::new()),
-        });
-        let accept = tokio::spawn({
-            let state = state.clone();
-            async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    if !state.up.load(Ordering::SeqCst) {
-                        drop(client); // refused: the client sees the connection closed
-                        continue;
-                    }
-                    let Ok(server) = TcpStream::connect(upstream).await else {
-                        continue;
-                    };
-                    let connection = tokio::spawn(forward(client, server, state.clone()));
-                    let mut connections = state.connections.lock().expect("lock");
-                    connections.retain(|c| !c.is_finished());
-                    connections.push(connection);
-                }
-            }
-        });
-        Proxy {
-            addr,
-            state,
-            accept,
-        }
-    }
-
-    fn restore(&self) {
-        self.state.up.store(true, Ordering::SeqCst);
-    }
-
-    /// The next answer the server sends on any connection is dropped, and the proxy cut.
-    fn lose_next_answer(&self) {
-        self.state.lose_next_answer.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.state.cut();
-    }
-}
-
-async fn forward(client: TcpStream, server: TcpStream, state: Arc<ProxyState>) {
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
-    let requests = tokio::io::copy(&mut client_read, &mut server_write);
-    let answers = async {
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            let n = server_read.read(&mut buffer).await?;
-            if n == 0 {
-                return Ok::<_, std::io::Error>(());
-            }
-            if state.lose_next_answer.swap(false, Ordering::SeqCst) {
-                // The server has done the work and answered; the client never hears it.
-                state.cut();
-                return Ok(());
-            }
-            client_write.write_all(&buffer[..n]).await?;
-        }
-    };
-    tokio::select! {
-        _ = requests => {}
-        _ = answers => {}
-    }
-}
 
 #[derive(Debug)]
 enum Outcome {
@@ -166,16 +66,6 @@ async fn eventually(what: &str, within: Duration, mut condition: impl FnMut() ->
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn upstream(db: &TestDatabase) -> (PgConnectOptions, SocketAddr) {
-    let options: PgConnectOptions = db.url().parse().expect("a PostgreSQL URL");
-    let host = options.get_host().to_owned();
-    let port = options.get_port();
-    let addr = format!("{host}:{port}")
-        .parse()
-        .expect("the test server listens on an IP address");
-    (options, addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -561,7 +451,7 @@ async fn a_projection_runner_waits_out_a_database_outage_and_applies_every_event
     let total = write(40).await;
     applied(total).await;
 
-    proxy.state.cut();
+    proxy.cut();
     let total = total.max(write(40).await);
     status
         .wait_for(|s| matches!(s.state, SubscriptionState::Retrying(_)))

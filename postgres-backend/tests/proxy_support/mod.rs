@@ -1,7 +1,11 @@
 //! A fault-injecting TCP proxy between a store's pool and the test's throwaway database: it can
-//! be cut (every connection dropped, new ones refused) and restored, or armed to lose the answer
-//! to the request that carries a marker (the request ran on the server, its answer never reaches
-//! the client, and the proxy is cut).
+//! be cut (every connection dropped, new ones refused) and restored, or armed to lose the next
+//! answer, or the answer to the request that carries a marker (the request ran on the server, its
+//! answer never reaches the client, and the proxy is cut). The machine's PostgreSQL service is
+//! never touched.
+//!
+//! Shared by the test files that need it (`mod proxy_support;`); not every file uses every part.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +27,8 @@ struct ProxyState {
     up: AtomicBool,
     /// Lose the answer to the next request that contains these bytes.
     marker: Mutex<Option<Vec<u8>>>,
+    /// Lose the next answer on any connection.
+    lose_next: AtomicBool,
     /// How many answers were lost.
     lost: std::sync::atomic::AtomicUsize,
     connections: Mutex<Vec<JoinHandle<()>>>,
@@ -44,6 +50,7 @@ impl Proxy {
         let state = Arc::new(ProxyState {
             up: AtomicBool::new(true),
             marker: Mutex::new(None),
+            lose_next: AtomicBool::new(false),
             lost: Default::default(),
             connections: Mutex::new(Vec::new()),
         });
@@ -70,6 +77,16 @@ impl Proxy {
             state,
             accept,
         }
+    }
+
+    /// Drops every connection and refuses new ones until [`restore`](Self::restore).
+    pub(crate) fn cut(&self) {
+        self.state.cut();
+    }
+
+    /// The next answer the server sends on any connection is lost, and the proxy cut.
+    pub(crate) fn lose_next_answer(&self) {
+        self.state.lose_next.store(true, Ordering::SeqCst);
     }
 
     /// Lets connections through again.
@@ -131,7 +148,8 @@ async fn forward(client: TcpStream, server: TcpStream, state: Arc<ProxyState>) {
             if n == 0 {
                 return Ok::<_, std::io::Error>(());
             }
-            if armed.swap(false, Ordering::SeqCst) {
+            if armed.swap(false, Ordering::SeqCst) || state.lose_next.swap(false, Ordering::SeqCst)
+            {
                 // The server ran the request and answered; the client never hears it.
                 state.lost.fetch_add(1, Ordering::SeqCst);
                 state.cut();
