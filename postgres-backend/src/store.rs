@@ -245,10 +245,12 @@ impl PostgresStore {
     /// application's table).
     ///
     /// No retries happen here: a failed statement aborts the caller's transaction, so the
-    /// caller retries the whole transaction. Two details differ from an append on the pool: a
-    /// concurrent append of the same idempotency key fails the statement with
-    /// [`Error::Transient`] (the transaction is aborted; retry it, and the repeat then finds the
-    /// key), and the append is not visible to readers of the global log before the commit.
+    /// caller retries the whole transaction. Details differ from an append on the pool where a
+    /// statement failure aborted the transaction: a concurrent append of the same idempotency key
+    /// or event ids, or a write that won the stream's version index, fails with
+    /// [`Error::Transient`] (retry the transaction; the repeat then finds the key, or meets the
+    /// conflict as [`Error::Conflict`]). And the append is not visible to readers of the global
+    /// log before the commit.
     ///
     /// ```no_run
     /// # use factum::{AppendRequest, ExpectedVersion, StreamId};
@@ -277,20 +279,29 @@ impl PostgresStore {
         match failure {
             None => match self.resolve(conn, &request, &batch).await? {
                 Resolved::Done(result) => Ok(result),
-                Resolved::Conflict(actual) | Resolved::Moved(actual) => Err(Error::Conflict {
+                Resolved::Conflict(actual) => Err(Error::Conflict {
                     stream: request.stream,
                     expected: request.expected,
                     actual,
                 }),
+                // The stream moved while the statement ran: the transaction's snapshot cannot
+                // append now, a new transaction can.
+                Resolved::Moved(_) => Err(Error::transient(
+                    "append",
+                    format!(
+                        "stream `{}` moved during the append; retry the transaction",
+                        request.stream
+                    ),
+                )),
             },
-            Some(Failure::VersionConflict(_)) => Err(Error::Conflict {
-                actual: self.stream_version_on(conn, &request.stream).await?,
-                stream: request.stream,
-                expected: request.expected,
-            }),
-            Some(Failure::Transient(e) | Failure::DuplicateEventId(e) | Failure::KeyTaken(e)) => {
-                Err(Error::transient("append", e))
-            }
+            // A unique violation aborted the caller's transaction: nothing more can be asked on
+            // it (not even the stream's version), and the whole transaction is to be retried.
+            Some(
+                Failure::VersionConflict(e)
+                | Failure::Transient(e)
+                | Failure::DuplicateEventId(e)
+                | Failure::KeyTaken(e),
+            ) => Err(Error::transient("append", e)),
             Some(Failure::UnknownOutcome(e)) => Err(Error::UnknownOutcome {
                 operation: "append",
                 stream: request.stream,
@@ -352,8 +363,21 @@ impl PostgresStore {
                     tracing::warn!(%stream, error = %e, "connection lost during append; checking whether it was stored");
                     match self.settle(&request, &batch, &mut retries).await {
                         Some(Existing::Stored(mut result)) => {
-                            // Stored by the lost attempt: for the caller, this append stored it.
-                            result.duplicate = false;
+                            // Stored, by the lost attempt or by an earlier call with the same key
+                            // or ids (a retried command): only a batch that starts where this
+                            // request expected the stream to be can be this call's own write. In
+                            // every other case it stays a repeat, so that a caller never folds
+                            // the same events into its state twice.
+                            let own = match request.expected {
+                                ExpectedVersion::Exact(v) => v == result.first_version,
+                                ExpectedVersion::NoStream => {
+                                    result.first_version == StreamVersion::INITIAL
+                                }
+                                ExpectedVersion::Any => false,
+                            };
+                            if own {
+                                result.duplicate = false;
+                            }
                             return Ok(result);
                         }
                         Some(Existing::Elsewhere(error)) => return Err(error),
@@ -1279,9 +1303,11 @@ impl EventStore for PostgresStore {
                 if events.len() >= limit || horizon >= target || started.elapsed() + delay > settle
                 {
                     // An empty page is what a restored log looks like (every stored id above the
-                    // horizon): look once at the newest stored id. Pages with events, the hot
-                    // path, pay nothing.
-                    if events.is_empty() {
+                    // horizon): look once at the newest stored id. So is a first page holding
+                    // only events appended after an unrepaired restore (they sort below the
+                    // restored ones): a read from the start looks too. Other pages with events,
+                    // the hot path, pay nothing.
+                    if events.is_empty() || after == LogPosition::START {
                         self.check_not_restored("read all").await?;
                     }
                     return events.into_iter().map(EventRow::into_recorded).collect();

@@ -290,3 +290,53 @@ async fn a_command_executes_inside_the_callers_transaction() {
         2
     );
 }
+
+/// The review's scenario: a keyed command is stored, and the answer to its retry is lost too. The
+/// store settles the lost retry by finding the key; that batch started before the version the
+/// retry expected, so it is the earlier call's, and the repository must return the original
+/// outcome instead of folding the same events into its state a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_to_a_retried_command_is_not_taken_for_a_new_write() {
+    let db = TestDatabase::create().await;
+    let (options, addr) = upstream(&db);
+    let proxy = Proxy::start(addr).await;
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.host("127.0.0.1").port(proxy.addr.port()))
+        .await
+        .expect("connect through the proxy");
+    let store = PostgresStore::with_options(
+        pool,
+        StoreOptions::default().with_retry(RetryPolicy::no_retry()),
+    );
+    let counters = Repository::<Counter, _>::new(store).with_cache(10);
+    let context = CommandContext::new().idempotent();
+    let key = context.idempotency_key.clone().expect("a key");
+    let command = || Increment {
+        id: "twice".into(),
+        by: 1,
+    };
+    let first = counters
+        .execute_with(command(), &context)
+        .await
+        .expect("first execution");
+    assert_eq!((first.version.get(), first.state.value), (1, 1));
+
+    // The retry's append finds the key and changes nothing; its answer is lost, and the store
+    // settles it by looking the key up on a new connection.
+    proxy.lose_answer_to_and_stay_up(key.as_str().as_bytes());
+    let again = counters
+        .execute_with(command(), &context)
+        .await
+        .expect("the retry settles");
+    assert_eq!(proxy.lost(), 1, "the retry's answer was lost");
+    assert_eq!(again.positions, first.positions);
+    assert_eq!(
+        (again.version.get(), again.state.value),
+        (1, 1),
+        "the same outcome, not the event applied twice"
+    );
+    // The next command decides on the right state.
+    let next = counters.execute(command()).await.expect("next command");
+    assert_eq!((next.version.get(), next.state.value), (2, 2));
+}

@@ -234,6 +234,13 @@ async fn a_logical_restore_is_refused_until_repaired_then_replays_in_the_origina
         // after the restored ones.
         let mut appended = append(&restored, &stream("account-new"), vec![event(1)]).await;
         appended.extend(append(&restored, &stream("account-new"), vec![event(2), event(3)]).await);
+        // Those events sort below the restored ones and are readable: a read from the start
+        // must still refuse, or a new consumer would take them for the whole log.
+        let error = restored
+            .read_all(LogPosition::START, 100, &EventFilter::all())
+            .await
+            .expect_err("a read from the start refuses while the log is unrepaired");
+        assert_restore_error(&error, "a read from the start after new appends");
 
         // The repair: once, then a no-op.
         let repair = restored.repair_after_restore().await.expect("repair");

@@ -565,8 +565,12 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             request = request.idempotency_key(key.clone());
         }
         let appended = match self.store.append(request).await {
-            // Stored before, by this command's key or its derived event ids.
-            Ok(appended) if appended.duplicate => return Err(Retry::Repeated(appended)),
+            // Stored before, by this command's key or its derived event ids (also when a store
+            // reports a write it settled after a lost connection that did not start where this
+            // attempt expected: it cannot be this attempt's).
+            Ok(appended) if appended.duplicate || appended.first_version != version => {
+                return Err(Retry::Repeated(appended));
+            }
             Ok(appended) => appended,
             Err(Error::IdempotencyKeyReused { stored_stream, .. })
                 if stored_stream == stream_id =>

@@ -40,6 +40,10 @@ pub struct BatchFailure {
 
 impl BatchFailure {
     /// The handler failed on the event at index `handled`, after handling the ones before it.
+    ///
+    /// The consumer then commits the first `handled` events' effects with the checkpoint, so the
+    /// transaction must still be usable: on PostgreSQL a failed statement aborts it, so report a
+    /// SQL error with [`somewhere`](Self::somewhere) (or run each event's writes in a savepoint).
     pub fn at(handled: usize, source: impl Into<BoxError>) -> Self {
         Self {
             handled: Some(handled),

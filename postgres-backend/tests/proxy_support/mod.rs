@@ -29,6 +29,8 @@ struct ProxyState {
     marker: Mutex<Option<Vec<u8>>>,
     /// Lose the next answer on any connection.
     lose_next: AtomicBool,
+    /// After losing an answer, keep accepting connections (drop only the one that lost it).
+    stay_up: AtomicBool,
     /// How many answers were lost.
     lost: std::sync::atomic::AtomicUsize,
     connections: Mutex<Vec<JoinHandle<()>>>,
@@ -51,6 +53,7 @@ impl Proxy {
             up: AtomicBool::new(true),
             marker: Mutex::new(None),
             lose_next: AtomicBool::new(false),
+            stay_up: AtomicBool::new(false),
             lost: Default::default(),
             connections: Mutex::new(Vec::new()),
         });
@@ -97,6 +100,13 @@ impl Proxy {
     /// The answer to the next request containing `marker` is lost, and the proxy cut.
     pub(crate) fn lose_answer_to(&self, marker: &[u8]) {
         *self.state.marker.lock().expect("lock") = Some(marker.to_vec());
+    }
+
+    /// Like [`lose_answer_to`](Self::lose_answer_to), but only the connection that carried the
+    /// request is dropped: the client can reconnect at once (and look its write up).
+    pub(crate) fn lose_answer_to_and_stay_up(&self, marker: &[u8]) {
+        self.state.stay_up.store(true, Ordering::SeqCst);
+        self.lose_answer_to(marker);
     }
 
     /// How many answers were lost so far.
@@ -152,7 +162,9 @@ async fn forward(client: TcpStream, server: TcpStream, state: Arc<ProxyState>) {
             {
                 // The server ran the request and answered; the client never hears it.
                 state.lost.fetch_add(1, Ordering::SeqCst);
-                state.cut();
+                if !state.stay_up.swap(false, Ordering::SeqCst) {
+                    state.cut();
+                }
                 return Ok(());
             }
             client_write.write_all(&buffer[..n]).await?;
