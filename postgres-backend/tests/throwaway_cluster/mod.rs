@@ -39,7 +39,9 @@ fn is_root() -> bool {
 }
 
 /// The directory of the server binaries: `FACTUM_PG_BIN_DIR`, else the newest
-/// `/usr/lib/postgresql/*/bin`, else `PATH`.
+/// `/usr/lib/postgresql/*/bin`, else `PATH`. Unlike the test harness's lookup (PATH first), this
+/// one prefers the packaged directory, which also holds `createdb`, `pg_dump` and `pg_restore`
+/// (a machine may put `initdb`/`pg_ctl` wrappers alone on PATH).
 pub fn bin_dir() -> Result<PathBuf, String> {
     let has = |d: &Path| d.join("initdb").is_file() && d.join("pg_ctl").is_file();
     if let Some(dir) = std::env::var_os("FACTUM_PG_BIN_DIR") {
