@@ -18,10 +18,10 @@ use uuid::Uuid;
 
 const COMMANDS: usize = 200;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_retried_after_its_answer_was_lost_is_stored_once() {
-    let db = TestDatabase::create().await;
-    let (options, addr) = upstream(&db);
+/// A store whose connections go through a fault proxy, with no retries inside the store: a lost
+/// answer reaches the caller as an unknown outcome (or is settled by the store's own look-up).
+async fn through_proxy(db: &TestDatabase) -> (Proxy, PostgresStore) {
+    let (options, addr) = upstream(db);
     let proxy = Proxy::start(addr).await;
     let pool = PgPoolOptions::new()
         .max_connections(2)
@@ -29,11 +29,28 @@ async fn a_command_retried_after_its_answer_was_lost_is_stored_once() {
         .connect_with(options.host("127.0.0.1").port(proxy.addr.port()))
         .await
         .expect("connect through the proxy");
-    // No retries inside the store: the lost answer must reach the caller as an unknown outcome.
     let store = PostgresStore::with_options(
         pool,
         StoreOptions::default().with_retry(RetryPolicy::no_retry()),
     );
+    (proxy, store)
+}
+
+/// A fresh database with an `inbox` table beside the store's.
+async fn with_inbox() -> (TestDatabase, PostgresStore) {
+    let db = TestDatabase::create().await;
+    let store = db.patient_store();
+    sqlx::query("CREATE TABLE inbox (message_id text PRIMARY KEY)")
+        .execute(db.pool())
+        .await
+        .expect("inbox table");
+    (db, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_retried_after_its_answer_was_lost_is_stored_once() {
+    let db = TestDatabase::create().await;
+    let (proxy, store) = through_proxy(&db).await;
     let counters = Repository::<Counter, _>::new(store);
 
     let mut committed_before_retry = 0;
@@ -131,12 +148,7 @@ async fn a_command_retried_after_its_answer_was_lost_is_stored_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_append_commits_with_the_callers_transaction() {
-    let db = TestDatabase::create().await;
-    let store = db.patient_store();
-    sqlx::query("CREATE TABLE inbox (message_id text PRIMARY KEY)")
-        .execute(db.pool())
-        .await
-        .expect("inbox table");
+    let (db, store) = with_inbox().await;
     let stream = factum::StreamId::new("order-1").expect("valid");
     let event = || factum::NewEvent {
         event_id: factum::EventId::new(),
@@ -223,12 +235,7 @@ async fn a_keyed_append_commits_with_the_callers_transaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_executes_inside_the_callers_transaction() {
-    let db = TestDatabase::create().await;
-    let store = db.patient_store();
-    sqlx::query("CREATE TABLE inbox (message_id text PRIMARY KEY)")
-        .execute(db.pool())
-        .await
-        .expect("inbox table");
+    let (_db, store) = with_inbox().await; // the database lives as long as `_db`
     let command = || Increment {
         id: "tx".into(),
         by: 2,
@@ -298,17 +305,7 @@ async fn a_command_executes_inside_the_callers_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_answer_to_a_retried_command_is_not_taken_for_a_new_write() {
     let db = TestDatabase::create().await;
-    let (options, addr) = upstream(&db);
-    let proxy = Proxy::start(addr).await;
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(options.host("127.0.0.1").port(proxy.addr.port()))
-        .await
-        .expect("connect through the proxy");
-    let store = PostgresStore::with_options(
-        pool,
-        StoreOptions::default().with_retry(RetryPolicy::no_retry()),
-    );
+    let (proxy, store) = through_proxy(&db).await;
     let counters = Repository::<Counter, _>::new(store).with_cache(10);
     let context = CommandContext::new().idempotent();
     let key = context.idempotency_key.clone().expect("a key");
