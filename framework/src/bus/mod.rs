@@ -338,7 +338,7 @@ impl ConsumerInfo {
 pub type AckFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
 
 /// How a [`Delivery`] is acknowledged: a bus adapter's part of a delivery.
-pub trait Acker: Send {
+pub trait Acker: Send + Sync {
     /// The message was handled: the broker will not deliver it again.
     fn ack(self: Box<Self>) -> AckFuture;
     /// The message was not handled: deliver it again after `delay`.
@@ -421,7 +421,7 @@ impl Delivery {
 }
 
 /// A durable consumer on the bus: fetches batches of deliveries.
-pub trait BusConsumer: Send {
+pub trait BusConsumer: Send + Sync {
     /// Up to `max` deliveries, waiting at most `wait` for the first (empty if none came).
     /// Messages not acknowledged within the ack wait are delivered again, first.
     fn fetch(

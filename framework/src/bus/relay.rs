@@ -357,3 +357,14 @@ impl<B: Bus, Tx: Send + ?Sized> BatchHandler<Tx> for Relay<B> {
         Ok(())
     }
 }
+
+/// A relay lent to a subscription, so it can be run again (and its status kept) afterwards.
+impl<B: Bus, Tx: Send + ?Sized> BatchHandler<Tx> for &mut Relay<B> {
+    fn handle_batch(
+        &mut self,
+        tx: &mut Tx,
+        events: &[RecordedEvent],
+    ) -> impl std::future::Future<Output = Result<(), BatchFailure>> + Send {
+        (**self).handle_batch(tx, events)
+    }
+}
