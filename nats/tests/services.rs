@@ -61,12 +61,21 @@ where
     let s = services().await;
     bus.ensure_stream(&stream(window)).await.expect("stream");
     bank_activity(&s.bank, 5, 35, 0).await;
-    let sent = fold_of_bank(&s.bank).await.values().map(|(_, n)| *n as u64).sum::<u64>();
+    let sent = fold_of_bank(&s.bank)
+        .await
+        .values()
+        .map(|(_, n)| *n as u64)
+        .sum::<u64>();
     assert_eq!(sent, 40);
 
     let (mut relay, mut subscription, relay_status) = relay(&s.bank, bus.clone(), 16);
     subscription.catch_up(&mut relay).await.expect("relay");
-    assert_eq!(relay_status.borrow().published, sent, "{:?}", *relay_status.borrow());
+    assert_eq!(
+        relay_status.borrow().published,
+        sent,
+        "{:?}",
+        *relay_status.borrow()
+    );
 
     let (mut consumer, mut status) = consumer(&s.audit, bus.clone(), Duration::from_secs(30));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -82,7 +91,10 @@ where
             .expect("consumer");
         consumer
     });
-    until(&mut status, LIMIT, "every event handled", |s| s.handled == sent).await;
+    until(&mut status, LIMIT, "every event handled", |s| {
+        s.handled == sent
+    })
+    .await;
     assert_exactly_once(&s.bank, &s.audit).await;
 
     // The relay rewound: everything is published again.
@@ -95,16 +107,26 @@ where
         (relay, subscription.start_from(StartFrom::Checkpoint))
     };
     let again_status = again.status();
-    subscription.catch_up(&mut again).await.expect("relay again");
+    subscription
+        .catch_up(&mut again)
+        .await
+        .expect("relay again");
     let republished = again_status.borrow().clone();
-    assert_eq!(republished.published + republished.duplicates, sent, "{republished:?}");
+    assert_eq!(
+        republished.published + republished.duplicates,
+        sent,
+        "{republished:?}"
+    );
 
     // Whatever the broker let through, the inbox drops.
     let final_status = until(&mut status, LIMIT, "the repeats seen", |s| {
         s.handled + s.duplicates == sent + republished.published
     })
     .await;
-    assert_eq!(final_status.handled, sent, "no repeat had an effect: {final_status:?}");
+    assert_eq!(
+        final_status.handled, sent,
+        "no repeat had an effect: {final_status:?}"
+    );
     assert_eq!(final_status.parked, 0);
     let _ = stop.send(());
     let consumer = running.await.expect("consumer task");
@@ -113,7 +135,14 @@ where
         .await
         .expect("count the inbox");
     assert_eq!(inbox_rows as u64, sent, "one inbox row per event");
-    assert!(consumer.inbox().parked(CONSUMER).await.expect("parked").is_empty());
+    assert!(
+        consumer
+            .inbox()
+            .parked(CONSUMER)
+            .await
+            .expect("parked")
+            .is_empty()
+    );
     assert_exactly_once(&s.bank, &s.audit).await;
     drop((s.bank_db, s.audit_db));
     (republished.published, republished.duplicates)
@@ -123,8 +152,7 @@ where
 fn end_to_end_on_the_in_process_bus() {
     runtime().block_on(async {
         // No duplicate window: every repeat reaches the inbox, which drops it.
-        let (published, duplicates) =
-            relay_and_consume(InProcessBus::new(), Duration::ZERO).await;
+        let (published, duplicates) = relay_and_consume(InProcessBus::new(), Duration::ZERO).await;
         assert_eq!((published, duplicates), (40, 0));
     });
 }
@@ -172,14 +200,22 @@ fn the_broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() {
         };
         let consumer_task = tokio::spawn({
             let stopped = stopped.clone();
-            async move { consumer.run(auditor, shutdown(stopped)).await.expect("consumer") }
+            async move {
+                consumer
+                    .run(auditor, shutdown(stopped))
+                    .await
+                    .expect("consumer")
+            }
         });
 
         let mut sent = 0;
         for round in 0..3 {
             bank_activity(&s.bank, 4, 36, round * 4).await;
             sent += 40;
-            until(&mut status, LIMIT, "some handled", |st| st.handled >= sent - 30).await;
+            until(&mut status, LIMIT, "some handled", |st| {
+                st.handled >= sent - 30
+            })
+            .await;
             server.kill();
             // The bank keeps working while the broker is down.
             bank_activity(&s.bank, 2, 8, 100 + round * 2).await;
@@ -191,7 +227,7 @@ fn the_broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() {
             server.restart();
         }
         let done = until(&mut status, LIMIT * 2, "every event handled", |st| {
-            st.handled == sent as u64
+            st.handled == sent
         })
         .await;
         stop.send(true).expect("stop");
@@ -266,7 +302,12 @@ fn spawn_child(
 ) {
     let mut command = tokio::process::Command::new(std::env::current_exe().expect("test binary"));
     command
-        .args(["--exact", "child_process", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("FACTUM_CHILD", role)
         .env("FACTUM_CHILD_DB", db)
         .env("FACTUM_CHILD_NATS", nats)
@@ -344,10 +385,16 @@ fn the_relay_killed_mid_batch_and_restarted_publishes_each_event_once() {
                 .await
                 .expect("consumer");
         });
-        let done = until(&mut status, LIMIT, "every event handled", |st| st.handled == 100).await;
+        let done = until(&mut status, LIMIT, "every event handled", |st| {
+            st.handled == 100
+        })
+        .await;
         let _ = stop.send(());
         task.await.expect("consumer task");
-        assert_eq!(done.duplicates, 0, "JetStream dropped the republished half batch: {done:?}");
+        assert_eq!(
+            done.duplicates, 0,
+            "JetStream dropped the republished half batch: {done:?}"
+        );
         let info = factum::bus::BusConsumer::info(
             &mut bus
                 .consumer(&factum::bus::ConsumerConfig::new("BANK", "count-check"))
@@ -406,7 +453,10 @@ fn the_consumer_killed_between_commit_and_ack_applies_each_event_once() {
         .await;
         let _ = stop.send(());
         task.await.expect("consumer task");
-        assert!(done.redeliveries >= 1, "the unacknowledged message came again: {done:?}");
+        assert!(
+            done.redeliveries >= 1,
+            "the unacknowledged message came again: {done:?}"
+        );
         assert!(inbox.parked(CONSUMER).await.expect("parked").is_empty());
         assert_exactly_once(&s.bank, &s.audit).await;
     });

@@ -108,7 +108,11 @@ pub async fn fold_of_bank(store: &PostgresStore) -> BTreeMap<String, (i64, i64)>
     let mut after = LogPosition::START;
     loop {
         let page = store
-            .read_all(after, 1000, &EventFilter::all().with_categories(["account"]))
+            .read_all(
+                after,
+                1000,
+                &EventFilter::all().with_categories(["account"]),
+            )
             .await
             .expect("read the bank's log");
         let Some(last) = page.last() else { break };
@@ -138,7 +142,11 @@ pub async fn audit_read_model(store: &PostgresStore) -> BTreeMap<String, (i64, i
 /// events (equal when each was handled once).
 pub async fn audit_events(store: &PostgresStore) -> Vec<RecordedEvent> {
     store
-        .read_all(LogPosition::START, 100_000, &EventFilter::all().with_categories(["audit"]))
+        .read_all(
+            LogPosition::START,
+            100_000,
+            &EventFilter::all().with_categories(["audit"]),
+        )
         .await
         .expect("read the audit log")
 }
@@ -198,7 +206,9 @@ impl BatchHandler<PgTx> for Auditor {
         events: &[RecordedEvent],
     ) -> Result<(), BatchFailure> {
         for event in events {
-            self.apply(tx, event).await.map_err(BatchFailure::somewhere)?;
+            self.apply(tx, event)
+                .await
+                .map_err(BatchFailure::somewhere)?;
         }
         Ok(())
     }
@@ -250,7 +260,10 @@ pub async fn until<T: Clone + std::fmt::Debug>(
         Err(_) => None,
     };
     reached.unwrap_or_else(|| {
-        panic!("{what}: not reached within {limit:?}; last status {:?}", *status.borrow())
+        panic!(
+            "{what}: not reached within {limit:?}; last status {:?}",
+            *status.borrow()
+        )
     })
 }
 
@@ -260,14 +273,21 @@ pub async fn until<T: Clone + std::fmt::Debug>(
 pub async fn assert_exactly_once(bank: &PostgresStore, audit: &PostgresStore) {
     let expected = fold_of_bank(bank).await;
     let got = audit_read_model(audit).await;
-    assert_eq!(got, expected, "the audit read model is a fold of the bank's log");
+    assert_eq!(
+        got, expected,
+        "the audit read model is a fold of the bank's log"
+    );
     let sent: usize = expected.values().map(|(_, n)| *n as usize).sum();
     let bank_events: BTreeMap<EventId, RecordedEvent> = {
         let mut all = BTreeMap::new();
         let mut after = LogPosition::START;
         loop {
             let page = bank
-                .read_all(after, 1000, &EventFilter::all().with_categories(["account"]))
+                .read_all(
+                    after,
+                    1000,
+                    &EventFilter::all().with_categories(["account"]),
+                )
                 .await
                 .expect("read");
             let Some(last) = page.last() else { break };
