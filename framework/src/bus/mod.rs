@@ -59,6 +59,7 @@ mod inbound;
 mod memory;
 mod message;
 mod relay;
+mod telemetry;
 
 use std::fmt;
 use std::future::Future;
@@ -75,6 +76,9 @@ pub use inbound::{
 pub use memory::{InProcessBus, InProcessConsumer};
 pub use message::{BusMessage, MessageDecodeError, headers, subject};
 pub use relay::{PublicEvents, Relay, RelayState, RelayStatus};
+pub use telemetry::{
+    export_inbound_metrics, export_relay_metrics, record_inbound_metrics, record_relay_metrics,
+};
 
 /// The name of a service: the owner of an event store, the first token of the subjects it
 /// publishes, the prefix of its relay's and consumers' names.
