@@ -82,7 +82,11 @@ async fn read_all(store: &PostgresStore) -> Vec<RecordedEvent> {
 }
 
 /// One run of the throughput pair: (relay events/s, raw loop events/s).
-async fn throughput(bus: &JetStreamBus, client: &async_nats::Client, n: usize) -> (f64, f64, f64) {
+async fn throughput(
+    bus: &JetStreamBus,
+    client: &async_nats::Client,
+    n: usize,
+) -> (f64, f64, f64, f64) {
     let db = TestDatabase::create().await;
     let store = db.store();
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
@@ -107,6 +111,21 @@ async fn throughput(bus: &JetStreamBus, client: &async_nats::Client, n: usize) -
     let started = Instant::now();
     read_only.catch_up(Noop).await.expect("read");
     let read_rate = n as f64 / started.elapsed().as_secs_f64();
+    // The relay's own cost: the same relay to the in-process bus (no broker).
+    let memory = factum::bus::InProcessBus::new();
+    memory
+        .ensure_stream(&StreamConfig::for_service(&service))
+        .await
+        .expect("stream");
+    let mut in_memory = Relay::new(memory, routes.clone());
+    let mut subscription =
+        Subscription::with_checkpoints("in-memory", store.clone(), PgCheckpoints::new(&store))
+            .filter(in_memory.filter())
+            .batch_size(500);
+    let started = Instant::now();
+    subscription.catch_up(&mut in_memory).await.expect("relay");
+    let memory_rate = n as f64 / started.elapsed().as_secs_f64();
+    println!("    (relay to the in-process bus: {memory_rate:.0} ev/s)");
     let mut relay = Relay::new(bus.clone(), routes);
     let mut subscription =
         Subscription::with_checkpoints(relay.name(), store.clone(), PgCheckpoints::new(&store))
@@ -140,6 +159,24 @@ async fn throughput(bus: &JetStreamBus, client: &async_nats::Client, n: usize) -
             )
         })
         .collect();
+    // The bus adapter alone: the same messages through `JetStreamBus::publish`, no log read.
+    let adapter = unique("bus");
+    bus.ensure_stream(&StreamConfig::for_service(&adapter).max_age(Duration::from_secs(900)))
+        .await
+        .expect("stream");
+    let bus_messages: Vec<BusMessage> = read_all(&store)
+        .await
+        .into_iter()
+        .map(|e| {
+            let subject = factum::bus::subject(&adapter, "order", &e.event_type).expect("subject");
+            BusMessage::new(subject, adapter.clone(), e)
+        })
+        .collect();
+    let started = Instant::now();
+    for batch in bus_messages.chunks(500) {
+        bus.publish(batch).await.expect("publish");
+    }
+    let adapter_rate = n as f64 / started.elapsed().as_secs_f64();
     let js = async_nats::jetstream::new(client.clone());
     let started = Instant::now();
     for batch in messages.chunks(500) {
@@ -157,7 +194,7 @@ async fn throughput(bus: &JetStreamBus, client: &async_nats::Client, n: usize) -
     }
     let raw_rate = n as f64 / started.elapsed().as_secs_f64();
     drop(db);
-    (relay_rate, raw_rate, read_rate)
+    (relay_rate, raw_rate, read_rate, adapter_rate)
 }
 
 struct Noop;
@@ -297,9 +334,9 @@ async fn main() {
     let mut raw_rates = Vec::new();
     let mut ratios = Vec::new();
     for run in 1..=RUNS {
-        let (relay, raw, read) = throughput(&bus, &client, n).await;
+        let (relay, raw, read, adapter) = throughput(&bus, &client, n).await;
         println!(
-            "  run {run}: relay {relay:>8.0} ev/s   raw async-nats loop {raw:>8.0} ev/s   ratio {:.2}   (reading the log alone: {read:.0} ev/s)",
+            "  run {run}: relay {relay:>8.0} ev/s   raw async-nats loop {raw:>8.0} ev/s   ratio {:.2}   (reading the log alone: {read:.0} ev/s; JetStreamBus::publish alone: {adapter:.0} ev/s)",
             relay / raw
         );
         relay_rates.push(relay);

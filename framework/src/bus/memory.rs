@@ -47,6 +47,8 @@ struct Stream {
     last_sequence: u64,
     /// Message id → (sequence, stored at), within the duplicate window.
     ids: HashMap<String, (u64, Instant)>,
+    /// The ids in the order they were stored, to expire the oldest first.
+    id_order: std::collections::VecDeque<(Instant, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -138,6 +140,7 @@ impl Stream {
         self.last_sequence += 1;
         let sequence = self.last_sequence;
         if let Some(id) = id {
+            self.id_order.push_back((now, id.clone()));
             self.ids.insert(id, (sequence, now));
         }
         self.messages.insert(
@@ -154,11 +157,20 @@ impl Stream {
 
     fn expire(&mut self, now: Instant) {
         let window = self.config.duplicate_window;
-        self.ids
-            .retain(|_, (_, at)| now.saturating_duration_since(*at) < window);
+        while let Some((at, _)) = self.id_order.front() {
+            if now.saturating_duration_since(*at) < window {
+                break;
+            }
+            let (_, id) = self.id_order.pop_front().expect("looked at");
+            self.ids.remove(&id);
+        }
         if let Some(age) = self.config.max_age {
-            self.messages
-                .retain(|_, m| now.saturating_duration_since(m.stored_at) < age);
+            while let Some(entry) = self.messages.first_entry() {
+                if now.saturating_duration_since(entry.get().stored_at) < age {
+                    break;
+                }
+                entry.remove();
+            }
         }
         if let Some(max) = self.config.max_messages {
             while self.messages.len() as u64 > max {
@@ -199,6 +211,7 @@ impl Bus for InProcessBus {
             messages: BTreeMap::new(),
             last_sequence: 0,
             ids: HashMap::new(),
+            id_order: std::collections::VecDeque::new(),
         });
         Ok(())
     }
