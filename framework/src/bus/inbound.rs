@@ -373,6 +373,11 @@ pub struct InboundStatus {
 ///
 /// A crash between commit and acknowledgement makes the broker deliver the message again: the
 /// inbox drops it. Parked messages can be retried with [`retry_parked`](Self::retry_parked).
+///
+/// Several instances of one consumer (same durable name) may run: the broker spreads the messages
+/// among them and the inbox keeps each effect single (a second instance's inbox insert waits for
+/// the first one's transaction, then finds the row). Messages are then handled in parallel, not
+/// in stream order; run one instance where a handler needs the order.
 pub struct InboundConsumer<B: Bus, I> {
     bus: B,
     inbox: I,
@@ -445,8 +450,9 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
         self.status.subscribe()
     }
 
-    /// Fetches and handles messages until `shutdown` completes (between messages; a message
-    /// being handled is finished first) or a failure that cannot pass stops it.
+    /// Fetches and handles messages until `shutdown` completes or a failure that cannot pass
+    /// stops it. Shutdown takes effect between batches (and while waiting for messages): the
+    /// messages of a fetched batch are handled and acknowledged first.
     pub async fn run<H: BatchHandler<I::Tx>>(
         &mut self,
         mut handler: H,
