@@ -123,7 +123,8 @@ pub trait Inbox: Send + Sync {
     /// Abandons the unit of work (nothing of it is kept, where the backend can undo it).
     fn rollback(&self, tx: Self::Tx) -> impl Future<Output = ()> + Send;
 
-    /// Parks a message in the dead-letter queue; returns its id there.
+    /// Parks a message in the dead-letter queue; returns its id there. A message parked again
+    /// (same consumer and message id) keeps one dead letter, with the latest error.
     fn park(&self, parked: ParkedMessage) -> impl Future<Output = Result<u64, Error>> + Send;
 
     /// The messages `consumer` parked, oldest first.
@@ -211,6 +212,17 @@ impl Inbox for InMemoryInbox {
 
     async fn park(&self, mut parked: ParkedMessage) -> Result<u64, Error> {
         let mut state = self.lock();
+        // Parked again (it arrived again and failed again): one dead letter, the latest error.
+        if let Some(id) = &parked.message_id
+            && let Some(existing) = state
+                .parked
+                .get_mut(&parked.consumer)
+                .and_then(|l| l.iter_mut().find(|p| p.message_id.as_ref() == Some(id)))
+        {
+            parked.id = existing.id;
+            *existing = parked;
+            return Ok(existing.id);
+        }
         state.next_id += 1;
         parked.id = state.next_id;
         let id = parked.id;

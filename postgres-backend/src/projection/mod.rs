@@ -85,6 +85,7 @@
 //! `apply` can run for events whose transaction is then rolled back (a later event of the batch
 //! failed) and run again.
 
+mod inbound;
 mod rebuild;
 mod runner;
 
@@ -94,6 +95,7 @@ use std::future::Future;
 use factum::{BoxError, Envelope, Error, Event};
 use sqlx::PgConnection;
 
+pub use inbound::InboundProjection;
 pub use rebuild::Progress;
 pub use runner::PgProjectionRunner;
 
