@@ -149,7 +149,7 @@ async fn parked_messages_are_kept_as_received_and_removed_with_the_retry_that_co
     );
     assert_eq!(
         (listed[0].attempts, listed[0].error.as_str()),
-        (3, "the handler is broken")
+        (3, "still broken")
     );
     assert!(inbox.parked("shipping").await.expect("list").is_empty());
 
