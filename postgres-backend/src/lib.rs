@@ -76,6 +76,7 @@
 // `factum::Error` is the framework's error type, returned as is; its size is the framework's call.
 #![allow(clippy::result_large_err)]
 
+mod admin;
 mod config;
 mod error;
 mod maintenance;
@@ -88,6 +89,7 @@ pub mod subscription;
 mod transaction;
 mod tx;
 
+pub use admin::{ConsumerSummary, MigrationStatus, SnapshotSummary, StreamSummary};
 pub use config::{PoolConfig, StoreOptions};
 pub use error::RestoreRepairNeeded;
 pub use maintenance::Partition;
