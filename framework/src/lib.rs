@@ -140,6 +140,7 @@ mod repository;
 pub mod resilience;
 mod store;
 pub mod subscription;
+pub mod telemetry;
 
 pub use aggregate::{Aggregate, Command, Snapshot};
 pub use error::{BoxError, CommandError, Error, ErrorKind};
