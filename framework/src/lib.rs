@@ -390,3 +390,11 @@ mod tutorial_chapter {}
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/subscriptions.md")]
 mod subscriptions_chapter {}
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/snapshots.md")]
+mod snapshots_chapter {}
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/reference/metrics.md")]
+mod metrics_chapter {}
