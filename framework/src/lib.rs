@@ -131,6 +131,7 @@
 mod aggregate;
 mod error;
 mod event;
+pub mod health;
 pub mod idempotency;
 mod ids;
 mod memory;

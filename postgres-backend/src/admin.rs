@@ -11,6 +11,7 @@
 //! ```
 
 use chrono::{DateTime, Utc};
+use factum::health::Check;
 use factum::subscription::ParkedEvent;
 use factum::{Error, GlobalPosition, LogPosition, StreamId, StreamVersion};
 use sqlx::Row;
@@ -286,6 +287,43 @@ impl PostgresStore {
         .await
         .map_err(|e| to_error(e, "purge snapshots"))?;
         Ok(done.rows_affected())
+    }
+
+    /// The store's readiness check, named `database`: passes when the database answers and every
+    /// migration of this build is applied (see [`health`](Self::health); a restored log that
+    /// needs repair fails it too).
+    ///
+    /// ```no_run
+    /// # async fn run(store: factum_postgres::PostgresStore, db: factum::resilience::Resilience) {
+    /// let ready = factum::health::Readiness::new()
+    ///     .with(store.readiness_check().await)
+    ///     .circuit(&db.health());
+    /// let status = if ready.is_ready() { 200 } else { 503 };
+    /// # let _ = status;
+    /// # }
+    /// ```
+    pub async fn readiness_check(&self) -> Check {
+        match self.health().await {
+            Ok(h) if h.is_up_to_date() => Check::new(
+                "database",
+                true,
+                format!(
+                    "reachable in {} ms, migrations current",
+                    h.round_trip.as_millis()
+                ),
+            ),
+            Ok(h) => Check::new(
+                "database",
+                false,
+                format!(
+                    "schema `{}` has migration {} of {}: run the migrations (`factum migrate apply`)",
+                    h.schema,
+                    h.applied_version.unwrap_or(0),
+                    h.latest_version
+                ),
+            ),
+            Err(e) => Check::new("database", false, e.to_string()),
+        }
     }
 
     /// The log position of the event at global position `global` (where a consumer stands once

@@ -112,6 +112,11 @@ mod postgres_chapter {}
 #[doc = include_str!("../../docs/src/operations/backup.md")]
 mod backup_chapter {}
 
+/// The book's health checks chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/operations/health.md")]
+mod health_chapter {}
+
 /// The book's projections chapter, compiled so it cannot drift from the code.
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/projections.md")]

@@ -53,6 +53,9 @@ async fn migration_status_reports_applied_and_edited_migrations() {
         .collect();
     assert_eq!(edited, [3]);
 
+    let ready = store.readiness_check().await;
+    assert!(ready.ok, "{ready:?}");
+
     // A schema never migrated: every migration pending.
     let other = db.store_with(
         factum_postgres::StoreOptions::default()
@@ -63,6 +66,12 @@ async fn migration_status_reports_applied_and_edited_migrations() {
         pending
             .iter()
             .all(|m| m.applied_at.is_none() && m.checksum_ok)
+    );
+    let not_ready = other.readiness_check().await;
+    assert!(!not_ready.ok);
+    assert!(
+        not_ready.detail.contains("run the migrations"),
+        "{not_ready:?}"
     );
 }
 
