@@ -241,11 +241,14 @@ async fn connect(url: &str, schema: SchemaName) -> Result<PostgresStore, CliErro
     };
     PostgresStore::connect_with(url, &config, StoreOptions::default().with_schema(schema))
         .await
-        .map_err(|e| {
-            CliError::new(format!(
+        .map_err(|e| match e.kind() {
+            // Unreachable, refused, timed out: the URL or the server.
+            factum::ErrorKind::Transient | factum::ErrorKind::Unavailable => CliError::new(format!(
                 "cannot connect to the database: {}; check --database-url / DATABASE_URL and that the server runs",
                 CliError::from(e)
-            ))
+            )),
+            // A bad URL, a refused login, a log restored without repair: the message says what.
+            _ => CliError::from(e),
         })
 }
 
