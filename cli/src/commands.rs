@@ -22,7 +22,7 @@ pub(crate) struct Args {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     database_url: Option<String>,
     /// The schema of the service's store.
-    #[arg(long, env = "FACTUM_SCHEMA", global = true, default_value = SchemaName::DEFAULT)]
+    #[arg(long, env = "FACTUM_SCHEMA", global = true, hide_env_values = true, default_value = SchemaName::DEFAULT)]
     schema: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -215,7 +215,17 @@ pub(crate) async fn execute(
     };
     let report = match args.command {
         Command::Migrate(m) => cx.migrate(m, io).await?,
-        Command::Health => cx.health().await?,
+        Command::Health => {
+            let (report, up_to_date) = cx.health().await?;
+            report.print(io.out, cx.json)?;
+            if !up_to_date {
+                return Err(CliError::new(format!(
+                    "schema `{}` is not up to date: run `factum migrate apply`",
+                    cx.store.schema()
+                )));
+            }
+            return Ok(());
+        }
         command => {
             cx.require_migrated().await?;
             match command {
@@ -406,10 +416,11 @@ impl Context<'_> {
         }
     }
 
-    async fn health(&self) -> Result<Report, CliError> {
+    /// The report, and whether the schema is up to date.
+    async fn health(&self) -> Result<(Report, bool), CliError> {
         let h = self.store.health().await?;
         let oldest = h.oldest_open_write.map(duration);
-        Ok(Report {
+        let report = Report {
             headers: vec!["check", "value"],
             rows: vec![
                 vec!["schema".into(), h.schema.to_string()],
@@ -441,7 +452,8 @@ impl Context<'_> {
                 "up_to_date": h.is_up_to_date(),
                 "oldest_open_write_seconds": h.oldest_open_write.map(|d| d.as_secs_f64()),
             }),
-        })
+        };
+        Ok((report, h.is_up_to_date()))
     }
 
     async fn streams(&self, command: Streams) -> Result<Report, CliError> {

@@ -175,6 +175,16 @@ async fn an_operator_session_end_to_end() {
         "{error}"
     );
 
+    let error = session
+        .run_answering(&["health"], false, "")
+        .await
+        .err()
+        .expect("an unmigrated schema is not healthy");
+    assert_eq!(
+        error,
+        "schema `bank` is not up to date: run `factum migrate apply`"
+    );
+
     // migrate apply asks first; with nobody to answer it needs --yes.
     let error = session
         .run_answering(&["migrate", "apply"], false, "")
