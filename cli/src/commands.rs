@@ -149,7 +149,11 @@ enum DeadLetters {
         /// The projection that parked it.
         subscription: String,
         /// The event id.
-        event_id: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        event_id: Option<String>,
+        /// Every event the projection parked, oldest first; those that fail again stay parked.
+        #[arg(long)]
+        all: bool,
     },
     /// Removes a parked event without applying it.
     Discard {
@@ -288,7 +292,7 @@ fn confirm(io: &mut Io<'_>, yes: bool, what: &str) -> Result<(), CliError> {
     }
 }
 
-fn event_id(text: &str) -> Result<EventId, CliError> {
+fn event_id_of(text: &str) -> Result<EventId, CliError> {
     text.parse().map_err(|e| {
         CliError::new(format!(
             "`{text}` is not an event id ({e}): give the UUID that `factum dead-letters list` shows"
@@ -818,24 +822,65 @@ impl Context<'_> {
             }
             DeadLetters::Retry {
                 subscription,
-                event_id: id,
+                event_id,
+                all,
             } => {
                 let Some(projection) = self.registry.find(&subscription) else {
                     return Err(self.unknown_projection(&subscription));
                 };
-                let event = event_id(&id)?;
-                let applied = projection.retry_parked(self.store.clone(), event).await?;
-                if !applied {
-                    return Err(CliError::new(format!(
-                        "`{subscription}` has no parked event {id}: see `factum dead-letters list --subscription {subscription}`"
-                    )));
+                let ids: Vec<String> = match event_id {
+                    Some(id) if !all => vec![id],
+                    _ => self
+                        .store
+                        .parked(&subscription)
+                        .await?
+                        .iter()
+                        .map(|p| p.event.event_id.to_string())
+                        .collect(),
+                };
+                if !all {
+                    let id = &ids[0];
+                    let applied = projection
+                        .retry_parked(self.store.clone(), event_id_of(id)?)
+                        .await?;
+                    if !applied {
+                        return Err(CliError::new(format!(
+                            "`{subscription}` has no parked event {id}: see `factum dead-letters list --subscription {subscription}`"
+                        )));
+                    }
+                    return Ok(Report::message(
+                        format!(
+                            "applied {id} through `{subscription}` and removed it from the dead letters"
+                        ),
+                        json!({ "subscription": subscription, "event_id": id, "applied": true }),
+                    ));
                 }
-                Ok(Report::message(
-                    format!(
-                        "applied {id} through `{subscription}` and removed it from the dead letters"
-                    ),
-                    json!({ "subscription": subscription, "event_id": id, "applied": true }),
-                ))
+                // Every parked event: one failure does not stop the others.
+                let mut rows = Vec::new();
+                let mut results = Vec::new();
+                for id in &ids {
+                    let outcome = match projection
+                        .retry_parked(self.store.clone(), event_id_of(id)?)
+                        .await
+                    {
+                        Ok(true) => ("applied", String::new()),
+                        Ok(false) => ("gone", "no longer parked".to_owned()),
+                        Err(e) => ("still failing", CliError::from(e).to_string()),
+                    };
+                    rows.push(vec![id.clone(), outcome.0.to_owned(), outcome.1.clone()]);
+                    results
+                        .push(json!({ "event_id": id, "result": outcome.0, "error": outcome.1 }));
+                }
+                let failing = rows.iter().filter(|r| r[1] == "still failing").count();
+                Ok(Report {
+                    headers: vec!["event id", "result", "error"],
+                    rows,
+                    note: Some(format!(
+                        "{} applied, {failing} still parked",
+                        ids.len() - failing
+                    )),
+                    json: json!({ "subscription": subscription, "results": results }),
+                })
             }
             DeadLetters::Discard {
                 subscription,
@@ -863,7 +908,7 @@ impl Context<'_> {
     }
 
     async fn find_parked(&self, subscription: &str, id: &str) -> Result<ParkedEvent, CliError> {
-        let event = event_id(id)?;
+        let event = event_id_of(id)?;
         self.store
             .parked(subscription)
             .await?

@@ -331,6 +331,17 @@ async fn an_operator_session_end_to_end() {
         Some(1)
     );
 
+    let all = session
+        .json(&["dead-letters", "retry", "balances", "--all"])
+        .await;
+    assert_eq!(all["results"][0]["result"], "still failing", "{all}");
+    assert!(
+        all["results"][0]["error"]
+            .as_str()
+            .expect("text")
+            .contains("poisoned deposit")
+    );
+
     // After the fix, the retry applies it and removes it.
     session.poisoned.store(false, Ordering::SeqCst);
     let retried = session
