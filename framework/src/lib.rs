@@ -129,6 +129,7 @@
 //! * **Errors**: [`Error`] with [`ErrorKind`], and [`CommandError`] for command execution.
 
 mod aggregate;
+pub mod bus;
 mod error;
 mod event;
 pub mod health;

@@ -192,6 +192,80 @@ pub const METRICS: &[Metric] = &[
         labels: &["subscription", "state"],
         help: "1 for a consumer's current state (starting, catching_up, live, standby, retrying, stopped, failed), 0 for the others.",
     },
+    // The bus's relay and inbound consumer gauges (crate::bus::record_relay_metrics,
+    // record_inbound_metrics).
+    Metric {
+        name: "factum_relay_published",
+        kind: MetricKind::Gauge,
+        labels: &["relay"],
+        help: "Messages the broker stored since the relay started.",
+    },
+    Metric {
+        name: "factum_relay_duplicates",
+        kind: MetricKind::Gauge,
+        labels: &["relay"],
+        help: "Messages the broker dropped as duplicates since the relay started.",
+    },
+    Metric {
+        name: "factum_relay_retries",
+        kind: MetricKind::Gauge,
+        labels: &["relay"],
+        help: "Publish attempts retried since the relay started.",
+    },
+    Metric {
+        name: "factum_relay_last_event_age_seconds",
+        kind: MetricKind::Gauge,
+        labels: &["relay"],
+        help: "Seconds since the last published event was recorded.",
+    },
+    Metric {
+        name: "factum_relay_state",
+        kind: MetricKind::Gauge,
+        labels: &["relay", "state"],
+        help: "1 for a relay's current state (running, retrying), 0 for the other.",
+    },
+    Metric {
+        name: "factum_inbound_handled",
+        kind: MetricKind::Gauge,
+        labels: &["consumer"],
+        help: "Messages whose effect an inbound consumer committed since it started.",
+    },
+    Metric {
+        name: "factum_inbound_duplicates",
+        kind: MetricKind::Gauge,
+        labels: &["consumer"],
+        help: "Messages the inbox dropped as handled before, since start.",
+    },
+    Metric {
+        name: "factum_inbound_parked",
+        kind: MetricKind::Gauge,
+        labels: &["consumer"],
+        help: "Messages an inbound consumer parked since it started.",
+    },
+    Metric {
+        name: "factum_inbound_redeliveries",
+        kind: MetricKind::Gauge,
+        labels: &["consumer"],
+        help: "Deliveries that were redeliveries, since start.",
+    },
+    Metric {
+        name: "factum_inbound_lag_messages",
+        kind: MetricKind::Gauge,
+        labels: &["consumer"],
+        help: "Messages waiting at the broker or not yet acknowledged.",
+    },
+    Metric {
+        name: "factum_inbound_last_event_age_seconds",
+        kind: MetricKind::Gauge,
+        labels: &["consumer"],
+        help: "Seconds since the last handled event was recorded by its publisher (end-to-end delay).",
+    },
+    Metric {
+        name: "factum_inbound_state",
+        kind: MetricKind::Gauge,
+        labels: &["consumer", "state"],
+        help: "1 for an inbound consumer's current state (starting, running, retrying, stopped, failed), 0 for the others.",
+    },
     Metric {
         name: resilience::RETRIES_TOTAL,
         kind: MetricKind::Counter,
@@ -302,4 +376,77 @@ pub(crate) fn snapshot_saved(aggregate: &'static str, saved: bool) {
     let result = if saved { "saved" } else { "failed" };
     metrics::counter!(SNAPSHOT_SAVES_TOTAL, "aggregate" => aggregate, "result" => result)
         .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{
+        InboundState, InboundStatus, RelayState, RelayStatus, record_inbound_metrics,
+        record_relay_metrics,
+    };
+    use metrics_util::debugging::DebuggingRecorder;
+
+    /// The bus's gauges, which a workload outside the crate cannot emit without a broker: each
+    /// listed one is emitted with its labels, and nothing else is.
+    #[test]
+    fn the_bus_gauges_are_listed() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            record_relay_metrics(
+                "out",
+                &RelayStatus {
+                    state: RelayState::Running,
+                    published: 1,
+                    duplicates: 0,
+                    skipped: 0,
+                    retries: 0,
+                    last_recorded_at: None,
+                },
+            );
+            record_inbound_metrics(
+                "in",
+                &InboundStatus {
+                    state: InboundState::Running,
+                    handled: 1,
+                    duplicates: 0,
+                    parked: 0,
+                    redeliveries: 0,
+                    lag_messages: 0,
+                    last_recorded_at: None,
+                },
+            );
+        });
+        let mut emitted: Vec<(String, Vec<String>)> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, _)| {
+                assert_eq!(key.kind(), metrics_util::MetricKind::Gauge);
+                let key = key.key();
+                (
+                    key.name().to_owned(),
+                    key.labels().map(|l| l.key().to_owned()).collect(),
+                )
+            })
+            .collect();
+        emitted.sort();
+        emitted.dedup();
+        let mut listed: Vec<(String, Vec<String>)> = METRICS
+            .iter()
+            .filter(|m| {
+                m.name.starts_with("factum_relay_") || m.name.starts_with("factum_inbound_")
+            })
+            .map(|m| {
+                assert_eq!(m.kind, MetricKind::Gauge, "{}", m.name);
+                (
+                    m.name.to_owned(),
+                    m.labels.iter().map(|l| (*l).to_owned()).collect(),
+                )
+            })
+            .collect();
+        listed.sort();
+        assert_eq!(emitted, listed);
+    }
 }

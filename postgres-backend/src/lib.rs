@@ -79,11 +79,13 @@
 mod admin;
 mod config;
 mod error;
+mod inbox;
 mod maintenance;
 mod migrate;
 pub mod projection;
 mod restore;
 mod schema;
+mod service;
 mod store;
 pub mod subscription;
 mod transaction;
@@ -92,10 +94,12 @@ mod tx;
 pub use admin::{ConsumerSummary, MigrationStatus, SnapshotSummary, StreamSummary};
 pub use config::{PoolConfig, StoreOptions};
 pub use error::RestoreRepairNeeded;
+pub use inbox::PgInbox;
 pub use maintenance::Partition;
 pub use migrate::migrate;
 pub use restore::RestoreRepair;
 pub use schema::SchemaName;
+pub use service::ServiceRole;
 pub use store::{Health, PostgresStore};
 pub use transaction::InTransaction;
 

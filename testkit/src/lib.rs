@@ -40,7 +40,8 @@
 //!
 //! # The conformance suite
 //! [`conformance`] runs the guarantees every backend keeps against any backend;
-//! [`consumer_conformance`] the checkpoint and dead-letter checks.
+//! [`consumer_conformance`] the checkpoint and dead-letter checks; [`bus_conformance`] what every
+//! [`Bus`](factum::bus::Bus) keeps.
 
 mod aggregate;
 mod envelope;
@@ -50,8 +51,10 @@ mod process;
 mod projection;
 mod support;
 
+pub mod bus_conformance;
 pub mod conformance;
 pub mod consumer_conformance;
+pub mod nats;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod properties;
