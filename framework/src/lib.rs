@@ -132,6 +132,7 @@ mod aggregate;
 pub mod bus;
 mod error;
 mod event;
+pub mod health;
 pub mod idempotency;
 mod ids;
 mod memory;
@@ -141,6 +142,7 @@ mod repository;
 pub mod resilience;
 mod store;
 pub mod subscription;
+pub mod telemetry;
 
 pub use aggregate::{Aggregate, Command, Snapshot};
 pub use error::{BoxError, CommandError, Error, ErrorKind};
@@ -390,3 +392,11 @@ mod tutorial_chapter {}
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/subscriptions.md")]
 mod subscriptions_chapter {}
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/snapshots.md")]
+mod snapshots_chapter {}
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/reference/metrics.md")]
+mod metrics_chapter {}

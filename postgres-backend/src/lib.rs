@@ -76,6 +76,7 @@
 // `factum::Error` is the framework's error type, returned as is; its size is the framework's call.
 #![allow(clippy::result_large_err)]
 
+mod admin;
 mod config;
 mod error;
 mod inbox;
@@ -90,6 +91,7 @@ pub mod subscription;
 mod transaction;
 mod tx;
 
+pub use admin::{ConsumerSummary, MigrationStatus, SnapshotSummary, StreamSummary};
 pub use config::{PoolConfig, StoreOptions};
 pub use error::RestoreRepairNeeded;
 pub use inbox::PgInbox;
@@ -113,6 +115,11 @@ mod postgres_chapter {}
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/operations/backup.md")]
 mod backup_chapter {}
+
+/// The book's health checks chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/operations/health.md")]
+mod health_chapter {}
 
 /// The book's projections chapter, compiled so it cannot drift from the code.
 #[cfg(doctest)]

@@ -4,9 +4,10 @@
 //! `events` is partitioned by range of global position (see the crate docs). The first migration
 //! creates `events_p0` for positions below 1 000 000 000 and a default partition that catches
 //! anything beyond the last range, so appends never fail for lack of a partition; a maintenance
-//! task (a cron job, a periodic task of the service, the operator CLI) calls
-//! [`PostgresStore::ensure_partitions`] so that positions land in real range partitions, each with
-//! its own unique `(stream_id, stream_version)` and `event_id` indexes.
+//! task (a cron job, a periodic task of the service, or the operator CLI's
+//! `factum partitions create`) calls [`PostgresStore::ensure_partitions`] so that positions land
+//! in real range partitions, each with its own unique `(stream_id, stream_version)` and
+//! `event_id` indexes.
 
 use factum::{Error, StreamId};
 

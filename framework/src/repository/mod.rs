@@ -422,17 +422,23 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             correlation_id = %context.correlation_id,
             attempts = tracing::field::Empty,
         );
-        async move {
+        let started = std::time::Instant::now();
+        let result = async move {
             let stream_id = Self::stream_id(&aggregate_id)?;
             tracing::Span::current().record("stream", stream_id.as_str());
             let cached = self.cache.as_ref().and_then(|cache| cache.take(&stream_id));
+            if self.cache.is_some() {
+                crate::telemetry::cache_lookup(A::TYPE, cached.is_some());
+            }
             // Whether the state may be behind the store without an append having told us so.
             let mut unverified = cached.is_some();
             let mut loaded = match cached {
                 Some(loaded) => loaded,
                 None => {
+                    let load_started = std::time::Instant::now();
                     let mut loaded = self.load_snapshot(stream_id).await?;
                     self.catch_up(&mut loaded).await?;
+                    crate::telemetry::loaded(A::TYPE, load_started);
                     loaded
                 }
             };
@@ -524,7 +530,9 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             }
         }
         .instrument(span)
-        .await
+        .await;
+        crate::telemetry::command_done(A::TYPE, started, &result);
+        result
     }
 
     /// Appends the decided `events` at `loaded.version` and evolves the state with them.
@@ -609,6 +617,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             }
             Err(e) => return Err(Retry::Fail(e.into())),
         };
+        crate::telemetry::appended(A::TYPE, appended.positions.len());
         for event in &events {
             state.evolve(event);
         }
@@ -643,9 +652,12 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                 current = snapshots.schema_version,
                 "ignoring snapshot taken with another snapshot version"
             );
+            crate::telemetry::snapshot_loaded(A::TYPE, false);
             return Ok(fresh(stream_id));
         }
-        match (snapshots.decode)(&snapshot.state) {
+        let decoded = (snapshots.decode)(&snapshot.state);
+        crate::telemetry::snapshot_loaded(A::TYPE, decoded.is_ok());
+        match decoded {
             Ok(state) => Ok(Loaded {
                 stream_id,
                 state,
@@ -800,7 +812,9 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             state,
             taken_at: Utc::now(),
         };
-        if let Err(error) = snapshots.store.save_snapshot_dyn(snapshot).await {
+        let saved = snapshots.store.save_snapshot_dyn(snapshot).await;
+        crate::telemetry::snapshot_saved(A::TYPE, saved.is_ok());
+        if let Err(error) = saved {
             tracing::warn!(stream = %committed.stream_id, %error, "snapshot could not be saved");
         }
     }
