@@ -123,18 +123,21 @@ pub struct StoreOptions {
     retry: RetryPolicy,
     outcome_check_timeout: Duration,
     read_settle_timeout: Duration,
+    group_commit: GroupCommit,
 }
 
 impl Default for StoreOptions {
     /// Schema `factum`; retries by the default [`Operation::Append`] policy of
     /// [`RetryPolicies`](factum::resilience::RetryPolicies) (5 attempts, 50 ms to 2 s, 10 s in
-    /// all); outcome checks for at most 10 s; `read_all` waits at most 250 ms.
+    /// all); outcome checks for at most 10 s; `read_all` waits at most 250 ms; group commit on
+    /// ([`GroupCommit::default`]).
     fn default() -> Self {
         Self {
             schema: SchemaName::default(),
             retry: *RetryPolicies::default().get(Operation::Append),
             outcome_check_timeout: Duration::from_secs(10),
             read_settle_timeout: Duration::from_millis(250),
+            group_commit: GroupCommit::default(),
         }
     }
 }
@@ -194,6 +197,19 @@ impl StoreOptions {
         self
     }
 
+    /// Whether and how concurrent appends to different streams share statements (default:
+    /// [`GroupCommit::default`], on). See [`GroupCommit`].
+    #[must_use]
+    pub fn with_group_commit(mut self, group_commit: GroupCommit) -> Self {
+        self.group_commit = group_commit;
+        self
+    }
+
+    /// How concurrent appends share statements.
+    pub fn group_commit(&self) -> GroupCommit {
+        self.group_commit
+    }
+
     /// How long `read_all` waits for transactions in flight when it was called.
     pub fn read_settle_timeout(&self) -> Duration {
         self.read_settle_timeout
@@ -212,5 +228,77 @@ impl StoreOptions {
     /// How long a lost connection's outcome is checked for.
     pub fn outcome_check_timeout(&self) -> Duration {
         self.outcome_check_timeout
+    }
+}
+
+/// Group commit: how a [`PostgresStore`](crate::PostgresStore) combines concurrent appends into
+/// one statement.
+///
+/// While an append statement of the store is in flight, appends to *other* streams queue; when it
+/// returns, the queued ones go out together as one statement, at most
+/// [`max_batch`](Self::max_batch) of them (natural batching: an append that finds nothing in
+/// flight goes out at once, alone, so a single client sees no change). Each request keeps its own
+/// guarantees: its own expected version (a conflict fails that request only, the others
+/// commit), its own idempotency key and event-id checks, its own [`AppendResult`](factum::AppendResult)
+/// or error. Two requests for one stream never share a statement: the later one waits for the
+/// next, so they keep their order. Appends inside a caller's transaction
+/// ([`append_in`](crate::PostgresStore::append_in)) are never grouped.
+///
+/// What a failed group statement means for its requests: when the server rolled it back
+/// (a deadlock, a unique violation, a payload it refused, a statement timeout), nothing of it
+/// was stored, and every request runs its own statement at once and gets its own verdict; when
+/// the connection was lost while it was in flight, every request's outcome is unknown and each is
+/// settled by its own event ids, exactly as for a lost connection of a lone append (stored:
+/// success; absent: retried; unreachable: [`factum::Error::UnknownOutcome`]).
+///
+/// A group's statement waits for its slowest member: an append blocked on a stream row held by a
+/// long transaction (e.g. an [`append_in`](crate::PostgresStore::append_in) that stays open)
+/// holds up the appends grouped with it, and those queued behind it. Keep write transactions
+/// short, as the gap-safe log already requires, or set a `statement_timeout`.
+///
+/// ```
+/// use factum_postgres::{GroupCommit, StoreOptions};
+///
+/// let options = StoreOptions::default().with_group_commit(GroupCommit::default().with_max_batch(32));
+/// assert!(options.group_commit().enabled());
+/// assert_eq!(options.group_commit().max_batch(), 32);
+///
+/// // One statement per append, as before group commit.
+/// let alone = StoreOptions::default().with_group_commit(GroupCommit::disabled());
+/// assert!(!alone.group_commit().enabled());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupCommit {
+    max_batch: usize,
+}
+
+impl Default for GroupCommit {
+    /// On, with at most 64 appends per statement.
+    fn default() -> Self {
+        Self { max_batch: 64 }
+    }
+}
+
+impl GroupCommit {
+    /// Off: every append is a statement of its own.
+    pub fn disabled() -> Self {
+        Self { max_batch: 1 }
+    }
+
+    /// At most `appends` requests per statement (1 disables group commit).
+    #[must_use]
+    pub fn with_max_batch(mut self, appends: usize) -> Self {
+        self.max_batch = appends.max(1);
+        self
+    }
+
+    /// The most requests one statement carries.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Whether appends are grouped at all.
+    pub fn enabled(&self) -> bool {
+        self.max_batch > 1
     }
 }

@@ -78,6 +78,7 @@
 
 mod config;
 mod error;
+mod group;
 mod maintenance;
 mod migrate;
 pub mod projection;
@@ -88,7 +89,7 @@ pub mod subscription;
 mod transaction;
 mod tx;
 
-pub use config::{PoolConfig, StoreOptions};
+pub use config::{GroupCommit, PoolConfig, StoreOptions};
 pub use error::RestoreRepairNeeded;
 pub use maintenance::Partition;
 pub use migrate::migrate;

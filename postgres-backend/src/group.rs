@@ -1,0 +1,205 @@
+//! Group commit: appends to other streams that arrive while an append statement is in flight
+//! queue, and go out together as one statement when it returns (natural batching: no timer, no
+//! added delay).
+//!
+//! No background task: the caller whose append finds a free statement slot runs it itself; when
+//! a statement returns, the caller that ran it takes the next group from the queue and hands it
+//! to one of its members, which runs it as the group's leader and replies to the others. A
+//! leader whose caller is cancelled drops the others' reply channels; they then treat the
+//! statement as an unknown outcome and settle it by event id, like a lost connection.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use factum::{BoxError, IdempotencyKey, StreamId};
+use tokio::sync::oneshot;
+
+use crate::store::{Prepared, Tried};
+
+/// The queue of one store's appends waiting for a statement slot.
+pub(crate) struct Queue {
+    state: Mutex<State>,
+    max_batch: usize,
+    max_in_flight: usize,
+}
+
+struct State {
+    waiting: VecDeque<Waiting>,
+    /// Statements in flight (each of one append or of a group).
+    in_flight: usize,
+    /// The streams of the appends in flight: a stream has at most one append in flight, so two
+    /// requests for one stream are never merged into one statement and keep their order.
+    busy: HashSet<StreamId>,
+}
+
+/// An append waiting in the queue, with the channel its outcome goes to.
+pub(crate) struct Waiting {
+    pub(crate) prepared: Arc<Prepared>,
+    pub(crate) reply: oneshot::Sender<Reply>,
+}
+
+/// What a waiting append receives.
+pub(crate) enum Reply {
+    /// Its statement ran (alone or in a group): the outcome.
+    Done(Tried),
+    /// It leads a group: run the statement for itself and these others, then reply to them.
+    Lead(Vec<Waiting>),
+}
+
+/// Where [`Queue::enter`] put an append.
+pub(crate) enum Entry {
+    /// A slot was free and its stream idle: run the statement now, holding the slot.
+    Now,
+    /// Queued behind a statement in flight: the reply comes here.
+    Queued(oneshot::Receiver<Reply>),
+}
+
+impl Queue {
+    pub(crate) fn new(max_batch: usize, max_in_flight: usize) -> Self {
+        Self {
+            state: Mutex::new(State {
+                waiting: VecDeque::new(),
+                in_flight: 0,
+                busy: HashSet::new(),
+            }),
+            max_batch: max_batch.max(1),
+            max_in_flight: max_in_flight.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent, so a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a slot for `prepared` now, or queues it.
+    pub(crate) fn enter(&self, prepared: &Arc<Prepared>) -> Entry {
+        let stream = &prepared.request.stream;
+        let mut state = self.lock();
+        let idle = !state.busy.contains(stream)
+            && !state.waiting.iter().any(|w| &w.prepared.request.stream == stream);
+        if idle && state.in_flight < self.max_in_flight {
+            state.in_flight += 1;
+            state.busy.insert(stream.clone());
+            return Entry::Now;
+        }
+        let (reply, receive) = oneshot::channel();
+        state.waiting.push_back(Waiting {
+            prepared: Arc::clone(prepared),
+            reply,
+        });
+        Entry::Queued(receive)
+    }
+
+    /// Ends the statement for `streams`, and hands the slots that frees to the next groups.
+    fn finish(&self, streams: &[StreamId]) {
+        let mut state = self.lock();
+        state.in_flight -= 1;
+        for stream in streams {
+            state.busy.remove(stream);
+        }
+        while state.in_flight < self.max_in_flight {
+            let mut group = self.take_group(&mut state);
+            if group.is_empty() {
+                return;
+            }
+            // The first member still waiting leads; the others are its group.
+            let mut handed = false;
+            while !group.is_empty() {
+                let leader = group.remove(0);
+                let stream = leader.prepared.request.stream.clone();
+                match leader.reply.send(Reply::Lead(group)) {
+                    Ok(()) => {
+                        handed = true;
+                        break;
+                    }
+                    // Its caller is gone (cancelled): its append is not run.
+                    Err(Reply::Lead(rest)) => {
+                        state.busy.remove(&stream);
+                        group = rest;
+                    }
+                    Err(Reply::Done(_)) => unreachable!("a lead was sent"),
+                }
+            }
+            if !handed {
+                state.in_flight -= 1;
+            }
+        }
+    }
+
+    /// The next group: the oldest waiting appends whose streams are idle, one per stream and
+    /// idempotency key, at most `max_batch`; it takes their slot and marks their streams busy.
+    fn take_group(&self, state: &mut State) -> Vec<Waiting> {
+        let mut group = Vec::new();
+        let mut keys: HashSet<IdempotencyKey> = HashSet::new();
+        let mut kept = VecDeque::with_capacity(state.waiting.len());
+        while let Some(waiting) = state.waiting.pop_front() {
+            if waiting.reply.is_closed() {
+                // Cancelled while queued: never sent.
+                continue;
+            }
+            let request = &waiting.prepared.request;
+            let key_free = request
+                .idempotency_key
+                .as_ref()
+                .is_none_or(|k| !keys.contains(k));
+            if group.len() < self.max_batch && !state.busy.contains(&request.stream) && key_free
+            {
+                state.busy.insert(request.stream.clone());
+                if let Some(key) = &request.idempotency_key {
+                    keys.insert(key.clone());
+                }
+                group.push(waiting);
+            } else {
+                kept.push_back(waiting);
+            }
+        }
+        state.waiting = kept;
+        if !group.is_empty() {
+            state.in_flight += 1;
+        }
+        group
+    }
+}
+
+/// A statement slot held by a caller: released (and handed on) when dropped, also when the
+/// caller is cancelled mid-statement.
+pub(crate) struct Slot<'q> {
+    queue: &'q Queue,
+    streams: Vec<StreamId>,
+}
+
+impl<'q> Slot<'q> {
+    pub(crate) fn new(queue: &'q Queue, streams: Vec<StreamId>) -> Self {
+        Self { queue, streams }
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.queue.finish(&self.streams);
+    }
+}
+
+/// A group statement's error, shared by every member whose outcome it left unknown (the sqlx
+/// error is not `Clone`). Displays and chains as the error inside.
+#[derive(Debug)]
+pub(crate) struct Shared(pub(crate) Arc<sqlx::Error>);
+
+impl std::fmt::Display for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl std::error::Error for Shared {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// The error of a member whose leader went away before replying.
+pub(crate) fn leader_gone() -> BoxError {
+    "the caller running this append's group statement was cancelled before the outcome was known"
+        .into()
+}
