@@ -77,7 +77,10 @@ impl Queue {
         let stream = &prepared.request.stream;
         let mut state = self.lock();
         let idle = !state.busy.contains(stream)
-            && !state.waiting.iter().any(|w| &w.prepared.request.stream == stream);
+            && !state
+                .waiting
+                .iter()
+                .any(|w| &w.prepared.request.stream == stream);
         if idle && state.in_flight < self.max_in_flight {
             state.in_flight += 1;
             state.busy.insert(stream.clone());
@@ -143,8 +146,7 @@ impl Queue {
                 .idempotency_key
                 .as_ref()
                 .is_none_or(|k| !keys.contains(k));
-            if group.len() < self.max_batch && !state.busy.contains(&request.stream) && key_free
-            {
+            if group.len() < self.max_batch && !state.busy.contains(&request.stream) && key_free {
                 state.busy.insert(request.stream.clone());
                 if let Some(key) = &request.idempotency_key {
                     keys.insert(key.clone());
@@ -202,4 +204,102 @@ impl std::error::Error for Shared {
 pub(crate) fn leader_gone() -> BoxError {
     "the caller running this append's group statement was cancelled before the outcome was known"
         .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use factum::{AppendRequest, EventId, NewEvent};
+
+    fn prepared(stream: &str, key: Option<&str>) -> Arc<Prepared> {
+        let event = NewEvent {
+            event_id: EventId::new(),
+            event_type: "t".into(),
+            schema_version: 1,
+            payload: serde_json::value::to_raw_value(&1).expect("json"),
+            metadata: Default::default(),
+        };
+        let mut request = AppendRequest::new(StreamId::new(stream).expect("id"), vec![event]);
+        if let Some(key) = key {
+            request = request.idempotency_key(IdempotencyKey::new(key).expect("key"));
+        }
+        Arc::new(Prepared::new(request).expect("prepared"))
+    }
+
+    fn queued(entry: Entry) -> oneshot::Receiver<Reply> {
+        match entry {
+            Entry::Queued(receive) => receive,
+            Entry::Now => panic!("expected to queue"),
+        }
+    }
+
+    fn lead(receive: &mut oneshot::Receiver<Reply>) -> Vec<String> {
+        match receive.try_recv() {
+            Ok(Reply::Lead(others)) => others
+                .iter()
+                .map(|w| w.prepared.request.stream.as_str().to_owned())
+                .collect(),
+            Ok(Reply::Done(_)) => panic!("expected to lead, was answered"),
+            Err(e) => panic!("expected to lead: {e:?}"),
+        }
+    }
+
+    #[test]
+    fn an_idle_store_sends_at_once_and_a_busy_one_groups_per_stream_in_order() {
+        let queue = Queue::new(64, 1);
+        let a = prepared("s-a", None);
+        assert!(matches!(queue.enter(&a), Entry::Now));
+        // In flight: everything queues, a second request for `s-a` too.
+        let mut b = queued(queue.enter(&prepared("s-b", None)));
+        let mut a2 = queued(queue.enter(&prepared("s-a", None)));
+        let mut c = queued(queue.enter(&prepared("s-c", None)));
+        // The first statement returns: the oldest waiting request leads a group of the others
+        // (the second `s-a` request among them: its stream's earlier append is done).
+        drop(Slot::new(&queue, vec![a.request.stream.clone()]));
+        assert_eq!(lead(&mut b), ["s-a", "s-c"]);
+        assert!(a2.try_recv().is_err() && c.try_recv().is_err());
+        // While that group is in flight, another `s-a` request waits for the next statement.
+        let mut a3 = queued(queue.enter(&prepared("s-a", None)));
+        let d = prepared("s-d", None);
+        let mut d1 = queued(queue.enter(&d));
+        let streams = ["s-b", "s-a", "s-c"].map(|s| StreamId::new(s).expect("id"));
+        drop(Slot::new(&queue, streams.to_vec()));
+        assert_eq!(lead(&mut a3), ["s-d"]);
+        assert!(d1.try_recv().is_err());
+    }
+
+    #[test]
+    fn one_request_per_stream_and_key_in_a_group_and_cancelled_ones_are_skipped() {
+        let queue = Queue::new(3, 1);
+        let first = prepared("s-x", None);
+        assert!(matches!(queue.enter(&first), Entry::Now));
+        let cancelled = queued(queue.enter(&prepared("s-gone", None)));
+        let mut k1 = queued(queue.enter(&prepared("s-k1", Some("key"))));
+        let mut k2 = queued(queue.enter(&prepared("s-k2", Some("key"))));
+        let mut y = queued(queue.enter(&prepared("s-y", None)));
+        let mut z = queued(queue.enter(&prepared("s-z", None)));
+        drop(cancelled);
+        drop(Slot::new(&queue, vec![first.request.stream.clone()]));
+        // Leader `s-k1`; `s-k2` has the same key, so it waits; the cap is 3 requests.
+        assert_eq!(lead(&mut k1), ["s-y", "s-z"]);
+        assert!(k2.try_recv().is_err() && y.try_recv().is_err() && z.try_recv().is_err());
+        let streams = ["s-k1", "s-y", "s-z"].map(|s| StreamId::new(s).expect("id"));
+        drop(Slot::new(&queue, streams.to_vec()));
+        assert_eq!(lead(&mut k2), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_leader_that_is_gone_hands_the_group_on() {
+        let queue = Queue::new(64, 1);
+        let first = prepared("s-1", None);
+        assert!(matches!(queue.enter(&first), Entry::Now));
+        let gone = queued(queue.enter(&prepared("s-2", None)));
+        let mut next = queued(queue.enter(&prepared("s-3", None)));
+        let mut last = queued(queue.enter(&prepared("s-4", None)));
+        // Cancelled after it was queued but before the slot frees: the group skips it.
+        drop(gone);
+        drop(Slot::new(&queue, vec![first.request.stream.clone()]));
+        assert_eq!(lead(&mut next), ["s-4"]);
+        assert!(last.try_recv().is_err());
+    }
 }

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use factum::resilience::{FullJitter, RetryPolicy};
 use factum::{
-    AppendRequest, AppendResult, BoxError, CATEGORY_SEPARATOR, CausationId, CorrelationId, DecodeError,
-    Error, EventFilter, EventId, EventMetadata, EventPayload, EventStore, EventStream,
-    ExpectedVersion, GlobalPosition, IdempotencyKey, LogPosition, Metadata,
-    PayloadStream, RawValue, RecordedEvent, SnapshotStore, StoredSnapshot, StreamId, StreamVersion,
+    AppendRequest, AppendResult, BoxError, CATEGORY_SEPARATOR, CausationId, CorrelationId,
+    DecodeError, Error, EventFilter, EventId, EventMetadata, EventPayload, EventStore, EventStream,
+    ExpectedVersion, GlobalPosition, IdempotencyKey, LogPosition, Metadata, PayloadStream,
+    RawValue, RecordedEvent, SnapshotStore, StoredSnapshot, StreamId, StreamVersion,
     validate_batch,
 };
 use futures_util::StreamExt;
@@ -84,10 +84,10 @@ impl PostgresStore {
     /// A store on `pool` with `options` (schema, retries).
     pub fn with_options(pool: PgPool, options: StoreOptions) -> Self {
         let sql = Sql::new(options.schema());
-        let group = options
-            .group_commit()
-            .enabled()
-            .then(|| Queue::new(options.group_commit().max_batch(), 1));
+        let group = options.group_commit().is_enabled().then(|| {
+            let group = options.group_commit();
+            Queue::new(group.max_batch(), group.max_in_flight())
+        });
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -371,7 +371,10 @@ impl PostgresStore {
                     tokio::time::sleep(delay).await;
                 }
                 Tried::Failed(Failure::UnknownOutcome(e)) => {
-                    if let Some(done) = self.after_unknown(request, &batch, &mut retries, Box::new(e)).await {
+                    if let Some(done) = self
+                        .after_unknown(request, &batch, &mut retries, Box::new(e))
+                        .await
+                    {
                         return done;
                     }
                 }
@@ -467,7 +470,10 @@ impl PostgresStore {
             .map(|p| p.request.stream.clone())
             .collect();
         let _slot = Slot::new(queue, streams);
-        let others: Vec<Waiting> = others.into_iter().filter(|w| !w.reply.is_closed()).collect();
+        let others: Vec<Waiting> = others
+            .into_iter()
+            .filter(|w| !w.reply.is_closed())
+            .collect();
         if others.is_empty() {
             return self.alone(own).await;
         }
@@ -490,7 +496,9 @@ impl PostgresStore {
                 for waiting in others {
                     let _ = waiting
                         .reply
-                        .send(Reply::Done(Tried::Unknown(Box::new(Shared(Arc::clone(&e))))));
+                        .send(Reply::Done(Tried::Unknown(Box::new(Shared(Arc::clone(
+                            &e,
+                        ))))));
                 }
                 Tried::Unknown(Box::new(Shared(e)))
             }
@@ -571,7 +579,10 @@ impl PostgresStore {
                 .map_err(|e| classify(e, Op::Write))?;
         let mut by_stream: HashMap<String, Vec<(i64, i64)>> = HashMap::with_capacity(members.len());
         for (position, stream, version) in rows {
-            by_stream.entry(stream).or_default().push((version, position));
+            by_stream
+                .entry(stream)
+                .or_default()
+                .push((version, position));
         }
         Ok(members
             .iter()
@@ -869,7 +880,7 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
-    fn new(request: AppendRequest) -> Result<Self, Error> {
+    pub(crate) fn new(request: AppendRequest) -> Result<Self, Error> {
         let stream = &request.stream;
         validate_batch(stream, &request.events)?;
         let events = &request.events;

@@ -264,7 +264,7 @@ async fn run_grouped() {
     let store = db.store_with(
         StoreOptions::default()
             .with_read_settle_timeout(factum_testkit::postgres::PATIENT_READ_SETTLE)
-            .with_group_commit(GroupCommit::default().with_max_batch(16)),
+            .with_group_commit(GroupCommit::enabled().with_max_batch(16)),
     );
     let mut writers = Vec::new();
     for writer in 0..WRITERS {
@@ -278,9 +278,8 @@ async fn run_grouped() {
                 let id = stream(n);
                 let events = batch(writer, 1 + rng.below(3));
                 let ids: Vec<EventId> = events.iter().map(|e| e.event_id).collect();
-                let key = (rng.below(4) == 0).then(|| {
-                    IdempotencyKey::new(format!("w{writer}-a{a}")).expect("key")
-                });
+                let key = (rng.below(4) == 0)
+                    .then(|| IdempotencyKey::new(format!("w{writer}-a{a}")).expect("key"));
                 let mut version = store.stream_version(&id).await.expect("version");
                 if rng.below(8) == 0 {
                     // An injected conflict: a version the stream cannot have yet.
@@ -375,7 +374,10 @@ async fn run_grouped() {
     .fetch_one(db.pool())
     .await
     .expect("grouped statements");
-    let acked = sent.iter().filter(|s| matches!(s, Sent::Acked { .. })).count();
+    let acked = sent
+        .iter()
+        .filter(|s| matches!(s, Sent::Acked { .. }))
+        .count();
     eprintln!(
         "group torture: {acked} appends acknowledged, {conflicts} conflicts, {injected} injected, {total} events, {grouped} statements with several streams"
     );
@@ -450,7 +452,10 @@ async fn run_grouped() {
             }
         }
     }
-    assert_eq!(acked_events, total, "nothing but acknowledged appends was stored");
+    assert_eq!(
+        acked_events, total,
+        "nothing but acknowledged appends was stored"
+    );
     let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM factum.idempotency_keys")
         .fetch_one(db.pool())
         .await

@@ -529,6 +529,78 @@ async fn main() {
         return;
     }
 
+    // `FACTUM_BENCH_ONLY=group`: group commit off and on, alternated with raw single-row inserts,
+    // three runs each at 1 and 16 clients: 1-event appends and uncached commands; medians, each
+    // ratio within the same run.
+    if std::env::var("FACTUM_BENCH_ONLY").as_deref() == Ok("group") {
+        let alone = db.store_with(
+            factum_postgres::StoreOptions::default()
+                .with_group_commit(factum_postgres::GroupCommit::disabled()),
+        );
+        let alone_repo = Arc::new(Repository::<Account, _>::new(alone.clone()));
+        // `FACTUM_BENCH_GROUP_IN_FLIGHT=N`: statements in flight with group commit on.
+        let mut group = factum_postgres::GroupCommit::enabled();
+        if let Some(n) = std::env::var("FACTUM_BENCH_GROUP_IN_FLIGHT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            group = group.with_max_in_flight(n);
+        }
+        let store =
+            db.store_with(factum_postgres::StoreOptions::default().with_group_commit(group));
+        let repo = Arc::new(Repository::<Account, _>::new(store.clone()));
+        raw_inserts(&pool, 4, 20, "warm").await;
+        factum_appends(&alone, 4, 20, "warma").await;
+        factum_appends(&store, 4, 20, "warmg").await;
+        factum_commands(&alone_repo, 4, 20, "warma").await;
+        factum_commands(&repo, 4, 20, "warmg").await;
+        header();
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        for (clients, base) in [(1, 1000.0), (16, 400.0)] {
+            let per = (n(base) / 10).max(1) * 10;
+            let mut ratios: [Vec<f64>; 4] = Default::default();
+            let mut rates: [Vec<f64>; 5] = Default::default();
+            for run in 0..3 {
+                let t = |what: &str| format!("{what}{clients}r{run}");
+                let raw = raw_inserts(&pool, clients, per, &t("raw")).await;
+                let a_off = factum_appends(&alone, clients, per, &t("aoff")).await;
+                let a_on = factum_appends(&store, clients, per, &t("aon")).await;
+                let c_off = factum_commands(&alone_repo, clients, per, &t("coff")).await;
+                let c_on = factum_commands(&repo, clients, per, &t("con")).await;
+                for (i, v) in [raw, a_off, a_on, c_off, c_on].into_iter().enumerate() {
+                    rates[i].push(v);
+                }
+                for (i, v) in [a_off, a_on, c_off, c_on].into_iter().enumerate() {
+                    ratios[i].push(v / raw);
+                }
+            }
+            let raw = median(&mut rates[0]);
+            for (i, (what, unit)) in [
+                ("1-event appends, group commit off", "ev/s"),
+                ("1-event appends, group commit on", "ev/s"),
+                ("commands, group commit off", "cmd/s"),
+                ("commands, group commit on", "cmd/s"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let ours = median(&mut rates[i + 1]);
+                let ratio = median(&mut ratios[i]);
+                ratios[i].sort_by(f64::total_cmp);
+                println!(
+                    "| {clients} client(s), {what} (median of 3) | {ours:.0} {unit} | raw inserts: {raw:.0} {unit} | {:.0}% ({:.0}%–{:.0}%) | |",
+                    ratio * 100.0,
+                    ratios[i][0] * 100.0,
+                    ratios[i][2] * 100.0
+                );
+            }
+        }
+        return;
+    }
+
     // `FACTUM_BENCH_ONLY=keys`: only commands with and without idempotency keys, alternated,
     // three runs each at 1 and 16 clients, medians (about half a minute).
     if std::env::var("FACTUM_BENCH_ONLY").as_deref() == Ok("keys") {
