@@ -686,11 +686,11 @@ impl PostgresStore {
                 .bind(batch.causation_ids[0])
         } else {
             query
-                .bind(&batch.ids)
+                .bind(batch.ids)
                 .bind(&batch.types)
-                .bind(&batch.schema_versions)
+                .bind(batch.schema_versions)
                 .bind(&batch.payloads)
-                .bind(&batch.metadata)
+                .bind(batch.metadata)
                 .bind(&batch.correlation_ids)
                 .bind(&batch.causation_ids)
         };
@@ -739,7 +739,7 @@ impl PostgresStore {
         }
         let rows: Vec<(Uuid, String, i64, i64)> =
             sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.find_ids.as_str()))
-                .bind(&batch.ids)
+                .bind(batch.ids)
                 .fetch_all(conn)
                 .await
                 .map_err(|e| to_error(e, "append"))?;
