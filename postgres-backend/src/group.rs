@@ -42,8 +42,16 @@ pub(crate) struct Waiting {
 pub(crate) enum Reply {
     /// Its statement ran (alone or in a group): the outcome.
     Done(Tried),
-    /// It leads a group: run the statement for itself and these others, then reply to them.
-    Lead(Vec<Waiting>),
+    /// It leads a group: run the statement for itself and the others, then reply to them.
+    Lead(Lead),
+}
+
+/// A group handed to its leader, with the statement slot it holds: dropped unused (its leader's
+/// caller cancelled before it looked), it still frees the slot, and the others then see their
+/// reply channels closed.
+pub(crate) struct Lead {
+    pub(crate) others: Vec<Waiting>,
+    pub(crate) slot: Slot,
 }
 
 /// Where [`Queue::enter`] put an append.
@@ -95,7 +103,7 @@ impl Queue {
     }
 
     /// Ends the statement for `streams`, and hands the slots that frees to the next groups.
-    fn finish(&self, streams: &[StreamId]) {
+    fn finish(self: &Arc<Self>, streams: &[StreamId]) {
         let mut state = self.lock();
         state.in_flight -= 1;
         for stream in streams {
@@ -107,25 +115,31 @@ impl Queue {
                 return;
             }
             // The first member still waiting leads; the others are its group.
-            let mut handed = false;
-            while !group.is_empty() {
+            loop {
+                if group.is_empty() {
+                    state.in_flight -= 1;
+                    break;
+                }
                 let leader = group.remove(0);
-                let stream = leader.prepared.request.stream.clone();
-                match leader.reply.send(Reply::Lead(group)) {
-                    Ok(()) => {
-                        handed = true;
-                        break;
-                    }
-                    // Its caller is gone (cancelled): its append is not run.
-                    Err(Reply::Lead(rest)) => {
-                        state.busy.remove(&stream);
-                        group = rest;
+                let streams = std::iter::once(&leader)
+                    .chain(&group)
+                    .map(|w| w.prepared.request.stream.clone())
+                    .collect();
+                let lead = Lead {
+                    others: group,
+                    slot: Slot::new(self, streams),
+                };
+                match leader.reply.send(Reply::Lead(lead)) {
+                    Ok(()) => break,
+                    // Its caller is gone (cancelled): its append is not run. The slot is
+                    // accounted for here, under the lock: it must not release itself.
+                    Err(Reply::Lead(Lead { others, slot })) => {
+                        slot.disarm();
+                        state.busy.remove(&leader.prepared.request.stream);
+                        group = others;
                     }
                     Err(Reply::Done(_)) => unreachable!("a lead was sent"),
                 }
-            }
-            if !handed {
-                state.in_flight -= 1;
             }
         }
     }
@@ -164,22 +178,33 @@ impl Queue {
     }
 }
 
-/// A statement slot held by a caller: released (and handed on) when dropped, also when the
-/// caller is cancelled mid-statement.
-pub(crate) struct Slot<'q> {
-    queue: &'q Queue,
+/// A statement slot for some streams: released (and handed on) when dropped, also when the
+/// caller holding it is cancelled mid-statement.
+pub(crate) struct Slot {
+    queue: Option<Arc<Queue>>,
     streams: Vec<StreamId>,
 }
 
-impl<'q> Slot<'q> {
-    pub(crate) fn new(queue: &'q Queue, streams: Vec<StreamId>) -> Self {
-        Self { queue, streams }
+impl Slot {
+    /// The slot a caller took with [`Entry::Now`] (or one for a group being handed on).
+    pub(crate) fn new(queue: &Arc<Queue>, streams: Vec<StreamId>) -> Self {
+        Self {
+            queue: Some(Arc::clone(queue)),
+            streams,
+        }
+    }
+
+    /// Drops it without releasing anything (the caller accounts for it).
+    fn disarm(mut self) {
+        self.queue = None;
     }
 }
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.queue.finish(&self.streams);
+        if let Some(queue) = self.queue.take() {
+            queue.finish(&self.streams);
+        }
     }
 }
 
@@ -233,12 +258,26 @@ mod tests {
         }
     }
 
-    fn lead(receive: &mut oneshot::Receiver<Reply>) -> Vec<String> {
+    /// Takes the first slot for `stream`, as an append on an idle store does.
+    fn now(queue: &Arc<Queue>, stream: &str) -> Slot {
+        let p = prepared(stream, None);
+        assert!(
+            matches!(queue.enter(&p), Entry::Now),
+            "expected a free slot"
+        );
+        Slot::new(queue, vec![p.request.stream.clone()])
+    }
+
+    /// The group handed to this waiter, with the other members' streams.
+    fn lead(receive: &mut oneshot::Receiver<Reply>) -> (Vec<String>, Lead) {
         match receive.try_recv() {
-            Ok(Reply::Lead(others)) => others
-                .iter()
-                .map(|w| w.prepared.request.stream.as_str().to_owned())
-                .collect(),
+            Ok(Reply::Lead(lead)) => (
+                lead.others
+                    .iter()
+                    .map(|w| w.prepared.request.stream.as_str().to_owned())
+                    .collect(),
+                lead,
+            ),
             Ok(Reply::Done(_)) => panic!("expected to lead, was answered"),
             Err(e) => panic!("expected to lead: {e:?}"),
         }
@@ -246,60 +285,80 @@ mod tests {
 
     #[test]
     fn an_idle_store_sends_at_once_and_a_busy_one_groups_per_stream_in_order() {
-        let queue = Queue::new(64, 1);
-        let a = prepared("s-a", None);
-        assert!(matches!(queue.enter(&a), Entry::Now));
+        let queue = Arc::new(Queue::new(64, 1));
+        let first = now(&queue, "s-a");
         // In flight: everything queues, a second request for `s-a` too.
         let mut b = queued(queue.enter(&prepared("s-b", None)));
         let mut a2 = queued(queue.enter(&prepared("s-a", None)));
         let mut c = queued(queue.enter(&prepared("s-c", None)));
         // The first statement returns: the oldest waiting request leads a group of the others
         // (the second `s-a` request among them: its stream's earlier append is done).
-        drop(Slot::new(&queue, vec![a.request.stream.clone()]));
-        assert_eq!(lead(&mut b), ["s-a", "s-c"]);
+        drop(first);
+        let (others, group) = lead(&mut b);
+        assert_eq!(others, ["s-a", "s-c"]);
         assert!(a2.try_recv().is_err() && c.try_recv().is_err());
         // While that group is in flight, another `s-a` request waits for the next statement.
         let mut a3 = queued(queue.enter(&prepared("s-a", None)));
-        let d = prepared("s-d", None);
-        let mut d1 = queued(queue.enter(&d));
-        let streams = ["s-b", "s-a", "s-c"].map(|s| StreamId::new(s).expect("id"));
-        drop(Slot::new(&queue, streams.to_vec()));
-        assert_eq!(lead(&mut a3), ["s-d"]);
-        assert!(d1.try_recv().is_err());
+        let mut d = queued(queue.enter(&prepared("s-d", None)));
+        drop(group);
+        let (others, next) = lead(&mut a3);
+        assert_eq!(others, ["s-d"]);
+        assert!(d.try_recv().is_err());
+        drop(next);
+        // All done: the next append goes out at once.
+        drop(now(&queue, "s-a"));
     }
 
     #[test]
     fn one_request_per_stream_and_key_in_a_group_and_cancelled_ones_are_skipped() {
-        let queue = Queue::new(3, 1);
-        let first = prepared("s-x", None);
-        assert!(matches!(queue.enter(&first), Entry::Now));
+        let queue = Arc::new(Queue::new(3, 1));
+        let first = now(&queue, "s-x");
         let cancelled = queued(queue.enter(&prepared("s-gone", None)));
         let mut k1 = queued(queue.enter(&prepared("s-k1", Some("key"))));
         let mut k2 = queued(queue.enter(&prepared("s-k2", Some("key"))));
         let mut y = queued(queue.enter(&prepared("s-y", None)));
         let mut z = queued(queue.enter(&prepared("s-z", None)));
         drop(cancelled);
-        drop(Slot::new(&queue, vec![first.request.stream.clone()]));
+        drop(first);
         // Leader `s-k1`; `s-k2` has the same key, so it waits; the cap is 3 requests.
-        assert_eq!(lead(&mut k1), ["s-y", "s-z"]);
+        let (others, group) = lead(&mut k1);
+        assert_eq!(others, ["s-y", "s-z"]);
         assert!(k2.try_recv().is_err() && y.try_recv().is_err() && z.try_recv().is_err());
-        let streams = ["s-k1", "s-y", "s-z"].map(|s| StreamId::new(s).expect("id"));
-        drop(Slot::new(&queue, streams.to_vec()));
-        assert_eq!(lead(&mut k2), Vec::<String>::new());
+        drop(group);
+        let (others, _alone) = lead(&mut k2);
+        assert!(others.is_empty());
     }
 
     #[test]
     fn a_leader_that_is_gone_hands_the_group_on() {
-        let queue = Queue::new(64, 1);
-        let first = prepared("s-1", None);
-        assert!(matches!(queue.enter(&first), Entry::Now));
+        let queue = Arc::new(Queue::new(64, 1));
+        let first = now(&queue, "s-1");
         let gone = queued(queue.enter(&prepared("s-2", None)));
         let mut next = queued(queue.enter(&prepared("s-3", None)));
         let mut last = queued(queue.enter(&prepared("s-4", None)));
         // Cancelled after it was queued but before the slot frees: the group skips it.
         drop(gone);
-        drop(Slot::new(&queue, vec![first.request.stream.clone()]));
-        assert_eq!(lead(&mut next), ["s-4"]);
+        drop(first);
+        let (others, _group) = lead(&mut next);
+        assert_eq!(others, ["s-4"]);
         assert!(last.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_lead_dropped_unread_frees_the_slot_and_closes_the_others() {
+        let queue = Arc::new(Queue::new(64, 1));
+        let first = now(&queue, "s-1");
+        let leader = queued(queue.enter(&prepared("s-2", None)));
+        let mut member = queued(queue.enter(&prepared("s-3", None)));
+        drop(first);
+        // The leader's caller is cancelled after the lead was sent, before it read it.
+        drop(leader);
+        assert!(
+            matches!(member.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
+            "the member learns its statement will not run as planned"
+        );
+        // The slot and the streams are free again.
+        drop(now(&queue, "s-2"));
+        drop(now(&queue, "s-3"));
     }
 }

@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::config::{PoolConfig, StoreOptions};
 use crate::error::{Failure, Op, RestoreRepairNeeded, classify, to_error};
-use crate::group::{self, Entry, Queue, Reply, Shared, Slot, Waiting};
+use crate::group::{self, Entry, Lead, Queue, Reply, Shared, Slot, Waiting};
 use crate::migrate::{latest_version, migrate};
 use crate::schema::SchemaName;
 
@@ -38,7 +38,7 @@ struct Inner {
     options: StoreOptions,
     sql: Sql,
     /// The group-commit queue, when group commit is on.
-    group: Option<Queue>,
+    group: Option<Arc<Queue>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -86,7 +86,7 @@ impl PostgresStore {
         let sql = Sql::new(options.schema());
         let group = options.group_commit().is_enabled().then(|| {
             let group = options.group_commit();
-            Queue::new(group.max_batch(), group.max_in_flight())
+            Arc::new(Queue::new(group.max_batch(), group.max_in_flight()))
         });
         Self {
             inner: Arc::new(Inner {
@@ -445,7 +445,7 @@ impl PostgresStore {
             }
             Entry::Queued(reply) => match reply.await {
                 Ok(Reply::Done(tried)) => tried,
-                Ok(Reply::Lead(others)) => self.lead(queue, prepared, others).await,
+                Ok(Reply::Lead(lead)) => self.lead(prepared, lead).await,
                 Err(_) => Tried::Unknown(group::leader_gone()),
             },
         }
@@ -464,12 +464,11 @@ impl PostgresStore {
     /// deadlock, a unique violation, a payload it refused) stored nothing, so every member then
     /// runs its own statement, concurrently, and gets its own verdict; one whose outcome is
     /// unknown leaves every member's outcome unknown, each settled by its own event ids.
-    async fn lead(&self, queue: &Queue, own: &Arc<Prepared>, others: Vec<Waiting>) -> Tried {
-        let streams = std::iter::once(own)
-            .chain(others.iter().map(|w| &w.prepared))
-            .map(|p| p.request.stream.clone())
-            .collect();
-        let _slot = Slot::new(queue, streams);
+    async fn lead(&self, own: &Arc<Prepared>, lead: Lead) -> Tried {
+        let Lead {
+            others,
+            slot: _slot,
+        } = lead;
         let others: Vec<Waiting> = others
             .into_iter()
             .filter(|w| !w.reply.is_closed())
