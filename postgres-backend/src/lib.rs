@@ -41,7 +41,8 @@
 //! (and only when no id of the batch is already stored), and inserts the batch from `unnest`ed
 //! arrays. No row back means a conflict or a re-append; the ids are then looked up to apply the
 //! idempotent re-append rule of [`factum::EventStore`]. No sequence value is taken by a
-//! conflicting append.
+//! conflicting append. With [`GroupCommit`] (opt-in), concurrent appends to different streams can
+//! share one such statement, each keeping its own checks and outcome.
 //!
 //! Failures are classified once: a transaction the server rolled back (deadlock, serialization
 //! failure, too many connections...) is retried by the store's
@@ -79,6 +80,7 @@
 mod admin;
 mod config;
 mod error;
+mod group;
 mod inbox;
 mod maintenance;
 mod migrate;
@@ -92,7 +94,7 @@ mod transaction;
 mod tx;
 
 pub use admin::{ConsumerSummary, MigrationStatus, SnapshotSummary, StreamSummary};
-pub use config::{PoolConfig, StoreOptions};
+pub use config::{GroupCommit, PoolConfig, StoreOptions};
 pub use error::RestoreRepairNeeded;
 pub use inbox::PgInbox;
 pub use maintenance::Partition;

@@ -22,8 +22,10 @@ use crate::store::{
 };
 
 mod cache;
+mod turns;
 
 use cache::StateCache;
+use turns::Turns;
 
 /// Where a command comes from: its id, the workflow it belongs to, and metadata to stamp on every
 /// event it produces.
@@ -219,9 +221,13 @@ struct Snapshots<A> {
 /// Executes commands against one aggregate type: loads the stream (from the latest usable
 /// snapshot, then the events after it), decides, and appends with optimistic concurrency.
 ///
-/// On a concurrency conflict it catches up with the events written meanwhile and decides again,
-/// up to [`with_conflict_retries`](Self::with_conflict_retries) times (default 3), then returns
-/// the conflict. A rejected command stores nothing. Each command runs in a `factum.command`
+/// Commands on one aggregate through one repository run one at a time, in arrival order (a
+/// queue per aggregate with commands in flight; commands on other aggregates run concurrently),
+/// so they never race each other: only writers elsewhere (another repository, another process)
+/// can make a command meet a concurrency conflict. On a conflict it catches up with the events
+/// written meanwhile and decides again, up to
+/// [`with_conflict_retries`](Self::with_conflict_retries) times (default 3), then returns the
+/// conflict. A rejected command stores nothing. Each command runs in a `factum.command`
 /// tracing span with the aggregate type, stream, command name and correlation id (never payloads).
 ///
 /// ```
@@ -237,6 +243,7 @@ pub struct Repository<A: Aggregate, S> {
     max_conflict_retries: u32,
     snapshots: Option<Snapshots<A>>,
     cache: Option<StateCache<A>>,
+    turns: Turns,
 }
 
 impl<A: Aggregate, S: std::fmt::Debug> std::fmt::Debug for Repository<A, S> {
@@ -259,6 +266,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             max_conflict_retries: 3,
             snapshots: None,
             cache: None,
+            turns: Turns::default(),
         }
     }
 
@@ -272,9 +280,10 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
     /// a conflict and the command catches up and decides again, as without the cache. A
     /// rejection or an empty decision, which append nothing and so cannot meet a conflict, is
     /// checked against the store before it is returned (one read of the events after the cached
-    /// version). Two commands on one aggregate never share a cached state: the second loads
-    /// from the store. A command that fails for any other reason (an unavailable store, an
-    /// unknown outcome) drops the aggregate's cached state.
+    /// version). Commands on one aggregate take turns (see [`Repository`]), so the next one
+    /// decides on the state the previous one left in the cache, and a hot aggregate costs one
+    /// round trip per command. A command that fails for any other reason (an unavailable store,
+    /// an unknown outcome) drops the aggregate's cached state.
     ///
     /// ```
     /// # use factum::{Aggregate, InMemoryStore, Repository};
@@ -426,6 +435,8 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         let result = async move {
             let stream_id = Self::stream_id(&aggregate_id)?;
             tracing::Span::current().record("stream", stream_id.as_str());
+            // Held until the command is done, retries included.
+            let _turn = self.turns.take(&stream_id).await;
             let cached = self.cache.as_ref().and_then(|cache| cache.take(&stream_id));
             if self.cache.is_some() {
                 crate::telemetry::cache_lookup(A::TYPE, cached.is_some());
