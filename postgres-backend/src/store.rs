@@ -900,6 +900,9 @@ pub(crate) fn payload_from_row(
     let schema_version = u32::try_from(row.try_get::<i32, _>(2).map_err(column)?).unwrap_or(0);
     let payload: String = row.try_get(3).map_err(column)?;
     let recorded_at = row.try_get(4).map_err(column)?;
+    let metadata: String = row.try_get(5).map_err(column)?;
+    let correlation_id: Option<Uuid> = row.try_get(6).map_err(column)?;
+    let causation_id: Option<Uuid> = row.try_get(7).map_err(column)?;
     let payload = RawValue::from_string(payload).map_err(|source| Error::Decode {
         stream: stream.clone(),
         version: stream_version,
@@ -908,12 +911,24 @@ pub(crate) fn payload_from_row(
         position: LogPosition::START,
         source: DecodeError::Payload(source),
     })?;
+    let user: Metadata = serde_json::from_str(&metadata).map_err(|source| Error::Metadata {
+        stream: stream.clone(),
+        version: stream_version,
+        event_type: event_type.clone(),
+        position: LogPosition::START,
+        source,
+    })?;
     Ok(EventPayload {
         stream_version,
         event_type,
         schema_version,
         payload,
         recorded_at,
+        metadata: EventMetadata {
+            correlation_id: correlation_id.map(CorrelationId::from_uuid),
+            causation_id: causation_id.map(CausationId::from_uuid),
+            user,
+        },
     })
 }
 
@@ -1119,10 +1134,11 @@ impl Sql {
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \
                  WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
             ),
-            // Only what folding into state needs: about half the server's work per row of
-            // `read_stream` (no ids, no metadata, no transaction id to convert).
+            // Only what folding into state needs, upcasts included (they may read recorded-at
+            // and metadata): no event id, no position, no transaction id to convert.
             read_payloads: format!(
-                "SELECT stream_version, event_type, schema_version, payload::text, recorded_at \
+                "SELECT stream_version, event_type, schema_version, payload::text, recorded_at, \
+                 metadata::text, correlation_id, causation_id \
                  FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 \
                  ORDER BY stream_version"
             ),
