@@ -192,9 +192,11 @@ impl PostgresStore {
     /// Marks a stream archived, the condition for [`detach_partition`](Self::detach_partition)
     /// to release its events. Returns false when the stream does not exist.
     ///
-    /// Archiving does not stop appends: a later append puts its events in a current partition,
-    /// and keeps the older partitions of the stream from being detached only if the stream is
-    /// un-archived; stop writing to a stream before archiving it.
+    /// Archiving is final for writers: once this returns, every append to the stream fails with
+    /// [`Error::StreamArchived`](factum::Error::StreamArchived) and stores nothing (an append
+    /// that committed first keeps its events; one racing with this call either commits before
+    /// it or is refused). Re-appending a batch that was stored before is still the idempotent
+    /// repeat it was.
     pub async fn archive_stream(&self, stream: &StreamId) -> Result<bool, Error> {
         let updated = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {}.streams SET archived = true WHERE stream_id = $1",

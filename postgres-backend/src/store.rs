@@ -424,6 +424,18 @@ impl PostgresStore {
             Existing::Elsewhere(error) => return Err(error),
             Existing::NotStored => {}
         }
+        // An archived stream's row is never bumped: zero rows, and this says why.
+        let archived: Option<bool> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(self.inner.sql.stream_archived.as_str()))
+                .bind(request.stream.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| to_error(e, "append"))?;
+        if archived == Some(true) {
+            return Err(Error::StreamArchived {
+                stream: request.stream.clone(),
+            });
+        }
         let actual = self.stream_version_on(conn, &request.stream).await?;
         Ok(if request.expected.matches(actual) {
             Resolved::Moved(actual)
@@ -961,6 +973,7 @@ struct Sql {
     find_key: String,
     expire_keys: String,
     stream_version: String,
+    stream_archived: String,
     read_stream: String,
     read_payloads: String,
     /// Indexed by `has event types + 2 * has categories`.
@@ -994,7 +1007,7 @@ impl AppendSql {
         Self {
             exact: format!(
                 "WITH bump AS (UPDATE {s}.streams SET version = version + $3 \
-                 WHERE stream_id = $2 AND version = $1 AND {not_stored} \
+                 WHERE stream_id = $2 AND version = $1 AND NOT archived AND {not_stored} \
                  RETURNING version - $3 AS base) {insert}"
             ),
             no_stream: format!(
@@ -1007,6 +1020,7 @@ impl AppendSql {
                 "WITH bump AS (INSERT INTO {s}.streams AS st (stream_id, category, version) \
                  SELECT $2::text, $1::text, $3::bigint WHERE {not_stored} \
                  ON CONFLICT (stream_id) DO UPDATE SET version = st.version + EXCLUDED.version \
+                 WHERE NOT st.archived \
                  RETURNING st.version - $3 AS base) {insert}"
             ),
         }
@@ -1130,6 +1144,7 @@ impl Sql {
                  FROM {s}.events WHERE event_id = ANY($1)"
             ),
             stream_version: format!("SELECT version FROM {s}.streams WHERE stream_id = $1"),
+            stream_archived: format!("SELECT archived FROM {s}.streams WHERE stream_id = $1"),
             read_stream: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \
                  WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
