@@ -54,6 +54,16 @@ pub enum Error {
         stream: StreamId,
     },
 
+    /// The stream was deleted: its events are gone and it accepts no more (its id and versions
+    /// are never reused). Nothing was stored.
+    #[error(
+        "stream `{stream}` was deleted: its events are gone and it accepts no more; nothing was stored or loaded"
+    )]
+    StreamDeleted {
+        /// The stream.
+        stream: StreamId,
+    },
+
     /// An append's idempotency key is already stored with a different batch (another stream, or
     /// other event ids). Nothing was stored: a key names one write; use a new key for a new one.
     #[error(
@@ -262,6 +272,7 @@ impl Error {
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::DuplicateEventId { .. }
             | Error::StreamArchived { .. }
+            | Error::StreamDeleted { .. }
             | Error::IdempotencyKeyReused { .. }
             | Error::Encode { .. }
             | Error::Handler { .. }

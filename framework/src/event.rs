@@ -268,6 +268,15 @@ impl<Old, New: From<Old>> Upcast<Old> for New {
     }
 }
 
+/// The wire name of the tombstone a backend writes in place of a deleted stream's events (e.g.
+/// `factum_postgres::PostgresStore::delete_stream`): schema version 1, payload
+/// `{"deleted_through": N}`, the stream version of the last deleted event; the tombstone itself is
+/// at `N + 1`. Subscribers that keep per-stream data subscribe to it to erase theirs; consumers
+/// with [known events](crate::subscription::KnownEvents) pass it over in every category, and a
+/// [`Repository`](crate::Repository) load of the stream fails with
+/// [`Error::StreamDeleted`](crate::Error::StreamDeleted).
+pub const STREAM_DELETED: &str = "factum.stream_deleted";
+
 /// Serialises a payload to JSON: the helper generated and hand-written [`Event`] impls use.
 pub fn encode_json<T: Serialize + ?Sized>(value: &T) -> Result<Box<RawValue>, EncodeError> {
     serde_json::value::to_raw_value(value).map_err(EncodeError)

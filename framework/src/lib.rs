@@ -145,7 +145,7 @@ pub use aggregate::{Aggregate, Command, Snapshot};
 pub use error::{BoxError, CommandError, Error, ErrorKind};
 pub use event::{
     DecodeError, Decoded, DecodedIter, EncodeError, Envelope, Event, EventMetadata, Metadata,
-    NewEvent, RecordedEvent, Stored, Upcast, decode_json, encode_json,
+    NewEvent, RecordedEvent, STREAM_DELETED, Stored, Upcast, decode_json, encode_json,
 };
 pub use idempotency::{IdempotencyKey, InvalidIdempotencyKey};
 pub use ids::{

@@ -77,6 +77,7 @@
 #![allow(clippy::result_large_err)]
 
 mod config;
+mod deletion;
 mod error;
 mod maintenance;
 mod migrate;
@@ -89,6 +90,7 @@ mod transaction;
 mod tx;
 
 pub use config::{PoolConfig, StoreOptions};
+pub use deletion::DeletedStream;
 pub use error::RestoreRepairNeeded;
 pub use maintenance::Partition;
 pub use migrate::migrate;

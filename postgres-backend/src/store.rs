@@ -424,17 +424,25 @@ impl PostgresStore {
             Existing::Elsewhere(error) => return Err(error),
             Existing::NotStored => {}
         }
-        // An archived stream's row is never bumped: zero rows, and this says why.
-        let archived: Option<bool> =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(self.inner.sql.stream_archived.as_str()))
+        // An archived (or deleted) stream's row is never bumped: zero rows, and this says why.
+        let closed: Option<(bool, bool)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.stream_archived.as_str()))
                 .bind(request.stream.as_str())
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(|e| to_error(e, "append"))?;
-        if archived == Some(true) {
-            return Err(Error::StreamArchived {
-                stream: request.stream.clone(),
-            });
+        match closed {
+            Some((_, true)) => {
+                return Err(Error::StreamDeleted {
+                    stream: request.stream.clone(),
+                });
+            }
+            Some((true, false)) => {
+                return Err(Error::StreamArchived {
+                    stream: request.stream.clone(),
+                });
+            }
+            _ => {}
         }
         let actual = self.stream_version_on(conn, &request.stream).await?;
         Ok(if request.expected.matches(actual) {
@@ -1144,7 +1152,9 @@ impl Sql {
                  FROM {s}.events WHERE event_id = ANY($1)"
             ),
             stream_version: format!("SELECT version FROM {s}.streams WHERE stream_id = $1"),
-            stream_archived: format!("SELECT archived FROM {s}.streams WHERE stream_id = $1"),
+            stream_archived: format!(
+                "SELECT archived, deleted_at IS NOT NULL FROM {s}.streams WHERE stream_id = $1"
+            ),
             read_stream: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \
                  WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"

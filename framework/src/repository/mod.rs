@@ -676,6 +676,11 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             if !keep(&stored) {
                 break;
             }
+            if stored.event_type == crate::event::STREAM_DELETED {
+                return Err(Error::StreamDeleted {
+                    stream: loaded.stream_id.clone(),
+                });
+            }
             let decoded = match <A::Event as Event>::decode_all(&stored.stored()) {
                 Ok(decoded) => decoded,
                 Err(source) => {
