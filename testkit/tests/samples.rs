@@ -184,6 +184,29 @@ fn a_stored_version_without_a_sample_is_named() {
 }
 
 #[test]
+fn the_tombstone_of_a_deleted_stream_needs_no_type_and_no_sample() {
+    let dir = std::env::temp_dir().join(format!("factum-tombstone-sample-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for file in std::fs::read_dir(samples_of("bank")).expect("bank samples") {
+        let path = file.expect("entry").path();
+        std::fs::copy(&path, dir.join(path.file_name().expect("name"))).expect("copies");
+    }
+    std::fs::write(
+        dir.join("factum.stream_deleted.v1.json"),
+        r#"{"event_type":"factum.stream_deleted","schema_version":1,
+            "recorded_at":"2026-01-01T00:00:00Z","payload":{"deleted_through":3}}"#,
+    )
+    .expect("writes");
+    let samples = Samples::load(&dir).expect("loads");
+    std::fs::remove_dir_all(&dir).expect("cleans up");
+    samples
+        .check()
+        .decodes::<bank::AccountEvent>()
+        .expect_stored([(factum::STREAM_DELETED, 1)])
+        .assert();
+}
+
+#[test]
 fn a_file_that_is_not_a_sample_is_an_error_naming_it() {
     let dir = std::env::temp_dir().join(format!("factum-bad-sample-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
