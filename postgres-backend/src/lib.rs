@@ -79,6 +79,7 @@
 
 mod admin;
 mod config;
+mod deletion;
 mod error;
 mod group;
 mod inbox;
@@ -95,6 +96,7 @@ mod tx;
 
 pub use admin::{ConsumerSummary, MigrationStatus, SnapshotSummary, StreamSummary};
 pub use config::{GroupCommit, PoolConfig, StoreOptions};
+pub use deletion::DeletedStream;
 pub use error::RestoreRepairNeeded;
 pub use inbox::PgInbox;
 pub use maintenance::Partition;

@@ -641,6 +641,26 @@ impl PostgresStore {
             Existing::Elsewhere(error) => return Err(error),
             Existing::NotStored => {}
         }
+        // An archived (or deleted) stream's row is never bumped: zero rows, and this says why.
+        let closed: Option<(bool, bool)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.stream_archived.as_str()))
+                .bind(request.stream.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| to_error(e, "append"))?;
+        match closed {
+            Some((_, true)) => {
+                return Err(Error::StreamDeleted {
+                    stream: request.stream.clone(),
+                });
+            }
+            Some((true, false)) => {
+                return Err(Error::StreamArchived {
+                    stream: request.stream.clone(),
+                });
+            }
+            _ => {}
+        }
         let actual = self.stream_version_on(conn, &request.stream).await?;
         Ok(if request.expected.matches(actual) {
             Resolved::Moved(actual)
@@ -1173,6 +1193,9 @@ pub(crate) fn payload_from_row(
     let schema_version = u32::try_from(row.try_get::<i32, _>(2).map_err(column)?).unwrap_or(0);
     let payload: String = row.try_get(3).map_err(column)?;
     let recorded_at = row.try_get(4).map_err(column)?;
+    let metadata: String = row.try_get(5).map_err(column)?;
+    let correlation_id: Option<Uuid> = row.try_get(6).map_err(column)?;
+    let causation_id: Option<Uuid> = row.try_get(7).map_err(column)?;
     let payload = RawValue::from_string(payload).map_err(|source| Error::Decode {
         stream: stream.clone(),
         version: stream_version,
@@ -1181,12 +1204,24 @@ pub(crate) fn payload_from_row(
         position: LogPosition::START,
         source: DecodeError::Payload(source),
     })?;
+    let user: Metadata = serde_json::from_str(&metadata).map_err(|source| Error::Metadata {
+        stream: stream.clone(),
+        version: stream_version,
+        event_type: event_type.clone(),
+        position: LogPosition::START,
+        source,
+    })?;
     Ok(EventPayload {
         stream_version,
         event_type,
         schema_version,
         payload,
         recorded_at,
+        metadata: EventMetadata {
+            correlation_id: correlation_id.map(CorrelationId::from_uuid),
+            causation_id: causation_id.map(CausationId::from_uuid),
+            user,
+        },
     })
 }
 
@@ -1221,6 +1256,7 @@ struct Sql {
     find_key: String,
     expire_keys: String,
     stream_version: String,
+    stream_archived: String,
     read_stream: String,
     read_payloads: String,
     /// Indexed by `has event types + 2 * has categories`.
@@ -1254,7 +1290,7 @@ impl AppendSql {
         Self {
             exact: format!(
                 "WITH bump AS (UPDATE {s}.streams SET version = version + $3 \
-                 WHERE stream_id = $2 AND version = $1 AND {not_stored} \
+                 WHERE stream_id = $2 AND version = $1 AND NOT archived AND {not_stored} \
                  RETURNING version - $3 AS base) {insert}"
             ),
             no_stream: format!(
@@ -1267,6 +1303,7 @@ impl AppendSql {
                 "WITH bump AS (INSERT INTO {s}.streams AS st (stream_id, category, version) \
                  SELECT $2::text, $1::text, $3::bigint WHERE {not_stored} \
                  ON CONFLICT (stream_id) DO UPDATE SET version = st.version + EXCLUDED.version \
+                 WHERE NOT st.archived \
                  RETURNING st.version - $3 AS base) {insert}"
             ),
         }
@@ -1451,14 +1488,18 @@ impl Sql {
                  FROM {s}.events WHERE event_id = ANY($1)"
             ),
             stream_version: format!("SELECT version FROM {s}.streams WHERE stream_id = $1"),
+            stream_archived: format!(
+                "SELECT archived, deleted_at IS NOT NULL FROM {s}.streams WHERE stream_id = $1"
+            ),
             read_stream: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \
                  WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
             ),
-            // Only what folding into state needs: about half the server's work per row of
-            // `read_stream` (no ids, no metadata, no transaction id to convert).
+            // Only what folding into state needs, upcasts included (they may read recorded-at
+            // and metadata): no event id, no position, no transaction id to convert.
             read_payloads: format!(
-                "SELECT stream_version, event_type, schema_version, payload::text, recorded_at \
+                "SELECT stream_version, event_type, schema_version, payload::text, recorded_at, \
+                 metadata::text, correlation_id, causation_id \
                  FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 \
                  ORDER BY stream_version"
             ),

@@ -372,7 +372,8 @@ impl factum::Event for Deposit {
     fn encode(&self) -> Result<Box<factum::RawValue>, factum::EncodeError> {
         factum::encode_json(&serde_json::json!({ "amount": 10 }))
     }
-    fn decode(_: &str, _: u32, _: &factum::RawValue) -> Result<Self, factum::DecodeError> {
+    fn decode(stored: &factum::Stored<'_>) -> Result<Self, factum::DecodeError> {
+        let (_, _, _) = (stored.event_type, stored.schema_version, stored.payload);
         Ok(Deposit)
     }
 }

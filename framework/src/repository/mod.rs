@@ -699,18 +699,21 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             if !keep(&stored) {
                 break;
             }
-            let event = match <A::Event as Event>::decode(
-                &stored.event_type,
-                stored.schema_version,
-                &stored.payload,
-            ) {
-                Ok(event) => event,
+            if stored.event_type == crate::event::STREAM_DELETED {
+                return Err(Error::StreamDeleted {
+                    stream: loaded.stream_id.clone(),
+                });
+            }
+            let decoded = match <A::Event as Event>::decode_all(&stored.stored()) {
+                Ok(decoded) => decoded,
                 Err(source) => {
                     drop(events);
                     return Err(self.decode_error(&loaded.stream_id, stored, source).await);
                 }
             };
-            loaded.state.evolve(&event);
+            for event in decoded {
+                loaded.state.evolve(&event);
+            }
             loaded.version = stored.stream_version;
         }
         Ok(())
@@ -774,21 +777,19 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             if payload.stream_version > stored.stream_version {
                 break;
             }
-            let event = match <A::Event as Event>::decode(
-                &payload.event_type,
-                payload.schema_version,
-                &payload.payload,
-            ) {
-                Ok(event) => event,
+            let decoded = match <A::Event as Event>::decode_all(&payload.stored()) {
+                Ok(decoded) => decoded,
                 Err(source) => {
                     drop(payloads);
                     return Err(self.decode_error(stream_id, payload, source).await.into());
                 }
             };
-            loaded.state.evolve(&event);
             loaded.version = payload.stream_version;
-            if payload.stream_version > stored.first_version {
-                events.push(event);
+            for event in decoded {
+                loaded.state.evolve(&event);
+                if payload.stream_version > stored.first_version {
+                    events.push(event);
+                }
             }
         }
         tracing::debug!(stream = %stream_id, "command already stored; returning its outcome");
