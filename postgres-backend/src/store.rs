@@ -1349,6 +1349,7 @@ impl Sql {
              upd AS ( \
                  UPDATE {s}.streams st SET version = st.version + ok.n FROM ok \
                  WHERE ok.expected > 0 AND st.stream_id = ok.stream_id AND st.version = ok.expected \
+                     AND NOT st.archived \
                  RETURNING ok.i, st.version - ok.n AS base), \
              ins AS ( \
                  INSERT INTO {s}.streams (stream_id, category, version) \
@@ -1359,6 +1360,7 @@ impl Sql {
                  INSERT INTO {s}.streams AS st (stream_id, category, version) \
                  SELECT ok.stream_id, ok.category, ok.n FROM ok WHERE ok.expected < 0 \
                  ON CONFLICT (stream_id) DO UPDATE SET version = st.version + EXCLUDED.version \
+                     WHERE NOT st.archived \
                  RETURNING st.stream_id, st.version), \
              bump AS MATERIALIZED ( \
                  SELECT upd.i, upd.base FROM upd \

@@ -240,3 +240,48 @@ async fn no_append_gets_through_once_the_archive_returned() {
         total.0, total.1
     );
 }
+
+/// With group commit on, an append to an archived stream that shares a statement with appends
+/// to other streams is refused, and only it: the others commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_refuses_the_archived_stream_and_only_it() {
+    let db = TestDatabase::create().await;
+    let store = db.store_with(factum_postgres::StoreOptions::default().with_group_commit(
+        factum_postgres::GroupCommit::enabled().with_max_in_flight(1),
+    ));
+    let archived = stream("order-archived");
+    store
+        .append(AppendRequest::new(archived.clone(), vec![event()]))
+        .await
+        .expect("appends");
+    assert!(store.archive_stream(&archived).await.expect("archives"));
+    let before = rows(&db, &archived).await;
+
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let (store, archived) = (store.clone(), archived.clone());
+        tasks.push(tokio::spawn(async move {
+            let (target, expected) = match i % 4 {
+                0 => (archived, ExpectedVersion::Exact(StreamVersion::new(1))),
+                1 => (archived, ExpectedVersion::Any),
+                _ => (stream(&format!("order-{i}")), ExpectedVersion::NoStream),
+            };
+            let result = store
+                .append(AppendRequest::new(target.clone(), vec![event()]).expected_version(expected))
+                .await;
+            (target, result)
+        }));
+    }
+    let mut refused = 0;
+    for task in tasks {
+        let (target, result) = task.await.expect("task");
+        if target == archived {
+            assert_archived(result, &archived, "grouped");
+            refused += 1;
+        } else {
+            result.expect("the other streams commit");
+        }
+    }
+    assert_eq!(refused, 16);
+    assert_eq!(rows(&db, &archived).await, before, "nothing was stored on the archived stream");
+}
