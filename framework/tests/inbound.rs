@@ -252,7 +252,41 @@ async fn a_store_failure_that_may_pass_is_waited_out_not_parked() {
         transient: true,
         ..Handler::default()
     };
-    let status = run_until(&mut consumer, flaky.clone(), |s| s.handled == 1).await;
+    // Handled, and back to `Running` once the failure passed (it would time out otherwise).
+    let status = run_until(&mut consumer, flaky.clone(), |s| {
+        s.handled == 1 && s.state == factum::bus::InboundState::Running
+    })
+    .await;
     assert_eq!(status.parked, 0, "{status:?}");
     assert_eq!(flaky.calls.load(Ordering::SeqCst), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_up_by_a_failure_being_waited_out() {
+    let (bus, mut consumer) = setup(Duration::from_secs(60)).await;
+    bus.publish(&[message(1)]).await.expect("published");
+    // A store that stays down: the consumer waits it out for ever...
+    let down = Handler {
+        fail_first: u32::MAX,
+        transient: true,
+        ..Handler::default()
+    };
+    let mut status = consumer.status();
+    let stop = async move {
+        status
+            .wait_for(|s| matches!(s.state, factum::bus::InboundState::Retrying(_)))
+            .await
+            .expect("status");
+    };
+    // ...until shutdown, which it honours at once (the retry waits grow to 10 s).
+    tokio::time::timeout(Duration::from_secs(5), consumer.run(down.clone(), stop))
+        .await
+        .expect("shutdown was not held up")
+        .expect("runs");
+    let status = consumer.status().borrow().clone();
+    assert_eq!(
+        (status.handled, status.parked),
+        (0, 0),
+        "left for a redelivery: {status:?}"
+    );
 }

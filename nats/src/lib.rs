@@ -112,6 +112,10 @@ fn from_config(config: &stream::Config) -> StreamConfig {
     found
 }
 
+fn filter_subject_wanted(config: &ConsumerConfig) -> String {
+    config.filter_subjects.first().cloned().unwrap_or_default()
+}
+
 fn header_map(message: &BusMessage) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in message.headers() {
@@ -232,6 +236,21 @@ impl Bus for JetStreamBus {
             )
             .await
             .map_err(|e| transient("create consumer", e))?;
+        // An existing durable keeps its configuration: say so rather than deliver other subjects
+        // than asked for.
+        let found = &consumer.cached_info().config;
+        if found.filter_subject != filter_subject_wanted(config)
+            || found.ack_wait != config.ack_wait
+        {
+            return Err(Error::InvalidArgument(format!(
+                "consumer {:?} exists with filter subject {:?} and ack wait {:?}, not {:?} and {:?}; delete it with the broker's tools or use another durable name",
+                config.durable,
+                found.filter_subject,
+                found.ack_wait,
+                filter_subject_wanted(config),
+                config.ack_wait
+            )));
+        }
         Ok(JetStreamConsumer { consumer })
     }
 }

@@ -113,6 +113,7 @@ impl Inbox for PgInbox {
     type Tx = PgTx;
 
     async fn begin(&self, consumer: &str, message: &BusMessage) -> Result<Option<PgTx>, Error> {
+        self.store.ensure_service().await?;
         let mut tx = crate::tx::begin(self.store.pool())
             .await
             .map_err(|e| to_error(e, "begin inbox transaction"))?;
@@ -144,6 +145,7 @@ impl Inbox for PgInbox {
     }
 
     async fn park(&self, parked: ParkedMessage) -> Result<u64, Error> {
+        self.store.ensure_service().await?;
         let headers: serde_json::Value = parked
             .headers
             .iter()

@@ -39,6 +39,21 @@ impl PostgresStore {
     /// Records this store's service as the schema's owner if it has none, then checks the owner
     /// is this store's service. Nothing to do for a store opened for no service.
     pub(crate) async fn claim_service(&self, operation: &'static str) -> Result<(), Error> {
+        let mut conn = self
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| to_error(e, operation))?;
+        self.claim_service_on(&mut conn, operation).await
+    }
+
+    /// [`claim_service`](Self::claim_service) on `conn` (a caller's transaction: the check is on
+    /// the database the write goes to, and needs no second connection from the pool).
+    pub(crate) async fn claim_service_on(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        operation: &'static str,
+    ) -> Result<(), Error> {
         let Some(service) = self.service() else {
             return Ok(());
         };
@@ -49,7 +64,7 @@ impl PostgresStore {
             schema = self.schema().quoted()
         )))
         .bind(service.as_str())
-        .fetch_one(self.pool())
+        .fetch_one(&mut *conn)
         .await
         .map_err(|e| to_error(e, operation))?;
         self.owner_verdict(service, Some(owner))
@@ -65,7 +80,8 @@ impl PostgresStore {
         self.owner_verdict(service, owner)
     }
 
-    /// The first append of a store opened for a service claims or checks the owner once.
+    /// The first write of a store opened for a service (an append, a snapshot, a checkpoint, an
+    /// inbox row) claims or checks the owner, once per store.
     pub(crate) async fn ensure_service(&self) -> Result<(), Error> {
         if self.service().is_none() {
             return Ok(());

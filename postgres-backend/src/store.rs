@@ -295,7 +295,9 @@ impl PostgresStore {
         conn: &mut sqlx::PgConnection,
         request: AppendRequest,
     ) -> Result<AppendResult, Error> {
-        self.ensure_service().await?;
+        // Checked on the caller's connection, every time: it may be to another database than
+        // the store's pool (one round trip for a store opened for a service).
+        self.claim_service_on(&mut *conn, "append").await?;
         let prepared = Prepared::new(request)?;
         let request = &prepared.request;
         let batch = prepared.batch();
@@ -1699,6 +1701,7 @@ impl EventStore for PostgresStore {
 
 impl SnapshotStore for PostgresStore {
     async fn save_snapshot(&self, snapshot: StoredSnapshot) -> Result<(), Error> {
+        self.ensure_service().await?;
         {
             let schema_version = i32::try_from(snapshot.schema_version).map_err(|_| {
                 Error::InvalidArgument(format!(

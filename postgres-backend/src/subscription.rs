@@ -57,6 +57,7 @@ impl CheckpointStore for PostgresStore {
             self.schema().quoted()
         );
         async move {
+            self.ensure_service().await?;
             sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
                 .bind(name)
                 .bind(to_i64(position.commit)?)
@@ -78,6 +79,7 @@ impl DeadLetterStore for PostgresStore {
             self.schema().quoted()
         );
         async move {
+            self.ensure_service().await?;
             sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
                 .bind(&parked.subscription)
                 .bind(parked.event.event_id.as_uuid())
@@ -376,6 +378,7 @@ impl TransactionalCheckpoint for PgCheckpoints {
     }
 
     async fn begin(&self, name: &str, expected: LogPosition) -> Result<Begun<PgTx>, Error> {
+        self.store.ensure_service().await?;
         let mut tx = crate::tx::begin(self.store.pool())
             .await
             .map_err(|e| to_error(e, "begin consumer transaction"))?;

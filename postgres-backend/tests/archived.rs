@@ -246,9 +246,10 @@ async fn no_append_gets_through_once_the_archive_returned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_commit_refuses_the_archived_stream_and_only_it() {
     let db = TestDatabase::create().await;
-    let store = db.store_with(factum_postgres::StoreOptions::default().with_group_commit(
-        factum_postgres::GroupCommit::enabled().with_max_in_flight(1),
-    ));
+    let store = db.store_with(
+        factum_postgres::StoreOptions::default()
+            .with_group_commit(factum_postgres::GroupCommit::enabled().with_max_in_flight(1)),
+    );
     let archived = stream("order-archived");
     store
         .append(AppendRequest::new(archived.clone(), vec![event()]))
@@ -267,7 +268,9 @@ async fn group_commit_refuses_the_archived_stream_and_only_it() {
                 _ => (stream(&format!("order-{i}")), ExpectedVersion::NoStream),
             };
             let result = store
-                .append(AppendRequest::new(target.clone(), vec![event()]).expected_version(expected))
+                .append(
+                    AppendRequest::new(target.clone(), vec![event()]).expected_version(expected),
+                )
                 .await;
             (target, result)
         }));
@@ -283,5 +286,9 @@ async fn group_commit_refuses_the_archived_stream_and_only_it() {
         }
     }
     assert_eq!(refused, 16);
-    assert_eq!(rows(&db, &archived).await, before, "nothing was stored on the archived stream");
+    assert_eq!(
+        rows(&db, &archived).await,
+        before,
+        "nothing was stored on the archived stream"
+    );
 }

@@ -105,6 +105,35 @@ fn a_store_opened_for_one_service_refuses_another_services_schema() {
             "nothing was written"
         );
         assert!(billing.health().await.is_err(), "health says so too");
+        // The inbox, checkpoints and dead letters of the wrong store are refused too.
+        let inbox = factum_postgres::PgInbox::new(&billing);
+        let message = factum::bus::BusMessage::new(
+            "orders.order.order.placed",
+            service("orders"),
+            factum::RecordedEvent {
+                event_id: EventId::new(),
+                stream_id: StreamId::new("order-1").unwrap(),
+                stream_version: factum::StreamVersion::new(1),
+                position: factum::LogPosition::START,
+                event_type: "order.placed".into(),
+                schema_version: 1,
+                payload: RawValue::from_string("{}".into()).unwrap(),
+                metadata: Default::default(),
+                recorded_at: chrono::Utc::now(),
+            },
+        );
+        let err = factum::bus::Inbox::begin(&inbox, "billing-from-orders", &message)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, factum::Error::WrongService { .. }), "{err}");
+        let err = factum::subscription::CheckpointStore::save_checkpoint(
+            &billing,
+            "x",
+            factum::LogPosition::START,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, factum::Error::WrongService { .. }), "{err}");
 
         // A store opened for no service (an operator's tool) still works on it.
         db.store()
@@ -114,6 +143,41 @@ fn a_store_opened_for_one_service_refuses_another_services_schema() {
             )
             .await
             .expect("an operator's store");
+    });
+}
+
+/// `append_in` checks the database of the caller's connection, not the store's pool: a
+/// connection to another service's database is refused.
+#[test]
+fn append_in_checks_the_database_the_callers_connection_is_on() {
+    runtime().block_on(async {
+        let (orders_db, billing_db) = (TestDatabase::create().await, TestDatabase::create().await);
+        let orders = orders_db.store_with(StoreOptions::default().for_service(service("orders")));
+        let billing = billing_db.store_with(StoreOptions::default().for_service(service("billing")));
+        orders.migrate().await.expect("orders");
+        billing.migrate().await.expect("billing");
+        // A connection to the billing database, given to the orders store by mistake.
+        let mut foreign = billing_db.pool().acquire().await.expect("conn");
+        let err = orders
+            .append_in(
+                &mut foreign,
+                AppendRequest::new(StreamId::new("order-1").unwrap(), vec![event()]),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, factum::Error::WrongService { expected, owner, .. } if expected == "orders" && owner == "billing"),
+            "{err}"
+        );
+        assert_eq!(
+            billing
+                .stream_version(&StreamId::new("order-1").unwrap())
+                .await
+                .expect("version")
+                .get(),
+            0,
+            "nothing was written to the billing database"
+        );
     });
 }
 

@@ -34,6 +34,7 @@ macro_rules! bus_conformance_tests {
             consumers_get_only_the_subjects_they_filter,
             an_existing_stream_is_verified_not_changed,
             publishing_to_a_subject_no_stream_captures_fails,
+            an_existing_consumer_is_verified_not_changed,
         );
     };
 }
@@ -308,4 +309,22 @@ pub async fn publishing_to_a_subject_no_stream_captures_fails<B: Bus>(bus: B) {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), factum::ErrorKind::Permanent, "{err}");
+}
+
+/// A durable consumer asked for again with another filter or ack wait fails naming them (it
+/// would otherwise keep delivering what it was first created for).
+pub async fn an_existing_consumer_is_verified_not_changed<B: Bus>(bus: B) {
+    let service = service();
+    let config = stream_for(&bus, &service).await;
+    let first = ConsumerConfig::new(&config.name, "verified")
+        .filter_subject(format!("{service}.thing.>"))
+        .ack_wait(Duration::from_secs(30));
+    bus.consumer(&first).await.expect("created");
+    bus.consumer(&first).await.expect("the same configuration");
+    let other = ConsumerConfig::new(&config.name, "verified")
+        .filter_subject(format!("{service}.other.>"))
+        .ack_wait(Duration::from_secs(30));
+    let err = bus.consumer(&other).await.err().expect("refused");
+    assert_eq!(err.kind(), factum::ErrorKind::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("verified"), "{err}");
 }

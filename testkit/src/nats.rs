@@ -69,11 +69,24 @@ fn binary() -> PathBuf {
     on_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"))
 }
 
+/// A port free now and never handed out before in this process: tests run in parallel, and a
+/// port released by one test's probe could otherwise go to two servers (the second one's start
+/// would then find the first one answering, and the two tests would share a broker).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port on 127.0.0.1")
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut taken = TAKEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port on 127.0.0.1");
+        if !taken.contains(&port) {
+            taken.push(port);
+            return port;
+        }
+    }
 }
 
 /// A nats-server with JetStream of the test's own: its own port and store directory, killed
@@ -107,13 +120,10 @@ impl NatsServer {
     }
 
     fn unstarted() -> Self {
+        let port = free_port();
         Self {
-            port: free_port(),
-            store: std::env::temp_dir().join(format!(
-                "factum-nats-{}-{}",
-                std::process::id(),
-                free_port()
-            )),
+            port,
+            store: std::env::temp_dir().join(format!("factum-nats-{}-{port}", std::process::id())),
             child: None,
             watched: false,
         }
@@ -185,6 +195,15 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The server that answers must be ours (not one that held the port before).
+        let exited = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten());
+        assert!(
+            exited.is_none(),
+            "nats-server for {address} exited ({exited:?}): is the port taken by another server?"
+        );
     }
 }
 

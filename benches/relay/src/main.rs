@@ -24,7 +24,7 @@ use factum::{
 };
 use factum_nats::JetStreamBus;
 use factum_postgres::PostgresStore;
-use factum_postgres::subscription::{PgCheckpoints, PgTx};
+use factum_postgres::subscription::PgTx;
 use factum_testkit::postgres::TestDatabase;
 
 const RUNS: usize = 3;
@@ -118,19 +118,17 @@ async fn throughput(
         .await
         .expect("stream");
     let mut in_memory = Relay::new(memory, routes.clone());
-    let mut subscription =
-        Subscription::with_checkpoints("in-memory", store.clone(), PgCheckpoints::new(&store))
-            .filter(in_memory.filter())
-            .batch_size(500);
+    let mut subscription = Subscription::new("in-memory", store.clone())
+        .filter(in_memory.filter())
+        .batch_size(500);
     let started = Instant::now();
     subscription.catch_up(&mut in_memory).await.expect("relay");
     let memory_rate = n as f64 / started.elapsed().as_secs_f64();
     println!("    (relay to the in-process bus: {memory_rate:.0} ev/s)");
     let mut relay = Relay::new(bus.clone(), routes);
-    let mut subscription =
-        Subscription::with_checkpoints(relay.name(), store.clone(), PgCheckpoints::new(&store))
-            .filter(relay.filter())
-            .batch_size(500);
+    let mut subscription = Subscription::new(relay.name(), store.clone())
+        .filter(relay.filter())
+        .batch_size(500);
     let started = Instant::now();
     subscription.catch_up(&mut relay).await.expect("relay");
     let relay_rate = n as f64 / started.elapsed().as_secs_f64();
@@ -248,10 +246,9 @@ async fn latency(bus: &JetStreamBus, rate: usize, seconds: usize) -> Vec<f64> {
         let (a, bus, stopped) = (a.clone(), bus.clone(), stopped.clone());
         async move {
             let relay = Relay::new(bus, routes);
-            let mut subscription =
-                Subscription::with_checkpoints(relay.name(), a.clone(), PgCheckpoints::new(&a))
-                    .filter(relay.filter())
-                    .idle_backoff(Duration::from_millis(2), Duration::from_millis(20));
+            let mut subscription = Subscription::new(relay.name(), a.clone())
+                .filter(relay.filter())
+                .idle_backoff(Duration::from_millis(2), Duration::from_millis(20));
             subscription
                 .run(relay, until_stopped(stopped))
                 .await

@@ -414,6 +414,20 @@ enum Outcome {
     Handled,
     Duplicate,
     Parked,
+    /// Shutdown came while waiting out a failure: left unacknowledged, delivered again later.
+    Stopped,
+}
+
+/// The consumer's shutdown signal, fused (it can be waited on again after it completed).
+type Stop<'a, S> = std::pin::Pin<&'a mut futures_util::future::Fuse<S>>;
+
+/// Waits `wait`, or less when shutdown comes first; true when it did.
+async fn pause<S: Future<Output = ()>>(wait: Duration, stop: &mut Stop<'_, S>) -> bool {
+    tokio::select! {
+        biased;
+        () = stop.as_mut() => true,
+        () = tokio::time::sleep(wait) => false,
+    }
 }
 
 impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
@@ -463,14 +477,16 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
     }
 
     /// Fetches and handles messages until `shutdown` completes or a failure that cannot pass
-    /// stops it. Shutdown takes effect between batches (and while waiting for messages): the
-    /// messages of a fetched batch are handled and acknowledged first.
+    /// stops it. Shutdown takes effect between messages, while waiting for messages, and while
+    /// waiting out a failure (the broker or database down): a message interrupted so is left
+    /// unacknowledged and delivered again after the ack wait; the inbox drops it if its effect
+    /// had committed.
     pub async fn run<H: BatchHandler<I::Tx>>(
         &mut self,
         mut handler: H,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), Error> {
-        let mut shutdown = std::pin::pin!(shutdown);
+        let mut shutdown = std::pin::pin!(futures_util::FutureExt::fuse(shutdown));
         let mut wait = RETRY_MIN;
         self.status.send_modify(|s| s.state = InboundState::Running);
         loop {
@@ -493,14 +509,23 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
                 Err(error) => return Err(self.failed(error)),
             };
             wait = RETRY_MIN;
+            self.running();
             if deliveries.is_empty() {
                 self.refresh_info(true).await;
                 continue;
             }
+            let mut stopped = false;
             for delivery in deliveries {
-                if let Err(error) = self.handle(&mut handler, delivery).await {
-                    return Err(self.failed(error));
+                if stopped {
+                    break; // the rest is delivered again after the ack wait
                 }
+                match self.handle(&mut handler, delivery, &mut shutdown).await {
+                    Ok(done) => stopped = !done,
+                    Err(error) => return Err(self.failed(error)),
+                }
+            }
+            if stopped {
+                break;
             }
             self.refresh_info(false).await;
         }
@@ -578,17 +603,29 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
         *wait = (*wait * 2).min(RETRY_MAX);
     }
 
+    /// Back to running after a failure passed.
+    fn running(&self) {
+        self.status.send_if_modified(|s| {
+            let changed = s.state != InboundState::Running;
+            s.state = InboundState::Running;
+            changed
+        });
+    }
+
     fn failed(&self, error: Error) -> Error {
         self.status
             .send_modify(|s| s.state = InboundState::Failed(error.to_string()));
         error
     }
 
-    async fn handle<H: BatchHandler<I::Tx>>(
+    /// Handles one delivery; `Ok(false)` when shutdown came while it waited out a failure (the
+    /// delivery is left unacknowledged).
+    async fn handle<H: BatchHandler<I::Tx>, S: Future<Output = ()>>(
         &mut self,
         handler: &mut H,
         delivery: Delivery,
-    ) -> Result<(), Error> {
+        stop: &mut Stop<'_, S>,
+    ) -> Result<bool, Error> {
         if delivery.delivered > 1 {
             self.status.send_modify(|s| s.redeliveries += 1);
         }
@@ -598,13 +635,18 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
             Err(error) => {
                 tracing::error!(consumer = %name, %error, "parking a message that does not decode");
                 let parked = ParkedMessage::new(&name, &delivery, error.to_string(), 0);
-                self.park(parked).await?;
+                if !self.park(parked, stop).await? {
+                    return Ok(false);
+                }
                 self.ack(delivery).await;
                 self.status.send_modify(|s| s.parked += 1);
-                return Ok(());
+                return Ok(true);
             }
         };
-        let outcome = self.apply(handler, &message, &delivery).await?;
+        let outcome = self.apply(handler, &message, &delivery, stop).await?;
+        if matches!(outcome, Outcome::Stopped) {
+            return Ok(false);
+        }
         self.ack(delivery).await;
         let recorded = message.event.recorded_at;
         self.status.send_modify(|s| match outcome {
@@ -614,15 +656,17 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
             }
             Outcome::Duplicate => s.duplicates += 1,
             Outcome::Parked => s.parked += 1,
+            Outcome::Stopped => {}
         });
-        Ok(())
+        Ok(true)
     }
 
-    async fn apply<H: BatchHandler<I::Tx>>(
+    async fn apply<H: BatchHandler<I::Tx>, S: Future<Output = ()>>(
         &mut self,
         handler: &mut H,
         message: &BusMessage,
         delivery: &Delivery,
+        stop: &mut Stop<'_, S>,
     ) -> Result<Outcome, Error> {
         let name = self.config.durable.clone();
         let mut attempts = 0;
@@ -632,7 +676,9 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
                 Ok(begun) => begun,
                 Err(error) if retries_after(&error) => {
                     self.retrying(&error, &mut wait);
-                    tokio::time::sleep(wait).await;
+                    if pause(wait, stop).await {
+                        return Ok(Outcome::Stopped);
+                    }
                     continue;
                 }
                 Err(error) => return Err(error),
@@ -643,10 +689,15 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
             match handler.handle_one(&mut tx, &message.event).await {
                 Ok(()) => match self.inbox.commit(tx).await {
                     // After an unknown outcome, the next `begin` finds out whether it landed.
-                    Ok(()) => return Ok(Outcome::Handled),
+                    Ok(()) => {
+                        self.running();
+                        return Ok(Outcome::Handled);
+                    }
                     Err(error) if retries_after(&error) => {
                         self.retrying(&error, &mut wait);
-                        tokio::time::sleep(wait).await;
+                        if pause(wait, stop).await {
+                            return Ok(Outcome::Stopped);
+                        }
                     }
                     Err(error) => return Err(error),
                 },
@@ -658,12 +709,16 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
                         && retries_after(store)
                     {
                         self.retrying(store, &mut wait);
-                        tokio::time::sleep(wait).await;
+                        if pause(wait, stop).await {
+                            return Ok(Outcome::Stopped);
+                        }
                         continue;
                     }
                     attempts += 1;
                     if attempts < self.options.handler_attempts {
-                        tokio::time::sleep(self.options.handler_backoff).await;
+                        if pause(self.options.handler_backoff, stop).await {
+                            return Ok(Outcome::Stopped);
+                        }
                         continue;
                     }
                     let error = handler_error(&name, message, attempts, error);
@@ -672,21 +727,30 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
                     }
                     tracing::error!(consumer = %name, %error, "parking a message that keeps failing");
                     let parked = ParkedMessage::new(&name, delivery, render(&error), attempts);
-                    self.park(parked).await?;
+                    if !self.park(parked, stop).await? {
+                        return Ok(Outcome::Stopped);
+                    }
                     return Ok(Outcome::Parked);
                 }
             }
         }
     }
 
-    async fn park(&self, parked: ParkedMessage) -> Result<(), Error> {
+    /// Parks, waiting out failures that may pass; false when shutdown came first.
+    async fn park<S: Future<Output = ()>>(
+        &self,
+        parked: ParkedMessage,
+        stop: &mut Stop<'_, S>,
+    ) -> Result<bool, Error> {
         let mut wait = RETRY_MIN;
         loop {
             match self.inbox.park(parked.clone()).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(true),
                 Err(error) if retries_after(&error) => {
                     self.retrying(&error, &mut wait);
-                    tokio::time::sleep(wait).await;
+                    if pause(wait, stop).await {
+                        return Ok(false);
+                    }
                 }
                 Err(error) => return Err(error),
             }

@@ -257,10 +257,17 @@ impl Bus for InProcessBus {
         }
         let key = (config.stream.clone(), config.durable.clone());
         match state.consumers.get(&key) {
-            Some(existing) if existing.config.filter_subjects != config.filter_subjects => {
+            Some(existing)
+                if existing.config.filter_subjects != config.filter_subjects
+                    || existing.config.ack_wait != config.ack_wait =>
+            {
                 return Err(Error::InvalidArgument(format!(
-                    "consumer {:?} exists with filter subjects {:?}, not {:?}",
-                    config.durable, existing.config.filter_subjects, config.filter_subjects
+                    "consumer {:?} exists with filter subjects {:?} and ack wait {:?}, not {:?} and {:?}; use another durable name",
+                    config.durable,
+                    existing.config.filter_subjects,
+                    existing.config.ack_wait,
+                    config.filter_subjects,
+                    config.ack_wait
                 )));
             }
             Some(_) => {}

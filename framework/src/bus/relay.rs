@@ -236,7 +236,11 @@ pub struct RelayStatus {
 /// stops it. Any other failure (no stream captures the subject, an event that does not map) is
 /// the subscription's handler failure: it stops with the event named.
 ///
-/// Run it with a lease (`PgLease` on PostgreSQL) so one instance per service publishes.
+/// Run it with a lease (`PgLease` on PostgreSQL) so one instance per service publishes, and with
+/// plain checkpoints ([`Subscription::new`](crate::subscription::Subscription::new)), not a
+/// transactional one: its effects are on the broker, not in the database, and a transaction held
+/// open while it publishes (or waits out a broker outage) would hold back the gap-safe horizon of
+/// every reader of the database cluster.
 pub struct Relay<B> {
     bus: B,
     routes: PublicEvents,

@@ -17,7 +17,7 @@ use factum::{
     AppendRequest, BoxError, CommandContext, EventFilter, EventId, EventMetadata, EventStore,
     LogPosition, NewEvent, RawValue, RecordedEvent, Repository, StreamId,
 };
-use factum_postgres::subscription::{PgCheckpoints, PgLease, PgTx};
+use factum_postgres::subscription::{PgLease, PgTx};
 use factum_postgres::{PgInbox, PostgresStore, StoreOptions};
 use factum_testkit::postgres::PATIENT_READ_SETTLE;
 use tokio::sync::watch;
@@ -214,24 +214,25 @@ impl BatchHandler<PgTx> for Auditor {
     }
 }
 
+/// The subscription a relay runs on: plain checkpoints, the PostgreSQL lease.
+pub type RelaySubscription =
+    Subscription<PostgresStore, factum::subscription::StoreCheckpoints<PostgresStore>, PgLease>;
+
 /// The bank's relay on `bus`, as a leased, checkpointed subscription of its log.
 pub fn relay<B: Bus>(
     store: &PostgresStore,
     bus: B,
     batch: usize,
-) -> (
-    Relay<B>,
-    Subscription<PostgresStore, PgCheckpoints, PgLease>,
-    watch::Receiver<RelayStatus>,
-) {
+) -> (Relay<B>, RelaySubscription, watch::Receiver<RelayStatus>) {
     let relay = Relay::new(bus, routes());
     let status = relay.status();
-    let subscription =
-        Subscription::with_checkpoints(relay.name(), store.clone(), PgCheckpoints::new(store))
-            .filter(relay.filter())
-            .batch_size(batch)
-            .idle_backoff(Duration::from_millis(5), Duration::from_millis(50))
-            .lease(PgLease::new(store));
+    // Plain checkpoints, no transaction: one held open while publishing would hold back the
+    // gap-safe horizon of every reader of the cluster.
+    let subscription = Subscription::new(relay.name(), store.clone())
+        .filter(relay.filter())
+        .batch_size(batch)
+        .idle_backoff(Duration::from_millis(5), Duration::from_millis(50))
+        .lease(PgLease::new(store));
     (relay, subscription, status)
 }
 
