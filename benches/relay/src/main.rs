@@ -105,9 +105,7 @@ async fn throughput(
         .publish("order", ["order.placed"])
         .expect("routes");
     // What reading the log alone costs (the same subscription, a handler doing nothing).
-    let mut read_only =
-        Subscription::with_checkpoints("read-only", store.clone(), PgCheckpoints::new(&store))
-            .batch_size(500);
+    let mut read_only = Subscription::new("read-only", store.clone()).batch_size(500);
     let started = Instant::now();
     read_only.catch_up(Noop).await.expect("read");
     let read_rate = n as f64 / started.elapsed().as_secs_f64();
