@@ -139,6 +139,7 @@ mod process;
 mod projection;
 mod repository;
 pub mod resilience;
+pub mod saga;
 mod store;
 pub mod subscription;
 
