@@ -192,6 +192,21 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The store belongs to another service: it was opened for `expected`, but `location` (a
+    /// database and schema) is the store of `owner`. Nothing was done. Each service writes only
+    /// its own store: check the URL, the schema and the service name.
+    #[error(
+        "the store at {location} belongs to service `{owner}`, not to `{expected}` it was opened for; nothing was done: check the database URL, the schema and the service name"
+    )]
+    WrongService {
+        /// The service the store was opened for.
+        expected: String,
+        /// The service the store belongs to.
+        owner: String,
+        /// Where the store is (e.g. database and schema).
+        location: String,
+    },
+
     /// A dependency is unavailable and calls fail fast (a circuit breaker is open).
     #[error("{dependency} is unavailable; calls fail fast until {retry_after:?} from now")]
     Unavailable {
@@ -254,6 +269,7 @@ impl Error {
             | Error::IdempotencyKeyReused { .. }
             | Error::Encode { .. }
             | Error::Handler { .. }
+            | Error::WrongService { .. }
             | Error::Permanent { .. } => ErrorKind::Permanent,
         }
     }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use factum::bus::ServiceName;
 use factum::resilience::{Operation, RetryPolicies, RetryPolicy};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -120,6 +121,7 @@ impl PoolConfig {
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     schema: SchemaName,
+    service: Option<ServiceName>,
     retry: RetryPolicy,
     outcome_check_timeout: Duration,
     read_settle_timeout: Duration,
@@ -132,6 +134,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             schema: SchemaName::default(),
+            service: None,
             retry: *RetryPolicies::default().get(Operation::Append),
             outcome_check_timeout: Duration::from_secs(10),
             read_settle_timeout: Duration::from_millis(250),
@@ -140,6 +143,23 @@ impl Default for StoreOptions {
 }
 
 impl StoreOptions {
+    /// The store of service `service`: it belongs to that service, and refuses to work on a
+    /// schema that belongs to another one ([`Error::WrongService`](factum::Error::WrongService)).
+    /// The first [`migrate`](crate::PostgresStore::migrate) records the owner; connecting, health
+    /// checks and the first append check it. The schema stays what
+    /// [`with_schema`](Self::with_schema) says (a database per service can keep the default; two
+    /// services in one database need a schema each).
+    #[must_use]
+    pub fn for_service(mut self, service: ServiceName) -> Self {
+        self.service = Some(service);
+        self
+    }
+
+    /// The service the store belongs to, if it was opened for one.
+    pub fn service(&self) -> Option<&ServiceName> {
+        self.service.as_ref()
+    }
+
     /// The schema holding the tables (default `factum`).
     #[must_use]
     pub fn with_schema(mut self, schema: SchemaName) -> Self {

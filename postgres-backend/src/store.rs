@@ -36,6 +36,8 @@ struct Inner {
     pool: PgPool,
     options: StoreOptions,
     sql: Sql,
+    /// Set once the schema's owner was checked against `options.service()`.
+    service_checked: tokio::sync::OnceCell<()>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -82,7 +84,12 @@ impl PostgresStore {
     pub fn with_options(pool: PgPool, options: StoreOptions) -> Self {
         let sql = Sql::new(options.schema());
         Self {
-            inner: Arc::new(Inner { pool, options, sql }),
+            inner: Arc::new(Inner {
+                pool,
+                options,
+                sql,
+                service_checked: tokio::sync::OnceCell::new(),
+            }),
         }
     }
 
@@ -104,6 +111,7 @@ impl PostgresStore {
         let pool = config.connect(url).await?;
         let store = Self::with_options(pool, options);
         store.check_not_restored_if_migrated("connect").await?;
+        store.check_service("connect").await?;
         Ok(store)
     }
 
@@ -117,6 +125,14 @@ impl PostgresStore {
         self.inner.options.schema()
     }
 
+    pub(crate) fn options(&self) -> &StoreOptions {
+        &self.inner.options
+    }
+
+    pub(crate) fn service_checked(&self) -> &tokio::sync::OnceCell<()> {
+        &self.inner.service_checked
+    }
+
     /// Creates the schema if needed and applies the pending migrations (see [`migrate`]).
     ///
     /// Then fails with [`RestoreRepairNeeded`] (as the source of a permanent error) when the
@@ -125,6 +141,7 @@ impl PostgresStore {
     /// [`repair_after_restore`](Self::repair_after_restore).
     pub async fn migrate(&self) -> Result<(), Error> {
         migrate(&self.inner.pool, self.schema()).await?;
+        self.claim_service("migrate").await?;
         self.check_not_restored("migrate").await
     }
 
@@ -198,6 +215,7 @@ impl PostgresStore {
         .map_err(|e| to_error(e, "health check"))?;
         if applied_version.is_some() {
             self.check_not_restored("health check").await?;
+            self.check_service("health check").await?;
         }
         Ok(Health {
             round_trip,
@@ -269,6 +287,7 @@ impl PostgresStore {
         conn: &mut sqlx::PgConnection,
         request: AppendRequest,
     ) -> Result<AppendResult, Error> {
+        self.ensure_service().await?;
         validate_batch(&request.stream, &request.events)?;
         let batch = Batch::new(&request.stream, &request.events)?;
         let failure = match self.try_append(&mut *conn, &request, &batch).await {
@@ -312,6 +331,7 @@ impl PostgresStore {
     }
 
     async fn append_batch(&self, request: AppendRequest) -> Result<AppendResult, Error> {
+        self.ensure_service().await?;
         let stream = &request.stream;
         validate_batch(stream, &request.events)?;
         let batch = Batch::new(stream, &request.events)?;

@@ -350,6 +350,14 @@ impl PgTx {
     pub fn conn(&mut self) -> &mut PgConnection {
         &mut self.tx
     }
+
+    pub(crate) fn new(tx: Transaction<'static, Postgres>) -> Self {
+        Self { tx }
+    }
+
+    pub(crate) fn into_inner(self) -> Transaction<'static, Postgres> {
+        self.tx
+    }
 }
 
 impl TransactionalCheckpoint for PgCheckpoints {

@@ -54,6 +54,7 @@ mod support;
 pub mod bus_conformance;
 pub mod conformance;
 pub mod consumer_conformance;
+pub mod nats;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod properties;

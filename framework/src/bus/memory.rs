@@ -64,7 +64,6 @@ struct ConsumerState {
     delivered_up_to: u64,
     /// Delivered, not acknowledged: sequence → (redeliver at, deliveries so far).
     unacked: BTreeMap<u64, (Instant, u64)>,
-    redelivered: u64,
 }
 
 impl InProcessBus {
@@ -215,7 +214,6 @@ impl Bus for InProcessBus {
                         config: config.clone(),
                         delivered_up_to: 0,
                         unacked: BTreeMap::new(),
-                        redelivered: 0,
                     },
                 );
             }
@@ -264,7 +262,6 @@ impl InProcessConsumer {
             let entry = consumer.unacked.get_mut(&sequence).expect("listed above");
             entry.0 = now + ack_wait;
             entry.1 += 1;
-            consumer.redelivered += 1;
             out.push(self.delivery(sequence, stored, entry.1));
         }
         let wanted = |subject: &str| {
@@ -364,7 +361,7 @@ impl BusConsumer for InProcessConsumer {
         Ok(ConsumerInfo::new(
             pending,
             consumer.unacked.len() as u64,
-            consumer.redelivered,
+            consumer.unacked.values().filter(|(_, n)| *n > 1).count() as u64,
         ))
     }
 }

@@ -319,7 +319,7 @@ pub struct ConsumerInfo {
     pub pending: u64,
     /// Messages delivered and not acknowledged yet.
     pub ack_pending: u64,
-    /// Messages delivered more than once so far (redeliveries).
+    /// Messages delivered more than once and not acknowledged yet.
     pub redelivered: u64,
 }
 
