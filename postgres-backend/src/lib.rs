@@ -83,6 +83,7 @@ mod migrate;
 pub mod projection;
 mod inbox;
 mod restore;
+pub mod saga;
 mod schema;
 mod service;
 mod store;
