@@ -784,9 +784,10 @@ pub fn billing() -> ServiceName {
     ServiceName::new("billing").expect("a valid service name")
 }
 
-/// What the shop publishes: the checkout saga's payment and refund requests.
-pub fn shop_public_events() -> PublicEvents {
-    PublicEvents::new(shop())
+/// What the shop (named `service` on the bus) publishes: the checkout saga's payment and refund
+/// requests.
+pub fn shop_public_events(service: ServiceName) -> PublicEvents {
+    PublicEvents::new(service)
         .publish(
             "checkout",
             ["checkout.payment_requested", "checkout.refund_requested"],
@@ -794,9 +795,9 @@ pub fn shop_public_events() -> PublicEvents {
         .expect("valid routes")
 }
 
-/// What billing publishes: charges, refunds, and declined payments.
-pub fn billing_public_events() -> PublicEvents {
-    PublicEvents::new(billing())
+/// What billing (named `service` on the bus) publishes: charges, refunds, and declined payments.
+pub fn billing_public_events(service: ServiceName) -> PublicEvents {
+    PublicEvents::new(service)
         .publish("wallet", ["wallet.charged", "wallet.refunded"])
         .and_then(|p| p.publish("billing", ["billing.declined"]))
         .expect("valid routes")

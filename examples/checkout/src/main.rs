@@ -54,8 +54,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Everything runs concurrently in this task until `stop` (an inbound consumer's future is
     // not `Send`: it is awaited here rather than spawned).
     let (shop_publish, billing_publish) = (
-        Relay::new(bus.clone(), shop_public_events()),
-        Relay::new(bus.clone(), billing_public_events()),
+        Relay::new(bus.clone(), shop_public_events(shop())),
+        Relay::new(bus.clone(), billing_public_events(billing())),
     );
     let mut shop_relay =
         Subscription::new(shop_publish.name(), shop_store.clone()).filter(shop_publish.filter());
