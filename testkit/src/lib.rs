@@ -30,6 +30,9 @@
 //! * `PgProjectionFixture` (feature `postgres`): given events, applied to a PostgreSQL
 //!   projection in real transactions on a `postgres::TestDatabase`, then rows.
 //! * [`ProcessManagerFixture`]: given past events, when new ones, then the commands issued.
+//! * [`SagaFixture`]: given past events, when an event, a rejection or time passing (a test
+//!   clock), then the changes recorded, the commands sent (typed by target, with their ids) and
+//!   the timeouts scheduled or cancelled.
 //! * [`FlowFixture`]: the whole flow in one test — given events, when a command, then its
 //!   events, what the projections show and what the process managers issue.
 //! * [`properties`]: proptest helpers for invariants over random command sequences, and for
@@ -49,6 +52,7 @@ mod envelope;
 mod pg_projection;
 mod process;
 mod projection;
+mod saga;
 mod support;
 
 pub mod bus_conformance;
@@ -65,6 +69,7 @@ pub use envelope::{TestEnvelope, envelope};
 pub use pg_projection::PgProjectionFixture;
 pub use process::ProcessManagerFixture;
 pub use projection::ProjectionFixture;
+pub use saga::{SAGA_FIXTURE_START, SagaFixture};
 
 /// The proptest crate the [`properties`] helpers are built on, for writing command strategies
 /// without a separate dependency.

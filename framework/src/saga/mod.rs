@@ -228,6 +228,18 @@ pub struct Fired<T> {
     pub timeout: T,
 }
 
+impl<T> Fired<T> {
+    /// A fired timeout from its parts (for test fixtures and custom runtimes).
+    pub fn new(name: impl Into<String>, id: Uuid, due_at: DateTime<Utc>, timeout: T) -> Self {
+        Self {
+            name: name.into(),
+            id,
+            due_at,
+            timeout,
+        }
+    }
+}
+
 /// A command a saga decided to send: to which aggregate type, the command encoded, and the
 /// context it runs in (an id derived from the input that caused it, the workflow's correlation
 /// id, that input as causation, the command id as idempotency key).
@@ -477,6 +489,12 @@ impl<S: Saga> Decisions<S> {
         &self.timeouts
     }
 
+    /// The changes, commands and timeout decisions, taken out (for test fixtures and custom
+    /// runtimes).
+    pub fn into_parts(self) -> (Vec<S::Change>, Vec<SentCommand>, Vec<TimeoutDecision>) {
+        (self.changes, self.commands, self.timeouts)
+    }
+
     /// Whether nothing was decided.
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty() && self.commands.is_empty() && self.timeouts.is_empty()
@@ -535,7 +553,8 @@ pub fn fold<S: Saga>(changes: &[RecordedEvent]) -> Result<S, Error> {
     Ok(state)
 }
 
-/// The trigger id of a reaction to a rejected command (a name-based UUID of the command's id).
-fn rejection_trigger(command: CommandId) -> Uuid {
+/// The trigger id of the reaction to a rejection of command `command` (a name-based UUID of the
+/// command's id): the commands and changes of that reaction derive their ids from it.
+pub fn rejection_trigger(command: CommandId) -> Uuid {
     derive(b"saga-rejected", command.as_uuid(), 0)
 }
