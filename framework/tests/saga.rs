@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use factum::resilience::RetryPolicy;
 use factum::saga::{
-    Decisions, Executed, InMemorySagaStore, Input, Saga, SagaOptions, SagaRuntime, SentCommand,
-    Clock, Target, TestClock,
+    Clock, Decisions, Executed, InMemorySagaStore, Input, Saga, SagaOptions, SagaRuntime,
+    SentCommand, Target, TestClock,
 };
 use factum::subscription::Subscription;
 use factum::{
@@ -107,7 +107,10 @@ impl Saga for Till {
                 then.cancel("receipt");
             }
             Input::Timeout(fired) => {
-                assert_eq!((fired.name.as_str(), fired.timeout.as_str()), ("receipt", "print it"));
+                assert_eq!(
+                    (fired.name.as_str(), fired.timeout.as_str()),
+                    ("receipt", "print it")
+                );
                 then.record(TillChange::Expired);
             }
         }
@@ -133,7 +136,11 @@ impl Target<()> for Flaky {
     fn aggregate_type(&self) -> &'static str {
         "card"
     }
-    fn execute<'a>(&'a self, _: &'a mut (), command: &'a SentCommand) -> BoxFuture<'a, Result<Executed, Error>> {
+    fn execute<'a>(
+        &'a self,
+        _: &'a mut (),
+        command: &'a SentCommand,
+    ) -> BoxFuture<'a, Result<Executed, Error>> {
         Box::pin(async move {
             if self
                 .failing
@@ -142,11 +149,14 @@ impl Target<()> for Flaky {
             {
                 return Err(Error::transient("charge", "the card network timed out"));
             }
-            Executed::of(self.repository.execute_with(command.decode::<Card>()?, &command.context).await)
+            Executed::of(
+                self.repository
+                    .execute_with(command.decode::<Card>()?, &command.context)
+                    .await,
+            )
         })
     }
 }
-
 
 async fn sell(store: &InMemoryStore, sale: &str, amount: u64) {
     let event = factum::NewEvent::encode(
@@ -159,13 +169,23 @@ async fn sell(store: &InMemoryStore, sale: &str, amount: u64) {
     .expect("encodes");
     factum::EventStore::append(
         store,
-        factum::AppendRequest::new(StreamId::new(format!("sale-{sale}")).expect("id"), vec![event]),
+        factum::AppendRequest::new(
+            StreamId::new(format!("sale-{sale}")).expect("id"),
+            vec![event],
+        ),
     )
     .await
     .expect("append");
 }
 
-fn setup(failing: u32) -> (InMemoryStore, TestClock, SagaRuntime<Till, InMemorySagaStore>, Arc<AtomicU32>) {
+fn setup(
+    failing: u32,
+) -> (
+    InMemoryStore,
+    TestClock,
+    SagaRuntime<Till, InMemorySagaStore>,
+    Arc<AtomicU32>,
+) {
     let store = InMemoryStore::new();
     let clock = TestClock::new("2026-01-01T00:00:00Z".parse().expect("time"));
     let failing = Arc::new(AtomicU32::new(failing));
@@ -175,13 +195,15 @@ fn setup(failing: u32) -> (InMemoryStore, TestClock, SagaRuntime<Till, InMemoryS
             repository: Repository::new(store.clone()),
             failing: failing.clone(),
         })
-        .options(SagaOptions::default().retry(
-            RetryPolicy::new()
-                .with_max_attempts(3)
-                .with_initial_delay(Duration::from_secs(10))
-                .with_max_delay(Duration::from_secs(10))
-                .with_max_elapsed(None),
-        ));
+        .options(
+            SagaOptions::default().retry(
+                RetryPolicy::new()
+                    .with_max_attempts(3)
+                    .with_initial_delay(Duration::from_secs(10))
+                    .with_max_delay(Duration::from_secs(10))
+                    .with_max_elapsed(None),
+            ),
+        );
     (store, clock, runtime, failing)
 }
 
@@ -202,7 +224,10 @@ async fn a_rejected_command_comes_back_typed_and_the_saga_compensates() {
     assert_eq!(done.dispatched, 1);
     let state = runtime.state("s1").await.expect("state").expect("instance");
     assert_eq!(state.declined.as_deref(), Some("declined"));
-    assert!(runtime.timeouts("s1").await.expect("timeouts").is_empty(), "cancelled");
+    assert!(
+        runtime.timeouts("s1").await.expect("timeouts").is_empty(),
+        "cancelled"
+    );
     assert_eq!(runtime.status().borrow().rejected, 1);
 }
 
@@ -219,9 +244,22 @@ async fn a_failing_dispatch_is_retried_after_its_backoff_then_parked_and_retried
     };
     assert_eq!(pending.attempts, 1);
     assert!(pending.due_at > clock.now());
-    assert!(pending.last_error.as_deref().is_some_and(|e| e.contains("timed out")));
-    assert_eq!(runtime.tick().await.expect("tick").dispatched, 0, "not due yet");
-    assert_eq!(failing.load(Ordering::SeqCst), 9, "no attempt before the backoff");
+    assert!(
+        pending
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("timed out"))
+    );
+    assert_eq!(
+        runtime.tick().await.expect("tick").dispatched,
+        0,
+        "not due yet"
+    );
+    assert_eq!(
+        failing.load(Ordering::SeqCst),
+        9,
+        "no attempt before the backoff"
+    );
 
     // Attempts 2 and 3 fail: the instance is parked.
     clock.advance(Duration::from_secs(11));
@@ -234,7 +272,11 @@ async fn a_failing_dispatch_is_retried_after_its_backoff_then_parked_and_retried
     assert_eq!(parked.key, "s1");
     assert!(parked.error.contains("timed out"), "{}", parked.error);
     clock.advance(Duration::from_secs(3600));
-    assert_eq!(runtime.tick().await.expect("tick").dispatched, 0, "a parked instance waits");
+    assert_eq!(
+        runtime.tick().await.expect("tick").dispatched,
+        0,
+        "a parked instance waits"
+    );
     assert_eq!(failing.load(Ordering::SeqCst), 7);
 
     // Fixed, and retried by hand: dispatched once.
@@ -242,13 +284,14 @@ async fn a_failing_dispatch_is_retried_after_its_backoff_then_parked_and_retried
     assert!(runtime.retry_parked("s1").await.expect("retry"));
     assert_eq!(runtime.tick().await.expect("tick").dispatched, 1);
     assert!(runtime.parked().await.expect("parked").is_empty());
-    let charged: Vec<_> = futures_util::TryStreamExt::try_collect::<Vec<_>>(factum::EventStore::read_stream(
-        &store,
-        &StreamId::new("card-c1").expect("id"),
-        factum::StreamVersion::INITIAL,
-    ))
-    .await
-    .expect("read");
+    let charged: Vec<_> =
+        futures_util::TryStreamExt::try_collect::<Vec<_>>(factum::EventStore::read_stream(
+            &store,
+            &StreamId::new("card-c1").expect("id"),
+            factum::StreamVersion::INITIAL,
+        ))
+        .await
+        .expect("read");
     assert_eq!(charged.len(), 1);
 }
 
@@ -264,7 +307,14 @@ async fn a_timeout_fires_when_the_clock_passes_its_deadline_once() {
     clock.advance(Duration::from_secs(1));
     assert_eq!(runtime.tick().await.expect("tick").fired, 1);
     assert_eq!(runtime.tick().await.expect("tick").fired, 0);
-    assert!(runtime.state("s1").await.expect("state").expect("instance").expired);
+    assert!(
+        runtime
+            .state("s1")
+            .await
+            .expect("state")
+            .expect("instance")
+            .expired
+    );
 }
 
 #[tokio::test]
@@ -293,5 +343,9 @@ async fn a_command_for_a_type_with_no_target_parks_its_instance_naming_the_type(
     let [parked] = &runtime.parked().await.expect("parked")[..] else {
         panic!("one parked instance")
     };
-    assert!(parked.error.contains("`card`, which has no target"), "{}", parked.error);
+    assert!(
+        parked.error.contains("`card`, which has no target"),
+        "{}",
+        parked.error
+    );
 }

@@ -79,7 +79,10 @@ impl JetStreamBus {
     }
 }
 
-fn transient(operation: &'static str, error: impl std::error::Error + Send + Sync + 'static) -> Error {
+fn transient(
+    operation: &'static str,
+    error: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
     Error::transient(operation, error)
 }
 
@@ -162,9 +165,10 @@ impl Bus for JetStreamBus {
     async fn publish(&self, messages: &[BusMessage]) -> Result<Vec<PublishAck>, Error> {
         use async_nats::jetstream::context::PublishErrorKind as K;
         let classify = |e: async_nats::jetstream::context::PublishError| match e.kind() {
-            K::StreamNotFound | K::MaxPayloadExceeded | K::WrongLastMessageId | K::WrongLastSequence => {
-                Error::permanent("publish", e)
-            }
+            K::StreamNotFound
+            | K::MaxPayloadExceeded
+            | K::WrongLastMessageId
+            | K::WrongLastSequence => Error::permanent("publish", e),
             _ => transient("publish", e),
         };
         // Pipelined: every message goes out before the first acknowledgement is awaited.

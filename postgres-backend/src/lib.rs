@@ -78,10 +78,10 @@
 
 mod config;
 mod error;
+mod inbox;
 mod maintenance;
 mod migrate;
 pub mod projection;
-mod inbox;
 mod restore;
 pub mod saga;
 mod schema;
@@ -93,10 +93,10 @@ mod tx;
 
 pub use config::{PoolConfig, StoreOptions};
 pub use error::RestoreRepairNeeded;
+pub use inbox::PgInbox;
 pub use maintenance::Partition;
 pub use migrate::migrate;
 pub use restore::RestoreRepair;
-pub use inbox::PgInbox;
 pub use schema::SchemaName;
 pub use service::ServiceRole;
 pub use store::{Health, PostgresStore};

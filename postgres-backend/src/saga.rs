@@ -187,9 +187,8 @@ fn limit(n: usize) -> i64 {
 }
 
 fn raw(text: String, what: &str) -> Result<Box<RawValue>, Error> {
-    RawValue::from_string(text).map_err(|e| {
-        Error::permanent("read saga rows", format!("stored {what} is not JSON: {e}"))
-    })
+    RawValue::from_string(text)
+        .map_err(|e| Error::permanent("read saga rows", format!("stored {what} is not JSON: {e}")))
 }
 
 fn command_from_row(row: &PgRow) -> Result<PendingCommand, Error> {
@@ -278,7 +277,12 @@ impl SagaStore for PgSagaStore {
             .read_stream(stream, StreamVersion::INITIAL)
             .try_collect()
             .await?;
-        Ok(Instance::new(key.to_owned(), stream.clone(), changes, parked))
+        Ok(Instance::new(
+            key.to_owned(),
+            stream.clone(),
+            changes,
+            parked,
+        ))
     }
 
     async fn save(&self, tx: &mut PgTx, decided: Decided) -> Result<(), Error> {
@@ -388,7 +392,12 @@ impl SagaStore for PgSagaStore {
         Ok(())
     }
 
-    async fn park(&self, command: &PendingCommand, attempts: u32, error: String) -> Result<(), Error> {
+    async fn park(
+        &self,
+        command: &PendingCommand,
+        attempts: u32,
+        error: String,
+    ) -> Result<(), Error> {
         let mut tx = self.begin().await?;
         let done = async {
             q(&self.sql.park_command)
@@ -533,7 +542,9 @@ pub struct PgTarget<A> {
 
 impl<A> std::fmt::Debug for PgTarget<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgTarget").field("store", &self.store).finish()
+        f.debug_struct("PgTarget")
+            .field("store", &self.store)
+            .finish()
     }
 }
 

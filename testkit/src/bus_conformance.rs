@@ -135,7 +135,10 @@ pub async fn publishes_are_acknowledged_in_order_and_repeats_are_duplicates<B: B
         "in order: {first:?}"
     );
     let again = bus.publish(&messages).await.expect("publish again");
-    assert!(again.iter().all(|a| a.duplicate), "repeats are duplicates: {again:?}");
+    assert!(
+        again.iter().all(|a| a.duplicate),
+        "repeats are duplicates: {again:?}"
+    );
     assert_eq!(
         again.iter().map(|a| a.sequence).collect::<Vec<_>>(),
         first.iter().map(|a| a.sequence).collect::<Vec<_>>()
@@ -154,7 +157,9 @@ pub async fn messages_arrive_with_their_identity_and_metadata<B: Bus>(bus: B) {
     let service = service();
     let config = stream_for(&bus, &service).await;
     let sent = message(&service, "thing-7", 4);
-    bus.publish(std::slice::from_ref(&sent)).await.expect("publish");
+    bus.publish(std::slice::from_ref(&sent))
+        .await
+        .expect("publish");
     let mut consumer = bus
         .consumer(&ConsumerConfig::new(&config.name, "identity"))
         .await
@@ -194,9 +199,16 @@ pub async fn a_durable_consumer_resumes_where_it_left_off<B: Bus>(bus: B) {
         delivery.ack().await.expect("ack");
     }
     drop(first);
-    let mut again = bus.consumer(&consumer_config).await.expect("consumer again");
+    let mut again = bus
+        .consumer(&consumer_config)
+        .await
+        .expect("consumer again");
     let got = fetch_n(&mut again, 3).await;
-    assert_eq!(versions(&got), vec![3, 4, 5], "resumes after what was acknowledged");
+    assert_eq!(
+        versions(&got),
+        vec![3, 4, 5],
+        "resumes after what was acknowledged"
+    );
     for delivery in got {
         delivery.ack().await.expect("ack");
     }
@@ -209,9 +221,12 @@ pub async fn a_durable_consumer_resumes_where_it_left_off<B: Bus>(bus: B) {
 pub async fn unacknowledged_messages_are_delivered_again<B: Bus>(bus: B) {
     let service = service();
     let config = stream_for(&bus, &service).await;
-    bus.publish(&[message(&service, "thing-1", 1), message(&service, "thing-1", 2)])
-        .await
-        .expect("publish");
+    bus.publish(&[
+        message(&service, "thing-1", 1),
+        message(&service, "thing-1", 2),
+    ])
+    .await
+    .expect("publish");
     let mut consumer = bus
         .consumer(&ConsumerConfig::new(&config.name, "redeliver").ack_wait(Duration::from_secs(1)))
         .await
@@ -275,7 +290,9 @@ pub async fn consumers_get_only_the_subjects_they_filter<B: Bus>(bus: B) {
 pub async fn an_existing_stream_is_verified_not_changed<B: Bus>(bus: B) {
     let service = service();
     let config = stream_for(&bus, &service).await;
-    bus.ensure_stream(&config).await.expect("the same configuration");
+    bus.ensure_stream(&config)
+        .await
+        .expect("the same configuration");
     let other = config.clone().duplicate_window(Duration::from_secs(30));
     let err = bus.ensure_stream(&other).await.unwrap_err();
     assert_eq!(err.kind(), factum::ErrorKind::InvalidArgument, "{err}");

@@ -84,3 +84,9 @@ mod testing_chapter {}
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/idempotency.md")]
 mod idempotency_chapter {}
+
+/// The book's sagas chapter (it runs the checkout example and shows the PostgreSQL wiring),
+/// compiled so it cannot drift.
+#[cfg(all(doctest, feature = "postgres"))]
+#[doc = include_str!("../../docs/src/sagas.md")]
+mod sagas_chapter {}

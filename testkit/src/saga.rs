@@ -142,7 +142,11 @@ impl<S: Saga> SagaFixture<S> {
     /// When `stream` is not a valid stream id, or the saga fails to react.
     #[must_use]
     #[track_caller]
-    pub fn given_events(mut self, stream: &str, events: impl IntoIterator<Item = S::Event>) -> Self {
+    pub fn given_events(
+        mut self,
+        stream: &str,
+        events: impl IntoIterator<Item = S::Event>,
+    ) -> Self {
         for event in events {
             self = self.given(envelope(stream, event));
         }
@@ -251,11 +255,22 @@ impl<S: Saga> SagaFixture<S> {
             .metadata
             .correlation_id
             .unwrap_or_else(|| CorrelationId::from_uuid(envelope.event_id.as_uuid()));
-        self.react(&key, envelope.event_id.as_uuid(), correlation, Input::Event(envelope));
+        self.react(
+            &key,
+            envelope.event_id.as_uuid(),
+            correlation,
+            Input::Event(envelope),
+        );
     }
 
     #[track_caller]
-    fn react(&mut self, key: &str, trigger: uuid::Uuid, correlation: CorrelationId, input: Input<'_, S>) {
+    fn react(
+        &mut self,
+        key: &str,
+        trigger: uuid::Uuid,
+        correlation: CorrelationId,
+        input: Input<'_, S>,
+    ) {
         let described = match &input {
             Input::Event(e) => format!(
                 "event {:?} in stream {} at version {}",
@@ -330,7 +345,10 @@ impl<S: Saga> SagaFixture<S> {
         let actual: Vec<&S::Change> = self.checked().changes.iter().collect();
         let expected: Vec<&S::Change> = expected.iter().collect();
         if let Some(diff) = sequence_mismatch("change", &expected, &actual) {
-            panic!("saga `{}` recorded other changes than expected: {diff}", S::NAME);
+            panic!(
+                "saga `{}` recorded other changes than expected: {diff}",
+                S::NAME
+            );
         }
         self
     }
@@ -396,7 +414,8 @@ impl<S: Saga> SagaFixture<S> {
     /// When they did not, or nothing was under test.
     #[track_caller]
     pub fn then_scheduled(mut self, name: &str, after: Duration) -> Self {
-        let due = self.clock.now() + chrono::Duration::from_std(after).expect("a duration in range");
+        let due =
+            self.clock.now() + chrono::Duration::from_std(after).expect("a duration in range");
         let timeouts = &self.checked().timeouts;
         let found = timeouts.iter().any(|t| {
             matches!(t, TimeoutDecision::Schedule { name: n, due_at, .. } if n == name && *due_at == due)

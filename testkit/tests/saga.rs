@@ -51,8 +51,18 @@ fn a_placed_order_reserves_stock_and_starts_the_payment_clock() {
 fn shipping_refused_compensates_every_step_done() {
     SagaFixture::<Checkout>::new()
         .given_events("order-o-1", [CheckoutInput::Placed(details())])
-        .given_events("stock-lamp", [CheckoutInput::Reserved { order: "o-1".into() }])
-        .given_events("wallet-ada", [CheckoutInput::Charged { order: "o-1".into() }])
+        .given_events(
+            "stock-lamp",
+            [CheckoutInput::Reserved {
+                order: "o-1".into(),
+            }],
+        )
+        .given_events(
+            "wallet-ada",
+            [CheckoutInput::Charged {
+                order: "o-1".into(),
+            }],
+        )
         .when_rejected::<Shipment>(
             Ship {
                 order: "o-1".into(),
@@ -84,7 +94,12 @@ fn shipping_refused_compensates_every_step_done() {
 fn the_payment_timeout_fires_only_once_its_deadline_passes() {
     let fixture = SagaFixture::<Checkout>::new()
         .given_events("order-o-1", [CheckoutInput::Placed(details())])
-        .given_events("stock-lamp", [CheckoutInput::Reserved { order: "o-1".into() }]);
+        .given_events(
+            "stock-lamp",
+            [CheckoutInput::Reserved {
+                order: "o-1".into(),
+            }],
+        );
     assert_eq!(fixture.pending_timeouts("o-1").len(), 1);
     fixture
         .when_time_passes(PAYMENT_TIMEOUT - Duration::from_secs(1))
@@ -106,8 +121,18 @@ fn the_payment_timeout_fires_only_once_its_deadline_passes() {
 fn a_payment_in_time_cancels_the_timeout_and_ships() {
     SagaFixture::<Checkout>::new()
         .given_events("order-o-1", [CheckoutInput::Placed(details())])
-        .given_events("stock-lamp", [CheckoutInput::Reserved { order: "o-1".into() }])
-        .when_events("wallet-ada", [CheckoutInput::Charged { order: "o-1".into() }])
+        .given_events(
+            "stock-lamp",
+            [CheckoutInput::Reserved {
+                order: "o-1".into(),
+            }],
+        )
+        .when_events(
+            "wallet-ada",
+            [CheckoutInput::Charged {
+                order: "o-1".into(),
+            }],
+        )
         .then_changes([CheckoutChange::Paid])
         .then_cancelled("payment")
         .then_sent::<Shipment>([Ship {

@@ -11,8 +11,8 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use checkout::{CheckoutChange, OrderDetails};
+use chrono::{DateTime, Utc};
 use factum::saga::TestClock;
 use factum::subscription::{Lease, NoLease, StartFrom, Subscription};
 use factum::{CommandId, EventId};
@@ -34,9 +34,19 @@ fn at(minutes: i64) -> DateTime<Utc> {
 /// A child process running the checkout runtime on database `url` with its clock at `now`:
 /// `persist` only feeds the saga from the log (decisions stored, nothing dispatched), `full`
 /// also dispatches and fires. Returns it with the lines it reports.
-fn spawn(url: &str, mode: &str, now: DateTime<Utc>) -> (Child, tokio::io::Lines<BufReader<ChildStdout>>) {
+fn spawn(
+    url: &str,
+    mode: &str,
+    now: DateTime<Utc>,
+) -> (Child, tokio::io::Lines<BufReader<ChildStdout>>) {
     let mut child = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args(["child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("SAGA_CHILD_URL", url)
         .env("SAGA_CHILD_MODE", mode)
         .env("SAGA_CHILD_NOW", now.to_rfc3339())
@@ -91,16 +101,24 @@ fn child() {
     runtime.block_on(async move {
         let store = PostgresStore::connect(&url).await.expect("connect");
         let checkout = checkout_runtime(&store, TestClock::new(now));
-        let mut feed =
-            Subscription::with_checkpoints(checkout.name(), store.clone(), PgCheckpoints::new(&store))
-                .filter(checkout.filter());
-        feed.catch_up(checkout.clone()).await.expect("feed the saga");
+        let mut feed = Subscription::with_checkpoints(
+            checkout.name(),
+            store.clone(),
+            PgCheckpoints::new(&store),
+        )
+        .filter(checkout.filter());
+        feed.catch_up(checkout.clone())
+            .await
+            .expect("feed the saga");
         if mode == "persist" {
             println!("{PREFIX}persisted");
             std::future::pending::<()>().await;
         }
         let done = checkout.tick().await.expect("tick");
-        println!("{PREFIX}ticked dispatched={} fired={}", done.dispatched, done.fired);
+        println!(
+            "{PREFIX}ticked dispatched={} fired={}",
+            done.dispatched, done.fired
+        );
         let never = std::future::pending::<()>;
         let (fed, ran) = tokio::join!(
             feed.run(checkout.clone(), never()),
@@ -118,7 +136,8 @@ fn timed_out(changes: &[CheckoutChange]) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timeout_fires_exactly_once_after_the_runtime_is_killed_and_restarted_past_its_deadline() {
+async fn a_timeout_fires_exactly_once_after_the_runtime_is_killed_and_restarted_past_its_deadline()
+{
     let db = TestDatabase::create().await;
     let store = db.patient_store();
     place(&store, order("t-1", "street")).await;
@@ -168,7 +187,8 @@ async fn a_timeout_fires_exactly_once_after_the_runtime_is_killed_and_restarted_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_between_persisting_a_decision_and_dispatching_it_dispatches_it_once_after_the_restart() {
+async fn a_crash_between_persisting_a_decision_and_dispatching_it_dispatches_it_once_after_the_restart()
+ {
     let db = TestDatabase::create().await;
     let store = db.patient_store();
     place(&store, order("c-1", "street")).await;
@@ -205,15 +225,18 @@ async fn a_crash_between_persisting_a_decision_and_dispatching_it_dispatches_it_
     assert_eq!(runtime.tick().await.expect("tick").dispatched, 0);
 
     let reserved = stream(&store, "stock-lamp").await;
-    assert_eq!(reserved.len(), 1, "the target stream has the command's event once");
+    assert_eq!(
+        reserved.len(),
+        1,
+        "the target stream has the command's event once"
+    );
     assert_eq!(
         reserved[0].metadata.causation_id,
         Some(reserve_id.into()),
         "caused by the derived command id"
     );
     assert_eq!(
-        reserved[0].metadata.correlation_id,
-        placed.metadata.correlation_id,
+        reserved[0].metadata.correlation_id, placed.metadata.correlation_id,
         "in the order's workflow"
     );
     let started = checkout_changes(&store, "c-1")
@@ -290,7 +313,10 @@ async fn two_instances_handle_each_event_and_timeout_once<L: Lease + Clone>(
 
     for i in 0..ORDERS {
         let changes = checkout_changes(&store, &format!("n-{i}")).await;
-        let kinds: Vec<&str> = changes.iter().map(|c| factum::Event::event_type(c)).collect();
+        let kinds: Vec<&str> = changes
+            .iter()
+            .map(|c| factum::Event::event_type(c))
+            .collect();
         assert_eq!(
             kinds,
             [
@@ -301,15 +327,29 @@ async fn two_instances_handle_each_event_and_timeout_once<L: Lease + Clone>(
             ],
             "order {i}: each input reacted to once"
         );
-        assert_eq!(count(&store, &format!("stock-lamp{i}"), "stock.reserved").await, 1);
-        assert_eq!(count(&store, &format!("order-n-{i}"), "order.cancelled").await, 1);
+        assert_eq!(
+            count(&store, &format!("stock-lamp{i}"), "stock.reserved").await,
+            1
+        );
+        assert_eq!(
+            count(&store, &format!("order-n-{i}"), "order.cancelled").await,
+            1
+        );
     }
     let (sa, sb) = (a.status().borrow().clone(), b.status().borrow().clone());
-    assert_eq!(sa.fired + sb.fired, ORDERS as u64, "each timeout fired once: {sa:?} {sb:?}");
+    assert_eq!(
+        sa.fired + sb.fired,
+        ORDERS as u64,
+        "each timeout fired once: {sa:?} {sb:?}"
+    );
     // Per order: the placement, the reservation, the timeout.
     assert_eq!(sa.reacted + sb.reacted, 3 * ORDERS as u64, "{sa:?} {sb:?}");
     // Per order: reserve, release, cancel.
-    assert_eq!(sa.dispatched + sb.dispatched, 3 * ORDERS as u64, "{sa:?} {sb:?}");
+    assert_eq!(
+        sa.dispatched + sb.dispatched,
+        3 * ORDERS as u64,
+        "{sa:?} {sb:?}"
+    );
     eprintln!(
         "instance a: reacted {} fired {} dispatched {}; instance b: reacted {} fired {} dispatched {}",
         sa.reacted, sa.fired, sa.dispatched, sb.reacted, sb.fired, sb.dispatched

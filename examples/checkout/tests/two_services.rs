@@ -10,7 +10,9 @@ use checkout::{
     shop_public_events,
 };
 use factum::Repository;
-use factum::bus::{Bus, ConsumerConfig, InProcessBus, InboundConsumer, Relay, ServiceName, StreamConfig};
+use factum::bus::{
+    Bus, ConsumerConfig, InProcessBus, InboundConsumer, Relay, ServiceName, StreamConfig,
+};
 use factum::saga::SystemClock;
 use factum::subscription::Subscription;
 use factum_postgres::PgInbox;
@@ -27,7 +29,9 @@ async fn step_three_rejected_compensates_in_both_services<B: Bus + Clone>(bus: B
     let shop_stream = StreamConfig::for_service(&shop_name);
     let billing_stream = StreamConfig::for_service(&billing_name);
     bus.ensure_stream(&shop_stream).await.expect("shop stream");
-    bus.ensure_stream(&billing_stream).await.expect("billing stream");
+    bus.ensure_stream(&billing_stream)
+        .await
+        .expect("billing stream");
 
     let (shop_db, billing_db) = (TestDatabase::create().await, TestDatabase::create().await);
     let (shop, billing) = (shop_db.patient_store(), billing_db.patient_store());
@@ -65,8 +69,18 @@ async fn step_three_rejected_compensates_in_both_services<B: Bus + Clone>(bus: B
     let services = async {
         tokio::try_join!(
             async { shop_relay_feed.run(shop_relay, never()).await.map(|_| ()) },
-            async { billing_relay_feed.run(billing_relay, never()).await.map(|_| ()) },
-            async { checkout_feed.run(checkout.clone(), never()).await.map(|_| ()) },
+            async {
+                billing_relay_feed
+                    .run(billing_relay, never())
+                    .await
+                    .map(|_| ())
+            },
+            async {
+                checkout_feed
+                    .run(checkout.clone(), never())
+                    .await
+                    .map(|_| ())
+            },
             checkout_inbound.run(checkout.clone(), never()),
             payments_inbound.run(payments.clone(), never()),
             checkout.run(PgLease::new(&shop), never()),
@@ -102,19 +116,33 @@ async fn step_three_rejected_compensates_in_both_services<B: Bus + Clone>(bus: B
         shop_view.orders.get("o-1").map(String::as_str),
         Some("cancelled: shipping refused: the carrier does not deliver to \"nowhere\"")
     );
-    assert_eq!(shop_view.reserved.get("lamp"), Some(&0), "the stock was released");
+    assert_eq!(
+        shop_view.reserved.get("lamp"),
+        Some(&0),
+        "the stock was released"
+    );
     let billing_view = billing_view(&billing).await;
-    assert_eq!(billing_view.balances.get("ada"), Some(&100), "refunded in full");
+    assert_eq!(
+        billing_view.balances.get("ada"),
+        Some(&100),
+        "refunded in full"
+    );
     for event_type in ["wallet.deposited", "wallet.charged", "wallet.refunded"] {
         assert_eq!(
-            billing_view.seen.get(&("ada".to_owned(), event_type.to_owned())),
+            billing_view
+                .seen
+                .get(&("ada".to_owned(), event_type.to_owned())),
             Some(&1),
             "{event_type} once"
         );
     }
     assert_eq!(count(&shop, "stock-lamp", "stock.reserved").await, 1);
     assert_eq!(count(&shop, "shipment-o-1", "shipment.shipped").await, 0);
-    let state = checkout.state("o-1").await.expect("state").expect("an instance");
+    let state = checkout
+        .state("o-1")
+        .await
+        .expect("state")
+        .expect("an instance");
     assert!(
         matches!(&state.status, CheckoutStatus::Compensated(reason) if reason.starts_with("shipping refused")),
         "{state:?}"
@@ -126,7 +154,10 @@ async fn step_three_rejected_compensates_in_both_services<B: Bus + Clone>(bus: B
         .count();
     assert_eq!(requested_refunds, 1, "{changes:?}");
     assert!(checkout.pending("o-1").await.expect("pending").is_empty());
-    assert!(checkout.timeouts("o-1").await.expect("timeouts").is_empty(), "the payment timeout was cancelled");
+    assert!(
+        checkout.timeouts("o-1").await.expect("timeouts").is_empty(),
+        "the payment timeout was cancelled"
+    );
     assert!(checkout.parked().await.expect("parked").is_empty());
 }
 

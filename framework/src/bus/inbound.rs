@@ -223,7 +223,12 @@ impl Inbox for InMemoryInbox {
     }
 
     async fn parked(&self, consumer: &str) -> Result<Vec<ParkedMessage>, Error> {
-        Ok(self.lock().parked.get(consumer).cloned().unwrap_or_default())
+        Ok(self
+            .lock()
+            .parked
+            .get(consumer)
+            .cloned()
+            .unwrap_or_default())
     }
 
     async fn unpark(
@@ -648,8 +653,7 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
                         return Err(error);
                     }
                     tracing::error!(consumer = %name, %error, "parking a message that keeps failing");
-                    let parked =
-                        ParkedMessage::new(&name, delivery, render(&error), attempts);
+                    let parked = ParkedMessage::new(&name, delivery, render(&error), attempts);
                     self.park(parked).await?;
                     return Ok(Outcome::Parked);
                 }

@@ -77,7 +77,9 @@ pub struct BusMessage {
 /// Why a delivered message is not a factum message the consumer can read: a header missing or
 /// malformed, or a body that is not JSON. The consumer parks such a message with this error.
 #[derive(Debug, thiserror::Error)]
-#[error("message on subject {subject:?} (id {message_id:?}) is not a readable factum message: {problem}")]
+#[error(
+    "message on subject {subject:?} (id {message_id:?}) is not a readable factum message: {problem}"
+)]
 pub struct MessageDecodeError {
     /// The subject it arrived on.
     pub subject: String,
@@ -118,7 +120,8 @@ impl BusMessage {
             (headers::SCHEMA_VERSION, e.schema_version.to_string()),
             (
                 headers::RECORDED_AT,
-                e.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                e.recorded_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             ),
         ];
         if let Some(correlation) = e.metadata.correlation_id {
@@ -157,9 +160,8 @@ impl BusMessage {
             message_id: get(headers::MESSAGE_ID).map(str::to_owned),
             problem,
         };
-        let required = |name: &str| {
-            get(name).ok_or_else(|| fail(format!("header {name} is missing")))
-        };
+        let required =
+            |name: &str| get(name).ok_or_else(|| fail(format!("header {name} is missing")));
         fn parse<T: std::str::FromStr>(
             name: &str,
             value: &str,
@@ -182,9 +184,12 @@ impl BusMessage {
         )?;
         let position = {
             let value = required(headers::POSITION)?;
-            let (commit, global) = value
-                .split_once(':')
-                .ok_or_else(|| fail(format!("header {} ({value:?}) is malformed", headers::POSITION)))?;
+            let (commit, global) = value.split_once(':').ok_or_else(|| {
+                fail(format!(
+                    "header {} ({value:?}) is malformed",
+                    headers::POSITION
+                ))
+            })?;
             LogPosition::new(
                 parse(headers::POSITION, commit, &fail)?,
                 GlobalPosition::new(parse(headers::POSITION, global, &fail)?),
@@ -199,7 +204,12 @@ impl BusMessage {
         let recorded_at: DateTime<Utc> = {
             let value = required(headers::RECORDED_AT)?;
             DateTime::parse_from_rfc3339(value)
-                .map_err(|e| fail(format!("header {} ({value:?}) is malformed: {e}", headers::RECORDED_AT)))?
+                .map_err(|e| {
+                    fail(format!(
+                        "header {} ({value:?}) is malformed: {e}",
+                        headers::RECORDED_AT
+                    ))
+                })?
                 .with_timezone(&Utc)
         };
         let correlation_id: Option<CorrelationId> = get(headers::CORRELATION_ID)
@@ -212,11 +222,17 @@ impl BusMessage {
             None => Metadata::new(),
             Some(json) => {
                 let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json)
-                    .map_err(|e| fail(format!("header {} is not a JSON object: {e}", headers::METADATA)))?;
+                    .map_err(|e| {
+                        fail(format!(
+                            "header {} is not a JSON object: {e}",
+                            headers::METADATA
+                        ))
+                    })?;
                 Metadata::from(map)
             }
         };
-        let text = std::str::from_utf8(body).map_err(|e| fail(format!("body is not UTF-8: {e}")))?;
+        let text =
+            std::str::from_utf8(body).map_err(|e| fail(format!("body is not UTF-8: {e}")))?;
         let payload = serde_json::value::RawValue::from_string(text.to_owned())
             .map_err(|e| fail(format!("body is not JSON: {e}")))?;
         Ok(Self {
@@ -271,7 +287,10 @@ mod tests {
     }
 
     fn owned(headers: Vec<(&'static str, String)>) -> Vec<(String, String)> {
-        headers.into_iter().map(|(n, v)| (n.to_owned(), v)).collect()
+        headers
+            .into_iter()
+            .map(|(n, v)| (n.to_owned(), v))
+            .collect()
     }
 
     #[test]
@@ -301,7 +320,10 @@ mod tests {
         let mut headers = owned(sent.headers());
         headers.retain(|(n, _)| n != headers::EVENT_TYPE);
         let err = BusMessage::decode(&sent.subject, &headers, sent.body()).unwrap_err();
-        assert!(err.problem.contains("Factum-Event-Type is missing"), "{err}");
+        assert!(
+            err.problem.contains("Factum-Event-Type is missing"),
+            "{err}"
+        );
         assert_eq!(err.message_id, Some(sent.message_id()));
 
         let mut headers = owned(sent.headers());
@@ -313,8 +335,8 @@ mod tests {
         let err = BusMessage::decode(&sent.subject, &headers, sent.body()).unwrap_err();
         assert!(err.problem.contains("Factum-Stream-Version"), "{err}");
 
-        let err = BusMessage::decode(&sent.subject, &owned(sent.headers()), b"not json")
-            .unwrap_err();
+        let err =
+            BusMessage::decode(&sent.subject, &owned(sent.headers()), b"not json").unwrap_err();
         assert!(err.problem.contains("body is not JSON"), "{err}");
     }
 

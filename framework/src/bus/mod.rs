@@ -454,7 +454,10 @@ pub trait Bus: Send + Sync {
     /// Creates `config`'s stream, or checks an existing one has the same configuration (an
     /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) error naming the
     /// differences otherwise: retention is never changed silently).
-    fn ensure_stream(&self, config: &StreamConfig) -> impl Future<Output = Result<(), Error>> + Send;
+    fn ensure_stream(
+        &self,
+        config: &StreamConfig,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// Publishes `messages` (pipelined) and waits for every acknowledgement, returned in the
     /// same order. On an error, some of them may have been stored: publishing them again is
@@ -475,7 +478,10 @@ pub trait Bus: Send + Sync {
 impl<B: Bus> Bus for std::sync::Arc<B> {
     type Consumer = B::Consumer;
 
-    fn ensure_stream(&self, config: &StreamConfig) -> impl Future<Output = Result<(), Error>> + Send {
+    fn ensure_stream(
+        &self,
+        config: &StreamConfig,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
         (**self).ensure_stream(config)
     }
 

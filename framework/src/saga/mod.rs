@@ -285,7 +285,10 @@ impl SentCommand {
         if self.target != A::TYPE {
             return Err(Error::InvalidArgument(format!(
                 "command {} {} is addressed to `{}`, not to `{}`",
-                self.command_name, self.context.command_id, self.target, A::TYPE
+                self.command_name,
+                self.context.command_id,
+                self.target,
+                A::TYPE
             )));
         }
         serde_json::from_str(self.payload.get()).map_err(|e| {
@@ -453,13 +456,20 @@ impl<S: Saga> Decisions<S> {
     }
 
     /// Schedules timeout `name` to fire at `due_at`.
-    pub fn schedule_at(&mut self, name: impl Into<String>, due_at: DateTime<Utc>, timeout: S::Timeout) {
+    pub fn schedule_at(
+        &mut self,
+        name: impl Into<String>,
+        due_at: DateTime<Utc>,
+        timeout: S::Timeout,
+    ) {
         let name = name.into();
         let index = u32::try_from(self.timeouts.len()).unwrap_or(u32::MAX);
         // `()` and every serde type serialise; a failing `Serialize` impl is a bug of the type.
         let payload = serde_json::value::to_raw_value(&timeout).unwrap_or_else(|e| {
-            RawValue::from_string(serde_json::json!({ "unserialisable": e.to_string() }).to_string())
-                .expect("valid JSON")
+            RawValue::from_string(
+                serde_json::json!({ "unserialisable": e.to_string() }).to_string(),
+            )
+            .expect("valid JSON")
         });
         self.timeouts.push(TimeoutDecision::Schedule {
             id: derive(b"saga-timeout", self.trigger, index),
@@ -471,7 +481,8 @@ impl<S: Saga> Decisions<S> {
 
     /// Cancels the pending timeout `name` (nothing happens if there is none).
     pub fn cancel(&mut self, name: impl Into<String>) {
-        self.timeouts.push(TimeoutDecision::Cancel { name: name.into() });
+        self.timeouts
+            .push(TimeoutDecision::Cancel { name: name.into() });
     }
 
     /// The changes recorded so far.
@@ -502,7 +513,11 @@ impl<S: Saga> Decisions<S> {
 
     /// The decisions as a [`Decided`] for the store: changes encoded with ids derived from the
     /// trigger, to append to `stream` at `expected`.
-    fn into_decided(self, stream: StreamId, expected: crate::StreamVersion) -> Result<Decided, Error> {
+    fn into_decided(
+        self,
+        stream: StreamId,
+        expected: crate::StreamVersion,
+    ) -> Result<Decided, Error> {
         let metadata = EventMetadata {
             correlation_id: Some(self.correlation_id),
             causation_id: Some(crate::CausationId::from_uuid(self.trigger)),
@@ -515,7 +530,13 @@ impl<S: Saga> Decisions<S> {
             .map(|(i, change)| {
                 let index = u32::try_from(i).unwrap_or(u32::MAX);
                 NewEvent::encode(change, metadata.clone())
-                    .map(|e| e.with_event_id(EventId::from_uuid(derive(b"saga-change", self.trigger, index))))
+                    .map(|e| {
+                        e.with_event_id(EventId::from_uuid(derive(
+                            b"saga-change",
+                            self.trigger,
+                            index,
+                        )))
+                    })
                     .map_err(|source| Error::Encode {
                         stream: stream.clone(),
                         what: format!("saga change {:?}", change.event_type()),
@@ -539,9 +560,8 @@ impl<S: Saga> Decisions<S> {
 
 /// The stream of saga `S`'s instance `key`.
 pub fn instance_stream<S: Saga>(key: &str) -> Result<StreamId, Error> {
-    StreamId::for_aggregate(S::NAME, key).map_err(|e| {
-        Error::InvalidArgument(format!("saga `{}` instance {key:?}: {e}", S::NAME))
-    })
+    StreamId::for_aggregate(S::NAME, key)
+        .map_err(|e| Error::InvalidArgument(format!("saga `{}` instance {key:?}: {e}", S::NAME)))
 }
 
 /// Rebuilds an instance's state from its stored changes.

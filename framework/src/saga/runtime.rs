@@ -116,7 +116,11 @@ where
     ) -> BoxFuture<'a, Result<Executed, Error>> {
         Box::pin(async move {
             let decoded = command.decode::<A>()?;
-            Executed::of(self.repository.execute_with(decoded, &command.context).await)
+            Executed::of(
+                self.repository
+                    .execute_with(decoded, &command.context)
+                    .await,
+            )
         })
     }
 }
@@ -304,16 +308,18 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
             clock: Arc::new(SystemClock),
             targets: Arc::default(),
             options: SagaOptions::default(),
-            status: Arc::new(watch::channel(SagaStatus {
-                state: SagaState::Starting,
-                reacted: 0,
-                dispatched: 0,
-                rejected: 0,
-                fired: 0,
-                retries: 0,
-                parked: 0,
-            })
-            .0),
+            status: Arc::new(
+                watch::channel(SagaStatus {
+                    state: SagaState::Starting,
+                    reacted: 0,
+                    dispatched: 0,
+                    rejected: 0,
+                    fired: 0,
+                    retries: 0,
+                    parked: 0,
+                })
+                .0,
+            ),
             _saga: PhantomData,
         }
     }
@@ -417,7 +423,11 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
 
     /// Reacts to a stored event within `tx`: decodes it (an event that does not decode is an
     /// error naming it), finds its instance, loads and locks it, and stores the reaction.
-    pub async fn react_to_event(&self, tx: &mut St::Tx, event: &RecordedEvent) -> Result<(), BoxError> {
+    pub async fn react_to_event(
+        &self,
+        tx: &mut St::Tx,
+        event: &RecordedEvent,
+    ) -> Result<(), BoxError> {
         let envelope = event.decode::<S::Event>()?;
         let Some(key) = S::instance(&envelope) else {
             return Ok(());
@@ -458,7 +468,8 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
             return Ok(());
         }
         let state = fold::<S>(&instance.changes)?;
-        let mut decisions = Decisions::<S>::new(&instance.key, self.clock.now(), trigger, correlation);
+        let mut decisions =
+            Decisions::<S>::new(&instance.key, self.clock.now(), trigger, correlation);
         state.react(input, &mut decisions)?;
         drop(state);
         if !decisions.is_empty() {
@@ -516,7 +527,11 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
         let command_id = pending.command.context.command_id;
         let stream = instance_stream::<S>(&pending.key)?;
         let mut tx = self.store.begin().await?;
-        let instance = match self.store.load(&mut tx, S::NAME, &pending.key, &stream).await {
+        let instance = match self
+            .store
+            .load(&mut tx, S::NAME, &pending.key, &stream)
+            .await
+        {
             Ok(instance) => instance,
             Err(error) => {
                 self.store.rollback(tx).await;
@@ -594,8 +609,14 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
             Some(delay) => {
                 tracing::warn!(saga = S::NAME, key = %command.key, command = %command.command.command_name, attempts, error = %rendered, ?delay, "saga command failed; retrying later");
                 let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-                let due = self.clock.now().checked_add_signed(delay).unwrap_or_else(|| self.clock.now());
-                self.store.postpone(command, attempts, due, rendered).await?;
+                let due = self
+                    .clock
+                    .now()
+                    .checked_add_signed(delay)
+                    .unwrap_or_else(|| self.clock.now());
+                self.store
+                    .postpone(command, attempts, due, rendered)
+                    .await?;
                 self.status.send_modify(|s| s.retries += 1);
             }
             None => {
@@ -617,7 +638,11 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
             let stream = instance_stream::<S>(&timeout.key)?;
             let mut tx = self.store.begin().await?;
             // The instance first, then the timeout: the order every unit of work locks them in.
-            let instance = match self.store.load(&mut tx, S::NAME, &timeout.key, &stream).await {
+            let instance = match self
+                .store
+                .load(&mut tx, S::NAME, &timeout.key, &stream)
+                .await
+            {
                 Ok(instance) => instance,
                 Err(error) => {
                     self.store.rollback(tx).await;
@@ -643,8 +668,14 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
                     due_at: claimed.due_at,
                     timeout: payload,
                 };
-                self.react(&mut tx, instance, claimed.id, claimed.correlation_id, Input::Timeout(&fired))
-                    .await
+                self.react(
+                    &mut tx,
+                    instance,
+                    claimed.id,
+                    claimed.correlation_id,
+                    Input::Timeout(&fired),
+                )
+                .await
             }
             .await;
             if let Err(error) = reacted {
@@ -700,10 +731,12 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
                     Ok(Some(guard)) => break guard,
                     Ok(None) => self.status.send_modify(|s| s.state = SagaState::Standby),
                     Err(error) if retries_after(&error) => {
-                        self.status.send_modify(|s| s.state = SagaState::Retrying(error.to_string()));
+                        self.status
+                            .send_modify(|s| s.state = SagaState::Retrying(error.to_string()));
                     }
                     Err(error) => {
-                        self.status.send_modify(|s| s.state = SagaState::Failed(error.to_string()));
+                        self.status
+                            .send_modify(|s| s.state = SagaState::Failed(error.to_string()));
                         return Err(error);
                     }
                 }
@@ -731,13 +764,15 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
                     }
                     Err(error) if retries_after(&error) => {
                         tracing::warn!(saga = S::NAME, %error, retry_in = ?wait, "the saga store failed; retrying");
-                        self.status.send_modify(|s| s.state = SagaState::Retrying(error.to_string()));
+                        self.status
+                            .send_modify(|s| s.state = SagaState::Retrying(error.to_string()));
                         let pause = wait;
                         wait = (wait * 2).min(crate::subscription::RETRY_MAX);
                         pause
                     }
                     Err(error) => {
-                        self.status.send_modify(|s| s.state = SagaState::Failed(error.to_string()));
+                        self.status
+                            .send_modify(|s| s.state = SagaState::Failed(error.to_string()));
                         return Err(error);
                     }
                 };
@@ -765,7 +800,11 @@ where
     St: SagaStore,
     Tx: UnitOfWork<St::Tx>,
 {
-    async fn handle_batch(&mut self, tx: &mut Tx, events: &[RecordedEvent]) -> Result<(), BatchFailure> {
+    async fn handle_batch(
+        &mut self,
+        tx: &mut Tx,
+        events: &[RecordedEvent],
+    ) -> Result<(), BatchFailure> {
         for event in events {
             // Somewhere: on PostgreSQL a failed statement aborted the transaction.
             self.react_to_event(tx.unit(), event)

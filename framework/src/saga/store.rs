@@ -224,8 +224,11 @@ pub trait SagaStore: Send + Sync {
 
     /// Stores a reaction: appends its changes at the expected version (a conflict otherwise),
     /// queues its commands after the instance's others, schedules and cancels its timeouts.
-    fn save(&self, tx: &mut Self::Tx, decided: Decided)
-    -> impl Future<Output = Result<(), Error>> + Send;
+    fn save(
+        &self,
+        tx: &mut Self::Tx,
+        decided: Decided,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// The commands of `saga` due at `now`: of each instance that is not parked, the first of its
     /// queue, if due. At most `limit`.
@@ -390,7 +393,12 @@ impl SagaStore for InMemorySagaStore {
             .parked
             .get(&(saga.to_owned(), key.to_owned()))
             .map(|p| p.error.clone());
-        Ok(Instance::new(key.to_owned(), stream.clone(), changes, parked))
+        Ok(Instance::new(
+            key.to_owned(),
+            stream.clone(),
+            changes,
+            parked,
+        ))
     }
 
     async fn save(&self, _tx: &mut (), decided: Decided) -> Result<(), Error> {
@@ -422,7 +430,11 @@ impl SagaStore for InMemorySagaStore {
             );
         }
         for timeout in decided.timeouts {
-            let slot = (instance.0.clone(), instance.1.clone(), timeout.name().to_owned());
+            let slot = (
+                instance.0.clone(),
+                instance.1.clone(),
+                timeout.name().to_owned(),
+            );
             match timeout {
                 TimeoutDecision::Schedule {
                     name,
@@ -461,7 +473,9 @@ impl SagaStore for InMemorySagaStore {
         let mut due: Vec<PendingCommand> = state
             .queues
             .iter()
-            .filter(|((s, key), _)| s == saga && !state.parked.contains_key(&(s.clone(), key.clone())))
+            .filter(|((s, key), _)| {
+                s == saga && !state.parked.contains_key(&(s.clone(), key.clone()))
+            })
             .filter_map(|(_, queue)| queue.values().next())
             .filter(|c| c.due_at <= now)
             .cloned()
@@ -508,7 +522,12 @@ impl SagaStore for InMemorySagaStore {
         Ok(())
     }
 
-    async fn park(&self, command: &PendingCommand, attempts: u32, error: String) -> Result<(), Error> {
+    async fn park(
+        &self,
+        command: &PendingCommand,
+        attempts: u32,
+        error: String,
+    ) -> Result<(), Error> {
         let mut parked = command.clone();
         parked.attempts = attempts;
         parked.last_error = Some(error.clone());
@@ -580,8 +599,15 @@ impl SagaStore for InMemorySagaStore {
     }
 
     async fn release_timeout(&self, timeout: &ScheduledTimeout) -> Result<(), Error> {
-        let slot = (timeout.saga.clone(), timeout.key.clone(), timeout.name.clone());
-        self.lock().timeouts.entry(slot).or_insert_with(|| timeout.clone());
+        let slot = (
+            timeout.saga.clone(),
+            timeout.key.clone(),
+            timeout.name.clone(),
+        );
+        self.lock()
+            .timeouts
+            .entry(slot)
+            .or_insert_with(|| timeout.clone());
         Ok(())
     }
 

@@ -83,7 +83,10 @@ pub async fn place(store: &PostgresStore, details: OrderDetails) {
 /// The events of `stream`.
 pub async fn stream(store: &PostgresStore, stream: &str) -> Vec<RecordedEvent> {
     store
-        .read_stream(&StreamId::new(stream).expect("stream id"), StreamVersion::INITIAL)
+        .read_stream(
+            &StreamId::new(stream).expect("stream id"),
+            StreamVersion::INITIAL,
+        )
         .try_collect()
         .await
         .expect("read the stream")
@@ -103,7 +106,11 @@ pub async fn checkout_changes(store: &PostgresStore, order: &str) -> Vec<Checkou
     stream(store, &format!("checkout-{order}"))
         .await
         .iter()
-        .map(|e| e.decode::<CheckoutChange>().expect("a checkout change").event)
+        .map(|e| {
+            e.decode::<CheckoutChange>()
+                .expect("a checkout change")
+                .event
+        })
         .collect()
 }
 
