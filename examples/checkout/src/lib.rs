@@ -496,10 +496,10 @@ impl Saga for Checkout {
             Input::Rejected(rejection) => {
                 if let Some(error) = rejection.error::<Shipment>() {
                     self.compensate(format!("shipping refused: {error}"), then)?;
-                } else if let Some(error) = rejection.error::<Stock>() {
-                    if matches!(self.status, S::Reserving) {
-                        self.compensate(format!("no stock: {error}"), then)?;
-                    }
+                } else if let Some(error) = rejection.error::<Stock>()
+                    && matches!(self.status, S::Reserving)
+                {
+                    self.compensate(format!("no stock: {error}"), then)?;
                 }
             }
             Input::Timeout(_) => {

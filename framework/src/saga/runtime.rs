@@ -48,6 +48,9 @@ impl UnitOfWork<()> for crate::bus::InMemoryInboxTx {
     }
 }
 
+/// The targets of a runtime, by aggregate type.
+type Targets<Tx> = HashMap<&'static str, Arc<dyn Target<Tx>>>;
+
 /// What a [`Target`] did with a command.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -267,7 +270,7 @@ pub struct Tick {
 pub struct SagaRuntime<S: Saga, St: SagaStore> {
     store: St,
     clock: Arc<dyn Clock>,
-    targets: Arc<HashMap<&'static str, Arc<dyn Target<St::Tx>>>>,
+    targets: Arc<Targets<St::Tx>>,
     options: SagaOptions,
     status: Arc<watch::Sender<SagaStatus>>,
     _saga: PhantomData<fn() -> S>,
