@@ -325,3 +325,13 @@ impl Acker for JetStreamAcker {
         })
     }
 }
+
+/// The book's chapter on services and boundaries, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/services.md")]
+mod services_chapter {}
+
+/// The book's chapter on the event bus, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/bus.md")]
+mod bus_chapter {}

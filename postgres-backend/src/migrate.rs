@@ -63,12 +63,22 @@ async fn migrate_on(conn: &mut PgConnection, schema: &SchemaName) -> Result<(), 
         .execute(&mut *conn)
         .await
         .map_err(|e| to_error(e, "migrate"))?;
-    let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE SCHEMA IF NOT EXISTS {quoted}; SET search_path TO {quoted}"
-    )))
-    .execute(&mut *conn)
-    .await
-    .map_err(|e| to_error(e, "migrate"));
+    // An existing schema is not created again: `CREATE SCHEMA IF NOT EXISTS` needs the CREATE
+    // privilege on the database even then, which a service's role (owning only its schema, see
+    // `ServiceRole`) does not have.
+    let exists: Result<bool, _> =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema.as_str())
+            .fetch_one(&mut *conn)
+            .await;
+    let statement = match exists {
+        Ok(true) => format!("SET search_path TO {quoted}"),
+        _ => format!("CREATE SCHEMA IF NOT EXISTS {quoted}; SET search_path TO {quoted}"),
+    };
+    let created = sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| to_error(e, "migrate"));
     let _ = sqlx::query("SELECT pg_advisory_unlock(hashtextextended('factum.schema:' || $1, 0))")
         .bind(schema.as_str())
         .execute(&mut *conn)

@@ -47,6 +47,8 @@ struct Stream {
     last_sequence: u64,
     /// Message id → (sequence, stored at), within the duplicate window.
     ids: HashMap<String, (u64, Instant)>,
+    /// The ids in the order they were stored, to expire the oldest first.
+    id_order: std::collections::VecDeque<(Instant, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -82,6 +84,34 @@ impl InProcessBus {
             .map_or(0, |s| s.messages.len())
     }
 
+    /// Publishes a message as given — subject, headers, body — as a publisher that is not factum
+    /// would (or a broken one): what consumers must cope with. Deduplicated by its
+    /// `Nats-Msg-Id` header like any message; returns the acknowledgement.
+    pub fn publish_raw(
+        &self,
+        subject: &str,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    ) -> Result<PublishAck, Error> {
+        let now = Instant::now();
+        let ack = {
+            let mut state = self.lock();
+            let stream = state
+                .streams
+                .iter_mut()
+                .find(|s| s.config.subjects.iter().any(|p| subject_matches(p, subject)))
+                .ok_or_else(|| {
+                    Error::permanent(
+                        "publish",
+                        format!("no stream captures subject {subject:?}: create one first (Bus::ensure_stream)"),
+                    )
+                })?;
+            stream.store(now, subject, headers, body)
+        };
+        self.inner.published.notify_waiters();
+        Ok(ack)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner
             .state
@@ -91,13 +121,56 @@ impl InProcessBus {
 }
 
 impl Stream {
+    /// Stores a message unless its id was stored within the duplicate window.
+    fn store(
+        &mut self,
+        now: Instant,
+        subject: &str,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    ) -> PublishAck {
+        self.expire(now);
+        let id = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(super::headers::MESSAGE_ID))
+            .map(|(_, v)| v.clone());
+        if let Some(&(sequence, _)) = id.as_ref().and_then(|id| self.ids.get(id)) {
+            return PublishAck::new(sequence, true);
+        }
+        self.last_sequence += 1;
+        let sequence = self.last_sequence;
+        if let Some(id) = id {
+            self.id_order.push_back((now, id.clone()));
+            self.ids.insert(id, (sequence, now));
+        }
+        self.messages.insert(
+            sequence,
+            Stored {
+                subject: subject.to_owned(),
+                headers,
+                body,
+                stored_at: now,
+            },
+        );
+        PublishAck::new(sequence, false)
+    }
+
     fn expire(&mut self, now: Instant) {
         let window = self.config.duplicate_window;
-        self.ids
-            .retain(|_, (_, at)| now.saturating_duration_since(*at) < window);
+        while let Some((at, _)) = self.id_order.front() {
+            if now.saturating_duration_since(*at) < window {
+                break;
+            }
+            let (_, id) = self.id_order.pop_front().expect("looked at");
+            self.ids.remove(&id);
+        }
         if let Some(age) = self.config.max_age {
-            self.messages
-                .retain(|_, m| now.saturating_duration_since(m.stored_at) < age);
+            while let Some(entry) = self.messages.first_entry() {
+                if now.saturating_duration_since(entry.get().stored_at) < age {
+                    break;
+                }
+                entry.remove();
+            }
         }
         if let Some(max) = self.config.max_messages {
             while self.messages.len() as u64 > max {
@@ -138,6 +211,7 @@ impl Bus for InProcessBus {
             messages: BTreeMap::new(),
             last_sequence: 0,
             ids: HashMap::new(),
+            id_order: std::collections::VecDeque::new(),
         });
         Ok(())
     }
@@ -161,29 +235,12 @@ impl Bus for InProcessBus {
                             ),
                         )
                     })?;
-                stream.expire(now);
-                let id = message.message_id();
-                if let Some(&(sequence, _)) = stream.ids.get(&id) {
-                    acks.push(PublishAck::new(sequence, true));
-                    continue;
-                }
-                stream.last_sequence += 1;
-                let sequence = stream.last_sequence;
-                stream.ids.insert(id, (sequence, now));
-                stream.messages.insert(
-                    sequence,
-                    Stored {
-                        subject: message.subject.clone(),
-                        headers: message
-                            .headers()
-                            .into_iter()
-                            .map(|(n, v)| (n.to_owned(), v))
-                            .collect(),
-                        body: message.body().to_vec(),
-                        stored_at: now,
-                    },
-                );
-                acks.push(PublishAck::new(sequence, false));
+                let headers = message
+                    .headers()
+                    .into_iter()
+                    .map(|(n, v)| (n.to_owned(), v))
+                    .collect();
+                acks.push(stream.store(now, &message.subject, headers, message.body().to_vec()));
             }
         }
         self.inner.published.notify_waiters();

@@ -59,6 +59,7 @@ mod inbound;
 mod memory;
 mod message;
 mod relay;
+mod telemetry;
 
 use std::fmt;
 use std::future::Future;
@@ -75,6 +76,9 @@ pub use inbound::{
 pub use memory::{InProcessBus, InProcessConsumer};
 pub use message::{BusMessage, MessageDecodeError, headers, subject};
 pub use relay::{PublicEvents, Relay, RelayState, RelayStatus};
+pub use telemetry::{
+    export_inbound_metrics, export_relay_metrics, record_inbound_metrics, record_relay_metrics,
+};
 
 /// The name of a service: the owner of an event store, the first token of the subjects it
 /// publishes, the prefix of its relay's and consumers' names.
@@ -338,7 +342,7 @@ impl ConsumerInfo {
 pub type AckFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
 
 /// How a [`Delivery`] is acknowledged: a bus adapter's part of a delivery.
-pub trait Acker: Send {
+pub trait Acker: Send + Sync {
     /// The message was handled: the broker will not deliver it again.
     fn ack(self: Box<Self>) -> AckFuture;
     /// The message was not handled: deliver it again after `delay`.
@@ -421,7 +425,7 @@ impl Delivery {
 }
 
 /// A durable consumer on the bus: fetches batches of deliveries.
-pub trait BusConsumer: Send {
+pub trait BusConsumer: Send + Sync {
     /// Up to `max` deliveries, waiting at most `wait` for the first (empty if none came).
     /// Messages not acknowledged within the ack wait are delivered again, first.
     fn fetch(

@@ -24,8 +24,8 @@ struct Mapped {
 
 #[derive(Clone)]
 enum Route {
-    /// Published as stored.
-    AsIs,
+    /// Published as stored, on this subject.
+    AsIs(String),
     /// Decoded and mapped to a public contract type first.
     Map(Arc<MapFn>),
 }
@@ -49,13 +49,17 @@ enum Route {
 #[derive(Clone)]
 pub struct PublicEvents {
     service: ServiceName,
-    /// (category, stored wire name) → route.
-    routes: HashMap<(String, String), Route>,
+    /// Category → stored wire name → route (looked up by `&str`, with no allocation per event).
+    routes: HashMap<String, HashMap<String, Route>>,
 }
 
 impl std::fmt::Debug for PublicEvents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut routes: Vec<_> = self.routes.keys().collect();
+        let mut routes: Vec<(&String, &String)> = self
+            .routes
+            .iter()
+            .flat_map(|(c, types)| types.keys().map(move |t| (c, t)))
+            .collect();
         routes.sort();
         f.debug_struct("PublicEvents")
             .field("service", &self.service)
@@ -86,9 +90,11 @@ impl PublicEvents {
     ) -> Result<Self, Error> {
         for event_type in event_types {
             let event_type = event_type.into();
-            subject(&self.service, category, &event_type)?;
+            let subject = subject(&self.service, category, &event_type)?;
             self.routes
-                .insert((category.to_owned(), event_type), Route::AsIs);
+                .entry(category.to_owned())
+                .or_default()
+                .insert(event_type, Route::AsIs(subject));
         }
         Ok(self)
     }
@@ -128,18 +134,22 @@ impl PublicEvents {
         });
         for event_type in E::event_types() {
             subject(&self.service, category, event_type)?;
-            self.routes.insert(
-                (category.to_owned(), (*event_type).to_owned()),
-                Route::Map(map.clone()),
-            );
+            self.routes
+                .entry(category.to_owned())
+                .or_default()
+                .insert((*event_type).to_owned(), Route::Map(map.clone()));
         }
         Ok(self)
     }
 
     /// The filter of the log reads: the routed categories and wire names (applied at the source).
     pub fn filter(&self) -> EventFilter {
-        let mut categories: Vec<&str> = self.routes.keys().map(|(c, _)| c.as_str()).collect();
-        let mut types: Vec<&str> = self.routes.keys().map(|(_, t)| t.as_str()).collect();
+        let mut categories: Vec<&str> = self.routes.keys().map(String::as_str).collect();
+        let mut types: Vec<&str> = self
+            .routes
+            .values()
+            .flat_map(|types| types.keys().map(String::as_str))
+            .collect();
         categories.sort_unstable();
         categories.dedup();
         types.sort_unstable();
@@ -151,26 +161,30 @@ impl PublicEvents {
 
     /// The message for `event`, or `None` when it is not public.
     fn message(&self, event: &RecordedEvent) -> Result<Option<BusMessage>, BoxError> {
-        let key = (
-            event.stream_id.category().to_owned(),
-            event.event_type.clone(),
-        );
-        let Some(route) = self.routes.get(&key) else {
+        let Some(route) = self
+            .routes
+            .get(event.stream_id.category())
+            .and_then(|types| types.get(&event.event_type))
+        else {
             return Ok(None);
         };
-        let event = match route {
-            Route::AsIs => event.clone(),
+        let (subject, event) = match route {
+            Route::AsIs(subject) => (subject.clone(), event.clone()),
             Route::Map(map) => match map(event)? {
                 None => return Ok(None),
-                Some(mapped) => RecordedEvent {
-                    event_type: mapped.event_type.to_owned(),
-                    schema_version: mapped.schema_version,
-                    payload: mapped.payload,
-                    ..event.clone()
-                },
+                Some(mapped) => {
+                    let subject =
+                        subject(&self.service, event.stream_id.category(), mapped.event_type)?;
+                    let event = RecordedEvent {
+                        event_type: mapped.event_type.to_owned(),
+                        schema_version: mapped.schema_version,
+                        payload: mapped.payload,
+                        ..event.clone()
+                    };
+                    (subject, event)
+                }
             },
         };
-        let subject = subject(&self.service, event.stream_id.category(), &event.event_type)?;
         Ok(Some(BusMessage::new(subject, self.service.clone(), event)))
     }
 }
@@ -355,5 +369,16 @@ impl<B: Bus, Tx: Send + ?Sized> BatchHandler<Tx> for Relay<B> {
             self.status.send_modify(|s| s.skipped += skipped);
         }
         Ok(())
+    }
+}
+
+/// A relay lent to a subscription, so it can be run again (and its status kept) afterwards.
+impl<B: Bus, Tx: Send + ?Sized> BatchHandler<Tx> for &mut Relay<B> {
+    fn handle_batch(
+        &mut self,
+        tx: &mut Tx,
+        events: &[RecordedEvent],
+    ) -> impl std::future::Future<Output = Result<(), BatchFailure>> + Send {
+        (**self).handle_batch(tx, events)
     }
 }
