@@ -367,3 +367,118 @@ async fn two_runtime_instances_dispatching_at_once_still_fire_each_timeout_once(
     // instance row lock and the claims keep each to one.
     two_instances_handle_each_event_and_timeout_once(|_| NoLease).await;
 }
+
+/// A stock target failing transiently while `failing` is above 0, then executing in the
+/// dispatch's transaction.
+struct Flaky {
+    inner: factum_postgres::saga::PgTarget<checkout::Stock>,
+    failing: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl factum::saga::Target<factum_postgres::subscription::PgTx> for Flaky {
+    fn aggregate_type(&self) -> &'static str {
+        "stock"
+    }
+
+    fn execute<'a>(
+        &'a self,
+        tx: &'a mut factum_postgres::subscription::PgTx,
+        command: &'a factum::saga::SentCommand,
+    ) -> factum::BoxFuture<'a, Result<factum::saga::Executed, factum::Error>> {
+        use std::sync::atomic::Ordering;
+        if self
+            .failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Box::pin(async {
+                Err(factum::Error::transient(
+                    "reserve",
+                    "the warehouse did not answer",
+                ))
+            });
+        }
+        self.inner.execute(tx, command)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_that_keeps_failing_is_retried_with_backoff_then_parked_and_runs_once_retried() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    let db = TestDatabase::create().await;
+    let store = db.patient_store();
+    let clock = TestClock::new(at(0));
+    let failing = Arc::new(AtomicU32::new(100));
+    let runtime = factum::saga::SagaRuntime::<checkout::Checkout, _>::new(
+        factum_postgres::saga::PgSagaStore::new(&store),
+    )
+    .clock(clock.clone())
+    .target(Flaky {
+        inner: factum_postgres::saga::PgTarget::new(&store),
+        failing: failing.clone(),
+    })
+    .options(
+        factum::saga::SagaOptions::default().retry(
+            factum::resilience::RetryPolicy::new()
+                .with_max_attempts(3)
+                .with_initial_delay(Duration::from_secs(5))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_elapsed(None),
+        ),
+    );
+    place(&store, order("p-1", "street")).await;
+    Subscription::with_checkpoints(runtime.name(), store.clone(), PgCheckpoints::new(&store))
+        .filter(runtime.filter())
+        .catch_up(runtime.clone())
+        .await
+        .expect("feed");
+
+    // Failed attempts are postponed to a stored time on the runtime's clock.
+    assert_eq!(runtime.tick().await.expect("tick").dispatched, 0);
+    let [queued] = &runtime.pending("p-1").await.expect("pending")[..] else {
+        panic!("one command")
+    };
+    assert_eq!(queued.attempts, 1);
+    assert!(queued.due_at > at(0) && queued.due_at <= at(0) + chrono::Duration::seconds(5));
+    assert!(
+        queued
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("did not answer"))
+    );
+    assert_eq!(
+        runtime.tick().await.expect("tick").dispatched,
+        0,
+        "not due yet"
+    );
+    assert_eq!(failing.load(Ordering::SeqCst), 99);
+    for _ in 0..2 {
+        clock.advance(Duration::from_secs(6));
+        runtime.tick().await.expect("tick");
+    }
+    let [parked] = &runtime.parked().await.expect("parked")[..] else {
+        panic!("one parked instance")
+    };
+    assert_eq!(parked.key, "p-1");
+    assert!(parked.error.contains("did not answer"), "{}", parked.error);
+    // (Well before the payment timeout.)
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        runtime.tick().await.expect("tick").dispatched,
+        0,
+        "parked: it waits"
+    );
+    assert_eq!(failing.load(Ordering::SeqCst), 97);
+
+    failing.store(0, Ordering::SeqCst);
+    assert!(runtime.retry_parked("p-1").await.expect("retry"));
+    assert!(
+        !runtime.retry_parked("p-1").await.expect("retry"),
+        "not parked any more"
+    );
+    assert_eq!(runtime.tick().await.expect("tick").dispatched, 1);
+    assert!(runtime.parked().await.expect("parked").is_empty());
+    assert_eq!(count(&store, "stock-lamp", "stock.reserved").await, 1);
+}
