@@ -9,21 +9,9 @@
 //! ```no_run
 //! use factum::saga::SagaRuntime;
 //! use factum::subscription::Subscription;
-//! use factum_postgres::saga::{PgSagaStore, PgTarget};
+//! use factum_postgres::saga::PgSagaStore;
 //! use factum_postgres::subscription::{PgCheckpoints, PgLease};
-//! # use factum::saga::{Decisions, Input, Saga};
-//! # use factum::{BoxError, Envelope, Event};
-//! # #[derive(Debug, serde::Serialize, serde::Deserialize, Event)] #[event(name = "x.happened")] struct Happened;
-//! # #[derive(Debug, serde::Serialize, serde::Deserialize, Event)] #[event(name = "noted.it")] struct Noted;
-//! # #[derive(Default)] struct Checkout;
-//! # impl Saga for Checkout {
-//! #     const NAME: &'static str = "checkout"; type Event = Happened; type Change = Noted; type Timeout = ();
-//! #     fn instance(e: &Envelope<Happened>) -> Option<String> { None }
-//! #     fn react(&self, _: Input<'_, Self>, then: &mut Decisions<Self>) -> Result<(), BoxError> { Ok(()) }
-//! #     fn evolve(&mut self, _: &Noted) {}
-//! # }
-//!
-//! # async fn run(store: factum_postgres::PostgresStore) -> Result<(), factum::Error> {
+//! # async fn run<Checkout: factum::saga::Saga>(store: factum_postgres::PostgresStore) -> Result<(), factum::Error> {
 //! let runtime = SagaRuntime::<Checkout, _>::new(PgSagaStore::new(&store));
 //! // Reactions commit with the subscription's checkpoint...
 //! let mut feed = Subscription::with_checkpoints(runtime.name(), store.clone(), PgCheckpoints::new(&store))
