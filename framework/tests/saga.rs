@@ -92,7 +92,7 @@ impl Saga for Till {
                     card: "c1".into(),
                     amount: sale.event.amount,
                 })?;
-                then.schedule("receipt", Duration::from_secs(60), "print it".into());
+                then.schedule("receipt", Duration::from_secs(60), "print it".into())?;
             }
             Input::Rejected(rejection) => {
                 assert_eq!(rejection.error::<Card>(), Some(&CardError::Declined));

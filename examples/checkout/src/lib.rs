@@ -463,7 +463,7 @@ impl Saga for Checkout {
                         order: details.order.clone(),
                         qty: details.qty,
                     })?;
-                    then.schedule("payment", PAYMENT_TIMEOUT, ());
+                    then.schedule("payment", PAYMENT_TIMEOUT, ())?;
                 }
                 (CheckoutInput::Reserved { .. }, S::Reserving) => {
                     then.record(CheckoutChange::StockReserved);

@@ -110,7 +110,7 @@ pub use store::{
 ///         match input {
 ///             Input::Event(_) => {
 ///                 then.record(CheckoutChange::Started);
-///                 then.schedule("payment", Duration::from_secs(15 * 60), ());
+///                 then.schedule("payment", Duration::from_secs(15 * 60), ())?;
 ///             }
 ///             Input::Timeout(_) => {
 ///                 then.record(CheckoutChange::Expired);
@@ -152,6 +152,11 @@ pub trait Saga: Default + Send + Sync + 'static {
     ///
     /// An error is the unit of work's failure: nothing of it is stored, and the input is tried
     /// again (then parked or fatal, as the consumer feeding it is configured).
+    ///
+    /// Record a change in every reaction that decides something: an input handed over again (a
+    /// replay of the log) is recognised by the changes it caused and not reacted to twice.
+    /// (Commands sent again would be harmless anyway: they carry their derived id as idempotency
+    /// key.)
     fn react(&self, input: Input<'_, Self>, then: &mut Decisions<Self>) -> Result<(), BoxError>;
 
     /// Applies one recorded change to the state. It must not fail: the change happened.
@@ -449,34 +454,43 @@ impl<S: Saga> Decisions<S> {
 
     /// Schedules timeout `name` to fire `after` from [`now`](Self::now), carrying `timeout`
     /// (replacing a pending timeout of the same name).
-    pub fn schedule(&mut self, name: impl Into<String>, after: Duration, timeout: S::Timeout) {
+    ///
+    /// Fails only when `timeout` does not serialise.
+    pub fn schedule(
+        &mut self,
+        name: impl Into<String>,
+        after: Duration,
+        timeout: S::Timeout,
+    ) -> Result<(), Error> {
         let after = chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
         let due_at = self.now.checked_add_signed(after).unwrap_or(self.now);
-        self.schedule_at(name, due_at, timeout);
+        self.schedule_at(name, due_at, timeout)
     }
 
     /// Schedules timeout `name` to fire at `due_at`.
+    ///
+    /// Fails only when `timeout` does not serialise.
     pub fn schedule_at(
         &mut self,
         name: impl Into<String>,
         due_at: DateTime<Utc>,
         timeout: S::Timeout,
-    ) {
+    ) -> Result<(), Error> {
         let name = name.into();
         let index = u32::try_from(self.timeouts.len()).unwrap_or(u32::MAX);
-        // `()` and every serde type serialise; a failing `Serialize` impl is a bug of the type.
-        let payload = serde_json::value::to_raw_value(&timeout).unwrap_or_else(|e| {
-            RawValue::from_string(
-                serde_json::json!({ "unserialisable": e.to_string() }).to_string(),
-            )
-            .expect("valid JSON")
-        });
+        let payload = serde_json::value::to_raw_value(&timeout).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "timeout {name:?} of saga `{}` does not serialise: {e}",
+                S::NAME
+            ))
+        })?;
         self.timeouts.push(TimeoutDecision::Schedule {
             id: derive(b"saga-timeout", self.trigger, index),
             name,
             due_at,
             payload,
         });
+        Ok(())
     }
 
     /// Cancels the pending timeout `name` (nothing happens if there is none).
