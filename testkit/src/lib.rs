@@ -33,6 +33,8 @@
 //! * [`SagaFixture`]: given past events, when an event, a rejection or time passing (a test
 //!   clock), then the changes recorded, the commands sent (typed by target, with their ids) and
 //!   the timeouts scheduled or cancelled.
+//! * [`InProcessServices`]: several in-memory services on an in-process bus, each with its relay
+//!   and its sagas, run end to end while the test drives them.
 //! * [`FlowFixture`]: the whole flow in one test — given events, when a command, then its
 //!   events, what the projections show and what the process managers issue.
 //! * [`properties`]: proptest helpers for invariants over random command sequences, and for
@@ -53,6 +55,7 @@ mod pg_projection;
 mod process;
 mod projection;
 mod saga;
+mod services;
 mod support;
 
 pub mod bus_conformance;
@@ -70,6 +73,7 @@ pub use pg_projection::PgProjectionFixture;
 pub use process::ProcessManagerFixture;
 pub use projection::ProjectionFixture;
 pub use saga::{SAGA_FIXTURE_START, SagaFixture};
+pub use services::InProcessServices;
 
 /// The proptest crate the [`properties`] helpers are built on, for writing command strategies
 /// without a separate dependency.

@@ -154,3 +154,77 @@ fn a_rejection_of_a_command_never_sent_is_a_mistake_in_the_test() {
         ShipmentError::Undeliverable("x".into()),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_in_process_services_run_the_checkout_to_its_compensation() {
+    use checkout::{
+        Billing, BillingView, Checkout, Order, ShopView, Stock, Wallet, WalletCommand,
+        billing_public_events, shop_public_events,
+    };
+    use factum::Repository;
+    use factum::subscription::{Projector, StartFrom, Subscription};
+    use factum_testkit::InProcessServices;
+
+    let services = InProcessServices::new()
+        .service("shop", shop_public_events)
+        .service("billing", billing_public_events)
+        .saga::<Checkout>("shop", |runtime, store| {
+            runtime
+                .repository(Repository::<Stock, _>::new(store.clone()))
+                .repository(Repository::<Order, _>::new(store.clone()))
+                .repository(Repository::<Shipment, _>::new(store.clone()))
+        })
+        .saga::<Billing>("billing", |runtime, store| {
+            runtime.repository(Repository::<Wallet, _>::new(store.clone()))
+        });
+    let (shop, billing) = (services.store("shop"), services.store("billing"));
+    let (shop_view, billing_view) = services
+        .run(async {
+            Repository::<Wallet, _>::new(billing.clone())
+                .execute(WalletCommand::Deposit {
+                    wallet: "ada".into(),
+                    amount: 100,
+                })
+                .await
+                .expect("deposit");
+            Repository::<Order, _>::new(shop.clone())
+                .execute(OrderCommand::Place {
+                    order: "o-1".into(),
+                    details: details(),
+                })
+                .await
+                .expect("place");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let mut shop_view = Projector::new(ShopView::default());
+                Subscription::for_projection::<ShopView>(shop.clone())
+                    .start_from(StartFrom::Beginning)
+                    .catch_up(&mut shop_view)
+                    .await
+                    .expect("shop view");
+                let mut billing_view = Projector::new(BillingView::default());
+                Subscription::for_projection::<BillingView>(billing.clone())
+                    .start_from(StartFrom::Beginning)
+                    .catch_up(&mut billing_view)
+                    .await
+                    .expect("billing view");
+                let refunded = billing_view
+                    .get()
+                    .seen
+                    .contains_key(&("ada".to_owned(), "wallet.refunded".to_owned()));
+                if refunded {
+                    break (shop_view.into_inner(), billing_view.into_inner());
+                }
+                assert!(tokio::time::Instant::now() < deadline, "no refund in time");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    assert!(shop_view.orders["o-1"].starts_with("cancelled: shipping refused"));
+    assert_eq!(shop_view.reserved["lamp"], 0);
+    assert_eq!(billing_view.balances["ada"], 100);
+    assert_eq!(
+        billing_view.seen[&("ada".to_owned(), "wallet.charged".to_owned())],
+        1
+    );
+}
