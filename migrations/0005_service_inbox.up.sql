@@ -40,3 +40,7 @@ CREATE TABLE inbox_dead_letters (
 );
 
 CREATE INDEX inbox_dead_letters_consumer ON inbox_dead_letters (consumer, id);
+
+-- A message parked again (it arrived again and failed again) keeps one dead letter.
+CREATE UNIQUE INDEX inbox_dead_letters_message ON inbox_dead_letters (consumer, message_id)
+    WHERE message_id IS NOT NULL;

@@ -42,6 +42,8 @@
 /// | variant or struct | `#[event(name = "account.opened")]` | the wire name, instead of the derived one |
 /// | variant or struct | `#[event(version = 3)]` | the current schema version (default 1) |
 /// | variant or struct | `#[event(upcast_from(OpenedV1 = 1, OpenedV2 = 2))]` | older versions: each type decodes payloads stored at its version |
+/// | variant or struct | `#[event(renamed_from("bank.opened"))]` | old wire names: stored events under them decode as this event, at every version of its chain |
+/// | enum or struct | `#[event(split(name = "account.opened_with_deposit", version = 1, from = OpenedWithDepositV1))]` | a stored (name, version) read as several events: its payload decodes as `from`, converted by an `Upcast<from> for Vec<Self>` (or `From`); see [`Event::decode_all`](crate::Event::decode_all) |
 /// | enum or struct | `#[factum(crate = "path::to::factum")]` | where generated code finds factum, when it is re-exported |
 ///
 /// A derived name follows the Rust identifier: before renaming a variant whose events are
@@ -51,13 +53,14 @@
 ///
 /// # Versions and upcasting
 ///
-/// Each older version is a type of its own with a `From` impl to the next version. A payload
+/// Each older version is a type of its own with a `From` impl to the next version (or an
+/// [`Upcast`](crate::Upcast) impl, when the step needs the stored envelope). A payload
 /// stored at version 1 is decoded as the version-1 type, then converted step by step, in version
 /// order, to the current type. A missing `From` is a compile error on the `upcast_from` entry
 /// that cannot move forward.
 ///
 /// ```
-/// use factum::{Event, RawValue};
+/// use factum::{Event, RawValue, Stored};
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Serialize, Deserialize)]
@@ -81,7 +84,7 @@
 /// }
 ///
 /// let stored = RawValue::from_string(r#"{"name":"Ada"}"#.into())?;
-/// let event = AccountEvent::decode("account.opened", 1, &stored)?;
+/// let event = AccountEvent::decode(&Stored::new("account.opened", 1, &stored))?;
 /// assert_eq!(event, AccountEvent::Opened(Opened { owner: "Ada".into(), currency: "EUR".into() }));
 /// assert_eq!(event.schema_version(), 3); // new events are written at the current version
 /// # Ok::<(), Box<dyn std::error::Error>>(())

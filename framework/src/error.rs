@@ -44,6 +44,26 @@ pub enum Error {
         existing_stream: StreamId,
     },
 
+    /// The stream is archived (or otherwise closed to writes by its backend): it accepts no more
+    /// events. Nothing was stored. Archiving is final; write new events to a new stream.
+    #[error(
+        "stream `{stream}` is archived and accepts no more events; nothing was stored: write to a new stream"
+    )]
+    StreamArchived {
+        /// The stream written to.
+        stream: StreamId,
+    },
+
+    /// The stream was deleted: its events are gone and it accepts no more (its id and versions
+    /// are never reused). Nothing was stored.
+    #[error(
+        "stream `{stream}` was deleted: its events are gone and it accepts no more; nothing was stored or loaded"
+    )]
+    StreamDeleted {
+        /// The stream.
+        stream: StreamId,
+    },
+
     /// An append's idempotency key is already stored with a different batch (another stream, or
     /// other event ids). Nothing was stored: a key names one write; use a new key for a new one.
     #[error(
@@ -266,6 +286,8 @@ impl Error {
             }
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::DuplicateEventId { .. }
+            | Error::StreamArchived { .. }
+            | Error::StreamDeleted { .. }
             | Error::IdempotencyKeyReused { .. }
             | Error::Encode { .. }
             | Error::Handler { .. }

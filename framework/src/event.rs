@@ -21,7 +21,7 @@ use crate::ids::{
 /// `#[derive(Event)]` writes this impl; writing it by hand looks like this:
 ///
 /// ```
-/// use factum::{DecodeError, EncodeError, Event};
+/// use factum::{DecodeError, EncodeError, Event, Stored};
 /// use serde::{Deserialize, Serialize};
 /// use serde_json::value::RawValue;
 ///
@@ -40,10 +40,10 @@ use crate::ids::{
 ///     fn encode(&self) -> Result<Box<RawValue>, EncodeError> {
 ///         match self { AccountEvent::Deposited(e) => factum::encode_json(e) }
 ///     }
-///     fn decode(event_type: &str, version: u32, payload: &RawValue) -> Result<Self, DecodeError> {
-///         match (event_type, version) {
-///             ("account.deposited", 1) => Ok(AccountEvent::Deposited(factum::decode_json(payload)?)),
-///             _ => Err(DecodeError::unknown(event_type, version)),
+///     fn decode(stored: &Stored<'_>) -> Result<Self, DecodeError> {
+///         match (stored.event_type, stored.schema_version) {
+///             ("account.deposited", 1) => Ok(AccountEvent::Deposited(factum::decode_json(stored.payload)?)),
+///             _ => Err(DecodeError::unknown(stored.event_type, stored.schema_version)),
 ///         }
 ///     }
 /// }
@@ -66,10 +66,216 @@ pub trait Event: Sized + Send + Sync + 'static {
     /// Serialises the event's payload (without name or version: those are stored beside it).
     fn encode(&self) -> Result<Box<RawValue>, EncodeError>;
 
-    /// Decodes a stored payload written with `event_type` at schema `version`, upcasting older
-    /// versions to the current type.
-    fn decode(event_type: &str, version: u32, payload: &RawValue) -> Result<Self, DecodeError>;
+    /// Decodes a stored event (its payload, written with `stored.event_type` at
+    /// `stored.schema_version`), upcasting older versions to the current type. Upcasts may read
+    /// the rest of the stored envelope: when it was recorded and its metadata.
+    fn decode(stored: &Stored<'_>) -> Result<Self, DecodeError>;
+
+    /// Decodes a stored event into the events it stands for today: one, or several where the
+    /// type declares that a stored event was split (`#[event(split(...))]`). Every reader in
+    /// factum (aggregate loads, subscriptions, projections, rebuilds) decodes through this; the
+    /// default is [`decode`](Event::decode) of one event.
+    fn decode_all(stored: &Stored<'_>) -> Result<Decoded<Self>, DecodeError> {
+        Self::decode(stored).map(Decoded::One)
+    }
+
+    /// Every stored `(wire name, schema version)` this type decodes under its current names,
+    /// older versions and split events included (not the old names of renamed events): what a
+    /// compatibility check expects samples of. `#[derive(Event)]` lists them; the default lists
+    /// nothing.
+    fn event_versions() -> &'static [(&'static str, u32)] {
+        &[]
+    }
 }
+
+/// A stored event as decoding and upcasting see it: the payload with its wire name and schema
+/// version, and the rest of the envelope the store recorded.
+///
+/// ```
+/// use factum::{RawValue, Stored};
+///
+/// let payload = RawValue::from_string(r#"{"amount":5}"#.into())?;
+/// let stored = Stored::new("account.deposited", 1, &payload);
+/// assert_eq!((stored.event_type, stored.schema_version), ("account.deposited", 1));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct Stored<'a> {
+    /// The stored wire name.
+    pub event_type: &'a str,
+    /// The schema version the payload was written with.
+    pub schema_version: u32,
+    /// The JSON payload as stored.
+    pub payload: &'a RawValue,
+    /// When the store recorded the event.
+    pub recorded_at: DateTime<Utc>,
+    /// Its tracing ids and user metadata.
+    pub metadata: &'a EventMetadata,
+}
+
+static NO_METADATA: std::sync::LazyLock<EventMetadata> =
+    std::sync::LazyLock::new(EventMetadata::default);
+
+impl<'a> Stored<'a> {
+    /// A stored event recorded now, with no metadata: for tests and for decoding a payload that
+    /// did not come from a store. Set the rest with [`recorded_at`](Self::recorded_at) and
+    /// [`with_metadata`](Self::with_metadata).
+    pub fn new(event_type: &'a str, schema_version: u32, payload: &'a RawValue) -> Self {
+        Self {
+            event_type,
+            schema_version,
+            payload,
+            recorded_at: Utc::now(),
+            metadata: &NO_METADATA,
+        }
+    }
+
+    /// With the time the store recorded it.
+    #[must_use]
+    pub fn recorded_at(mut self, recorded_at: DateTime<Utc>) -> Self {
+        self.recorded_at = recorded_at;
+        self
+    }
+
+    /// With its metadata.
+    #[must_use]
+    pub fn with_metadata(mut self, metadata: &'a EventMetadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// What one stored event decodes into: one event, or several when it was split.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decoded<E> {
+    /// The usual case: one stored event is one event.
+    One(E),
+    /// A stored event that the current code represents as several, in order.
+    Split(Vec<E>),
+}
+
+impl<E> Decoded<E> {
+    /// How many events.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::One(_) => 1,
+            Self::Split(events) => events.len(),
+        }
+    }
+
+    /// True for a split into no events.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Applies `f` to every event.
+    pub fn map<T>(self, mut f: impl FnMut(E) -> T) -> Decoded<T> {
+        match self {
+            Self::One(e) => Decoded::One(f(e)),
+            Self::Split(events) => Decoded::Split(events.into_iter().map(f).collect()),
+        }
+    }
+}
+
+impl<E> IntoIterator for Decoded<E> {
+    type Item = E;
+    type IntoIter = DecodedIter<E>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        match self {
+            Self::One(e) => DecodedIter::One(Some(e)),
+            Self::Split(events) => DecodedIter::Split(events.into_iter()),
+        }
+    }
+}
+
+/// The iterator over a [`Decoded`].
+#[derive(Debug)]
+pub enum DecodedIter<E> {
+    /// Over one event.
+    #[doc(hidden)]
+    One(Option<E>),
+    /// Over a split.
+    #[doc(hidden)]
+    Split(std::vec::IntoIter<E>),
+}
+
+impl<E> Iterator for DecodedIter<E> {
+    type Item = E;
+
+    fn next(&mut self) -> Option<E> {
+        match self {
+            Self::One(e) => e.take(),
+            Self::Split(events) => events.next(),
+        }
+    }
+}
+
+/// A conversion from an older version of an event to the next one that may read the stored
+/// envelope (when the event was recorded, its metadata). Every `From` conversion is an
+/// `Upcast` that ignores the envelope; implement `Upcast` instead of `From` where the new
+/// version needs it:
+///
+/// ```
+/// use chrono::{DateTime, Duration, Utc};
+/// use factum::{BoxError, Event, RawValue, Stored, Upcast};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct LentV1 { book: String }
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// struct Lent { book: String, due: DateTime<Utc> }
+///
+/// impl Upcast<LentV1> for Lent {
+///     // v1 had no due date: loans were for 21 days from when they were recorded.
+///     fn upcast(v1: LentV1, stored: &Stored<'_>) -> Result<Self, BoxError> {
+///         Ok(Lent { book: v1.book, due: stored.recorded_at + Duration::days(21) })
+///     }
+/// }
+///
+/// #[derive(Debug, PartialEq, Event)]
+/// enum LoanEvent {
+///     #[event(name = "loan.lent", version = 2, upcast_from(LentV1 = 1))]
+///     Lent(Lent),
+/// }
+///
+/// let payload = RawValue::from_string(r#"{"book":"Dune"}"#.into())?;
+/// let recorded_at: DateTime<Utc> = "2026-01-01T10:00:00Z".parse()?;
+/// let event = LoanEvent::decode(&Stored::new("loan.lent", 1, &payload).recorded_at(recorded_at))?;
+/// let LoanEvent::Lent(lent) = event;
+/// assert_eq!(lent.due, "2026-01-22T10:00:00Z".parse::<DateTime<Utc>>()?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// A split (`#[event(split(...))]`) is an `Upcast<Old> for Vec<Event>` (or a
+/// `From<Old> for Vec<Event>`).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be upcast from `{Old}`",
+    label = "no `From<{Old}>` or `Upcast<{Old}>` for `{Self}`",
+    note = "write `impl From<{Old}> for {Self}`, or `impl factum::Upcast<{Old}> for {Self}` when the conversion needs the stored envelope (recorded-at, metadata)"
+)]
+pub trait Upcast<Old>: Sized {
+    /// Converts `old`, stored as `stored`, forward. An error stops the reader with
+    /// [`DecodeError::Upcast`], naming the event.
+    fn upcast(old: Old, stored: &Stored<'_>) -> Result<Self, crate::BoxError>;
+}
+
+impl<Old, New: From<Old>> Upcast<Old> for New {
+    #[inline]
+    fn upcast(old: Old, _: &Stored<'_>) -> Result<Self, crate::BoxError> {
+        Ok(New::from(old))
+    }
+}
+
+/// The wire name of the tombstone a backend writes in place of a deleted stream's events (e.g.
+/// `factum_postgres::PostgresStore::delete_stream`): schema version 1, payload
+/// `{"deleted_through": N}`, the stream version of the last deleted event; the tombstone itself is
+/// at `N + 1`. Subscribers that keep per-stream data subscribe to it to erase theirs; consumers
+/// with [known events](crate::subscription::KnownEvents) pass it over in every category, and a
+/// [`Repository`](crate::Repository) load of the stream fails with
+/// [`Error::StreamDeleted`](crate::Error::StreamDeleted).
+pub const STREAM_DELETED: &str = "factum.stream_deleted";
 
 /// Serialises a payload to JSON: the helper generated and hand-written [`Event`] impls use.
 pub fn encode_json<T: Serialize + ?Sized>(value: &T) -> Result<Box<RawValue>, EncodeError> {
@@ -107,6 +313,17 @@ pub enum DecodeError {
     /// Converting an older version forward failed.
     #[error("upcasting the stored version failed")]
     Upcast(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The stored event was split into several: [`Event::decode`] returns one event, read it
+    /// with [`Event::decode_all`].
+    #[error(
+        "the stored event {event_type:?} at schema version {version} was split into several events: decode it with `Event::decode_all`"
+    )]
+    Split {
+        /// The stored wire name.
+        event_type: String,
+        /// The stored schema version.
+        version: u32,
+    },
 }
 
 impl DecodeError {
@@ -244,21 +461,46 @@ impl RecordedEvent {
         self.position.global
     }
 
+    /// The stored event as decoding sees it.
+    pub fn stored(&self) -> Stored<'_> {
+        Stored {
+            event_type: &self.event_type,
+            schema_version: self.schema_version,
+            payload: &self.payload,
+            recorded_at: self.recorded_at,
+            metadata: &self.metadata,
+        }
+    }
+
     /// Decodes the payload into `E`, upcasting older versions. The error names the stream,
-    /// version, wire name and position of the event.
+    /// version, wire name and position of the event. A stored event that was split into several
+    /// is an error here ([`DecodeError::Split`]): read those with
+    /// [`decode_all`](Self::decode_all).
     pub fn decode<E: Event>(&self) -> Result<Envelope<E>, crate::Error> {
-        let event =
-            E::decode(&self.event_type, self.schema_version, &self.payload).map_err(|source| {
-                crate::Error::Decode {
-                    stream: self.stream_id.clone(),
-                    version: self.stream_version,
-                    event_type: self.event_type.clone(),
-                    schema_version: self.schema_version,
-                    position: self.position,
-                    source,
-                }
-            })?;
-        Ok(Envelope {
+        let event = E::decode(&self.stored()).map_err(|source| self.decode_error(source))?;
+        Ok(self.envelope(event))
+    }
+
+    /// Decodes the payload into the events it stands for today (one, or several where it was
+    /// split), each in an envelope of this event's id, position and metadata.
+    pub fn decode_all<E: Event>(&self) -> Result<Decoded<Envelope<E>>, crate::Error> {
+        let events = E::decode_all(&self.stored()).map_err(|source| self.decode_error(source))?;
+        Ok(events.map(|event| self.envelope(event)))
+    }
+
+    fn decode_error(&self, source: DecodeError) -> crate::Error {
+        crate::Error::Decode {
+            stream: self.stream_id.clone(),
+            version: self.stream_version,
+            event_type: self.event_type.clone(),
+            schema_version: self.schema_version,
+            position: self.position,
+            source,
+        }
+    }
+
+    fn envelope<E>(&self, event: E) -> Envelope<E> {
+        Envelope {
             event,
             event_id: self.event_id,
             stream_id: self.stream_id.clone(),
@@ -266,7 +508,7 @@ impl RecordedEvent {
             position: self.position,
             metadata: self.metadata.clone(),
             recorded_at: self.recorded_at,
-        })
+        }
     }
 }
 

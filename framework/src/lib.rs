@@ -6,7 +6,7 @@
 //! `factum-postgres`.
 //!
 //! ```
-//! use factum::{Aggregate, Command, DecodeError, EncodeError, Event, InMemoryStore, Repository};
+//! use factum::{Aggregate, Command, DecodeError, EncodeError, Event, InMemoryStore, Repository, Stored};
 //! use serde_json::value::RawValue;
 //!
 //! // The state, rebuilt from events.
@@ -32,10 +32,10 @@
 //!     fn schema_version(&self) -> u32 { 1 }
 //!     fn event_types() -> &'static [&'static str] { &["counter.incremented"] }
 //!     fn encode(&self) -> Result<Box<RawValue>, EncodeError> { factum::encode_json(self) }
-//!     fn decode(name: &str, version: u32, payload: &RawValue) -> Result<Self, DecodeError> {
-//!         match (name, version) {
-//!             ("counter.incremented", 1) => factum::decode_json(payload),
-//!             _ => Err(DecodeError::unknown(name, version)),
+//!     fn decode(stored: &Stored<'_>) -> Result<Self, DecodeError> {
+//!         match (stored.event_type, stored.schema_version) {
+//!             ("counter.incremented", 1) => factum::decode_json(stored.payload),
+//!             _ => Err(DecodeError::unknown(stored.event_type, stored.schema_version)),
 //!         }
 //!     }
 //! }
@@ -132,6 +132,7 @@ mod aggregate;
 pub mod bus;
 mod error;
 mod event;
+pub mod health;
 pub mod idempotency;
 mod ids;
 mod memory;
@@ -142,12 +143,13 @@ pub mod resilience;
 pub mod saga;
 mod store;
 pub mod subscription;
+pub mod telemetry;
 
 pub use aggregate::{Aggregate, Command, Snapshot};
 pub use error::{BoxError, CommandError, Error, ErrorKind};
 pub use event::{
-    DecodeError, EncodeError, Envelope, Event, EventMetadata, Metadata, NewEvent, RecordedEvent,
-    decode_json, encode_json,
+    DecodeError, Decoded, DecodedIter, EncodeError, Envelope, Event, EventMetadata, Metadata,
+    NewEvent, RecordedEvent, STREAM_DELETED, Stored, Upcast, decode_json, encode_json,
 };
 pub use idempotency::{IdempotencyKey, InvalidIdempotencyKey};
 pub use ids::{
@@ -177,17 +179,22 @@ pub mod __private {
     pub use std::string::String;
     pub use std::vec::Vec;
 
-    pub use crate::{DecodeError, EncodeError, RawValue, decode_json, encode_json};
+    pub use crate::{
+        DecodeError, Decoded, EncodeError, RawValue, Stored, Upcast, decode_json, encode_json,
+    };
 
     /// The payload of a unit event variant: `{}`.
     #[derive(serde::Serialize)]
     pub struct EmptyPayload {}
 
-    /// One step of an upcasting chain. A missing `From` impl fails here, on the user's
-    /// `upcast_from(...)` entry the call is spanned with.
+    /// One step of an upcasting chain (or a split, into a `Vec`). A missing `From`/`Upcast`
+    /// impl fails here, on the user's `upcast_from(...)` entry the call is spanned with.
     #[inline]
-    pub fn upcast<Old, New: From<Old>>(old: Old) -> New {
-        New::from(old)
+    pub fn upcast<Old, New: Upcast<Old>>(
+        old: Old,
+        stored: &Stored<'_>,
+    ) -> Result<New, DecodeError> {
+        New::upcast(old, stored).map_err(DecodeError::Upcast)
     }
 
     /// A command's aggregate id, from any `Display` field.
@@ -368,8 +375,11 @@ pub mod __private {
         fn encode(&self) -> Result<Box<RawValue>, EncodeError> {
             match *self {}
         }
-        fn decode(event_type: &str, version: u32, _: &RawValue) -> Result<Self, DecodeError> {
-            Err(DecodeError::unknown(event_type, version))
+        fn decode(stored: &crate::Stored<'_>) -> Result<Self, DecodeError> {
+            Err(DecodeError::unknown(
+                stored.event_type,
+                stored.schema_version,
+            ))
         }
     }
 }
@@ -391,3 +401,11 @@ mod tutorial_chapter {}
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/subscriptions.md")]
 mod subscriptions_chapter {}
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/snapshots.md")]
+mod snapshots_chapter {}
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/reference/metrics.md")]
+mod metrics_chapter {}

@@ -28,7 +28,7 @@ use crate::repository::CommandContext;
 /// #     fn schema_version(&self) -> u32 { 1 }
 /// #     fn event_types() -> &'static [&'static str] { &["order.placed"] }
 /// #     fn encode(&self) -> Result<Box<RawValue>, EncodeError> { unimplemented!() }
-/// #     fn decode(t: &str, v: u32, _: &RawValue) -> Result<Self, DecodeError> {
+/// #     fn decode(stored: &factum::Stored<'_>) -> Result<Self, DecodeError> { let (t, v, _) = (stored.event_type, stored.schema_version, stored.payload);
 /// #         Err(DecodeError::unknown(t, v))
 /// #     }
 /// # }

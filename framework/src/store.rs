@@ -28,7 +28,7 @@ use futures_core::Stream;
 use serde_json::value::RawValue;
 
 use crate::error::Error;
-use crate::event::{Event, NewEvent, RecordedEvent};
+use crate::event::{Event, EventMetadata, NewEvent, RecordedEvent, Stored};
 use crate::idempotency::IdempotencyKey;
 use crate::ids::{GlobalPosition, LogPosition, StreamId, StreamVersion};
 
@@ -56,6 +56,17 @@ pub struct EventPayload {
     pub payload: Box<RawValue>,
     /// When the store recorded it.
     pub recorded_at: DateTime<Utc>,
+    /// Its tracing ids and user metadata (upcasts may read them).
+    pub metadata: EventMetadata,
+}
+
+impl EventPayload {
+    /// The stored event as decoding sees it.
+    pub fn stored(&self) -> Stored<'_> {
+        Stored::new(&self.event_type, self.schema_version, &self.payload)
+            .recorded_at(self.recorded_at)
+            .with_metadata(&self.metadata)
+    }
 }
 
 impl From<RecordedEvent> for EventPayload {
@@ -66,6 +77,7 @@ impl From<RecordedEvent> for EventPayload {
             schema_version: event.schema_version,
             payload: event.payload,
             recorded_at: event.recorded_at,
+            metadata: event.metadata,
         }
     }
 }

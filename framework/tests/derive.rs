@@ -1,8 +1,8 @@
 //! The derives' generated impls, exercised through the public API.
 
 use factum::{
-    Aggregate, Command, DecodeError, Envelope, Event, EventFilter, Projection, RawValue, StreamId,
-    StreamVersion,
+    Aggregate, Command, DecodeError, Envelope, Event, EventFilter, Projection, RawValue, Stored,
+    StreamId, StreamVersion,
 };
 use serde::{Deserialize, Serialize};
 
@@ -91,8 +91,12 @@ fn every_shape_round_trips() {
     ];
     for event in events {
         let payload = event.encode().expect("encodes");
-        let back = AccountEvent::decode(event.event_type(), event.schema_version(), &payload)
-            .expect("decodes");
+        let back = AccountEvent::decode(&Stored::new(
+            event.event_type(),
+            event.schema_version(),
+            &payload,
+        ))
+        .expect("decodes");
         assert_eq!(back, event);
     }
 }
@@ -111,7 +115,8 @@ fn payload_shapes_are_plain_json() {
     let opened = AccountEvent::Opened(Opened { owner: "a".into() });
     assert_eq!(opened.encode().expect("encodes").get(), r#"{"owner":"a"}"#);
     // A missing `Option` field of a struct variant reads as `None`.
-    let decoded = AccountEvent::decode("account.closed", 1, &raw(r#"{"reason":"x"}"#));
+    let decoded =
+        AccountEvent::decode(&Stored::new("account.closed", 1, &raw(r#"{"reason":"x"}"#)));
     assert_eq!(
         decoded.expect("decodes"),
         AccountEvent::Closed {
@@ -123,8 +128,12 @@ fn payload_shapes_are_plain_json() {
 
 #[test]
 fn an_old_version_is_upcast() {
-    let event =
-        AccountEvent::decode("account.deposited", 1, &raw(r#"{"cents":250}"#)).expect("v1 decodes");
+    let event = AccountEvent::decode(&Stored::new(
+        "account.deposited",
+        1,
+        &raw(r#"{"cents":250}"#),
+    ))
+    .expect("v1 decodes");
     assert_eq!(
         event,
         AccountEvent::Deposited(Deposited {
@@ -136,15 +145,17 @@ fn an_old_version_is_upcast() {
 
 #[test]
 fn unknown_names_and_versions_are_typed_errors() {
-    let err = AccountEvent::decode("account.deposited", 3, &raw("{}")).expect_err("no v3");
+    let err =
+        AccountEvent::decode(&Stored::new("account.deposited", 3, &raw("{}"))).expect_err("no v3");
     assert!(
         matches!(err, DecodeError::Unknown { version: 3, .. }),
         "{err:?}"
     );
-    let err = AccountEvent::decode("account.reopened", 1, &raw("{}")).expect_err("unknown");
-    assert!(matches!(err, DecodeError::Unknown { .. }), "{err:?}");
     let err =
-        AccountEvent::decode("account.opened", 1, &raw(r#"{"owner":1}"#)).expect_err("bad payload");
+        AccountEvent::decode(&Stored::new("account.reopened", 1, &raw("{}"))).expect_err("unknown");
+    assert!(matches!(err, DecodeError::Unknown { .. }), "{err:?}");
+    let err = AccountEvent::decode(&Stored::new("account.opened", 1, &raw(r#"{"owner":1}"#)))
+        .expect_err("bad payload");
     assert!(matches!(err, DecodeError::Payload(_)), "{err:?}");
 }
 
@@ -199,9 +210,17 @@ fn a_struct_event_walks_its_whole_chain() {
         full_name: "Ada".into(),
         email: None,
     };
-    let v1 = Registered::decode("customer.registered", 1, &raw(r#"{"name":"Ada"}"#));
+    let v1 = Registered::decode(&Stored::new(
+        "customer.registered",
+        1,
+        &raw(r#"{"name":"Ada"}"#),
+    ));
     assert_eq!(v1.expect("v1"), expected);
-    let v2 = Registered::decode("customer.registered", 2, &raw(r#"{"full_name":"Ada"}"#));
+    let v2 = Registered::decode(&Stored::new(
+        "customer.registered",
+        2,
+        &raw(r#"{"full_name":"Ada"}"#),
+    ));
     assert_eq!(v2.expect("v2"), expected);
     assert_eq!(expected.schema_version(), 3);
     assert_eq!(expected.event_type(), "customer.registered");

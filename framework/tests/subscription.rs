@@ -485,7 +485,8 @@ mod projections {
         fn encode(&self) -> Result<Box<RawValue>, EncodeError> {
             factum::encode_json(self)
         }
-        fn decode(t: &str, v: u32, payload: &RawValue) -> Result<Self, DecodeError> {
+        fn decode(stored: &factum::Stored<'_>) -> Result<Self, DecodeError> {
+            let (t, v, payload) = (stored.event_type, stored.schema_version, stored.payload);
             match (t, v) {
                 ("account.deposited", 1) => factum::decode_json(payload),
                 _ => Err(DecodeError::unknown(t, v)),

@@ -10,10 +10,12 @@ use syn::{Data, DeriveInput, Fields, Ident, LitStr, Path, Type};
 use crate::attr::{self, Ctxt, Spanned};
 use crate::case::RenameRule;
 
-const CONTAINER_KEYS: &str =
-    "`prefix` or `rename_all` (put `name`, `version` and `upcast_from` on each variant)";
-const VARIANT_KEYS: &str = "`name`, `version` or `upcast_from`";
-const STRUCT_KEYS: &str = "`name`, `prefix`, `rename_all`, `version` or `upcast_from`";
+const CONTAINER_KEYS: &str = "`prefix`, `rename_all` or `split` (put `name`, `version`, `upcast_from` and `renamed_from` on each variant)";
+const VARIANT_KEYS: &str = "`name`, `version`, `upcast_from` or `renamed_from`";
+const STRUCT_KEYS: &str =
+    "`name`, `prefix`, `rename_all`, `version`, `upcast_from`, `renamed_from` or `split`";
+const SPLIT_EXAMPLE: &str =
+    "split(name = \"account.opened_with_deposit\", version = 1, from = OpenedWithDepositV1)";
 
 /// Where an `#[event(...)]` attribute sits; decides which keys it accepts.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -29,6 +31,14 @@ struct Upcast {
     version: Spanned<u32>,
 }
 
+/// A stored event the current code represents as several:
+/// `split(name = "account.opened_with_deposit", version = 1, from = OpenedWithDepositV1)`.
+struct Split {
+    name: LitStr,
+    version: Spanned<u32>,
+    from: Type,
+}
+
 /// Everything one `#[event(...)]` list can say.
 #[derive(Default)]
 struct EventAttrs {
@@ -37,6 +47,8 @@ struct EventAttrs {
     rename_all: Option<RenameRule>,
     version: Option<Spanned<u32>>,
     upcast_from: Option<(Ident, Vec<Upcast>)>,
+    renamed_from: Vec<LitStr>,
+    splits: Vec<Split>,
 }
 
 fn parse_attrs(cx: &mut Ctxt, attrs: &[syn::Attribute], place: Place) -> EventAttrs {
@@ -46,11 +58,20 @@ fn parse_attrs(cx: &mut Ctxt, attrs: &[syn::Attribute], place: Place) -> EventAt
         let key = attr::key_name(&meta);
         let allowed = matches!(
             (place, key.as_str()),
-            (Place::Enum, "prefix" | "rename_all")
-                | (Place::Variant, "name" | "version" | "upcast_from")
+            (Place::Enum, "prefix" | "rename_all" | "split")
+                | (
+                    Place::Variant,
+                    "name" | "version" | "upcast_from" | "renamed_from"
+                )
                 | (
                     Place::Struct,
-                    "name" | "prefix" | "rename_all" | "version" | "upcast_from"
+                    "name"
+                        | "prefix"
+                        | "rename_all"
+                        | "version"
+                        | "upcast_from"
+                        | "renamed_from"
+                        | "split"
                 )
         );
         if !allowed {
@@ -59,7 +80,15 @@ fn parse_attrs(cx: &mut Ctxt, attrs: &[syn::Attribute], place: Place) -> EventAt
                 Place::Variant => VARIANT_KEYS,
                 Place::Struct => STRUCT_KEYS,
             };
-            let known = ["name", "prefix", "rename_all", "version", "upcast_from"];
+            let known = [
+                "name",
+                "prefix",
+                "rename_all",
+                "version",
+                "upcast_from",
+                "renamed_from",
+                "split",
+            ];
             if known.contains(&key.as_str()) {
                 let place = match place {
                     Place::Enum => "on the enum",
@@ -113,6 +142,119 @@ fn parse_attrs(cx: &mut Ctxt, attrs: &[syn::Attribute], place: Place) -> EventAt
                 let value = meta.value()?;
                 if let Some(v) = attr::version_value(cx, value, "version = 2")? {
                     out.version = Some(v);
+                }
+            }
+            "renamed_from" => {
+                // renamed_from("library.loaned", "loan.created")
+                if !out.renamed_from.is_empty() {
+                    cx.error(
+                        &meta.path,
+                        "duplicate `renamed_from`: list every old name in one `renamed_from(...)`",
+                    );
+                }
+                let names = if meta.input.peek(syn::token::Paren) {
+                    let content;
+                    syn::parenthesized!(content in meta.input);
+                    content
+                        .parse_terminated(<syn::Expr as syn::parse::Parse>::parse, syn::Token![,])
+                        .ok()
+                } else {
+                    None
+                };
+                let Some(names) = names else {
+                    cx.error(
+                        &meta.path,
+                        "expected `renamed_from(\"old.name\", ...)`: the wire names this event was stored under before",
+                    );
+                    return attr::skip_value(&meta);
+                };
+                if names.is_empty() {
+                    cx.error(
+                        &meta.path,
+                        "`renamed_from()` is empty: list the old wire names, e.g. `renamed_from(\"library.loaned\")`",
+                    );
+                }
+                for name in names {
+                    match name {
+                        syn::Expr::Lit(syn::ExprLit {
+                            lit: syn::Lit::Str(old),
+                            ..
+                        }) => {
+                            check_wire_name(cx, &old, &old.value(), "old wire name");
+                            out.renamed_from.push(old);
+                        }
+                        other => cx.error(
+                            other,
+                            "expected an old wire name as a string literal, e.g. `renamed_from(\"library.loaned\")`",
+                        ),
+                    }
+                }
+            }
+            "split" => {
+                if !meta.input.peek(syn::token::Paren) {
+                    cx.error(
+                        &meta.path,
+                        format_args!("expected `{SPLIT_EXAMPLE}`: the stored name and version, and the type its payload decodes as"),
+                    );
+                    return attr::skip_value(&meta);
+                }
+                let (mut name, mut version, mut from) = (None, None, None);
+                meta.parse_nested_meta(|inner| {
+                    match attr::key_name(&inner).as_str() {
+                        "name" => {
+                            attr::check_duplicate(cx, &inner, &name);
+                            if let Some(lit) = attr::string_value(
+                                cx,
+                                &inner,
+                                "name = \"account.opened_with_deposit\"",
+                            )? {
+                                check_wire_name(cx, &lit, &lit.value(), "wire name");
+                                name = Some(lit);
+                            }
+                        }
+                        "version" => {
+                            attr::check_duplicate(cx, &inner, &version);
+                            let value = inner.value()?;
+                            version = attr::version_value(cx, value, "version = 1")?;
+                        }
+                        "from" => {
+                            attr::check_duplicate(cx, &inner, &from);
+                            from = attr::type_value(cx, &inner)?;
+                        }
+                        _ => {
+                            return attr::unknown_key(
+                                cx,
+                                &inner,
+                                "split",
+                                "`name`, `version` or `from`",
+                            );
+                        }
+                    }
+                    Ok(())
+                })?;
+                match (name, version, from) {
+                    (Some(name), Some(version), Some(from)) => out.splits.push(Split {
+                        name,
+                        version,
+                        from,
+                    }),
+                    (name, version, from) => {
+                        let missing: Vec<&str> = [
+                            name.is_none().then_some("`name = \"...\"`"),
+                            version.is_none().then_some("`version = N`"),
+                            from.is_none().then_some("`from = Type`"),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                        cx.error(
+                            &meta.path,
+                            format_args!(
+                                "`split(...)` is missing {}: it names the stored event (`name`, `version`) and the type its payload decodes as (`from`), e.g. `{SPLIT_EXAMPLE}`",
+                                missing.join(" and ")
+                            ),
+                        );
+                    }
                 }
             }
             _ => {
@@ -186,6 +328,8 @@ struct Kind {
     name_span: Span,
     version: u32,
     upcasts: Vec<Upcast>,
+    /// Old wire names stored events of this kind may carry (`renamed_from`).
+    aliases: Vec<LitStr>,
 }
 
 enum Shape {
@@ -209,9 +353,11 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         );
     }
 
+    let mut splits = Vec::new();
     let kinds = match &input.data {
         Data::Enum(data) => {
-            let container = parse_attrs(&mut cx, &input.attrs, Place::Enum);
+            let mut container = parse_attrs(&mut cx, &input.attrs, Place::Enum);
+            splits = std::mem::take(&mut container.splits);
             let rule = container.rename_all.unwrap_or(RenameRule::Snake);
             let prefix = container.prefix.map(|p| p.value());
             let mut kinds = Vec::new();
@@ -247,7 +393,8 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
             kinds
         }
         Data::Struct(data) => {
-            let attrs = parse_attrs(&mut cx, &input.attrs, Place::Struct);
+            let mut attrs = parse_attrs(&mut cx, &input.attrs, Place::Struct);
+            splits = std::mem::take(&mut attrs.splits);
             let rule = attrs.rename_all.unwrap_or(RenameRule::Snake);
             let prefix = attrs.prefix.as_ref().map(LitStr::value);
             for field in data.fields.iter() {
@@ -273,13 +420,14 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         }
     };
     check_duplicates(&mut cx, &kinds);
+    check_splits(&mut cx, &kinds, &splits);
 
     if cx.has_errors() {
         let fallback = fallback(&krate, &input);
         let errors = cx.into_compile_errors();
         return Ok(quote! { #errors #fallback });
     }
-    let body = generate(&krate, ident, &kinds);
+    let body = generate(&krate, ident, &kinds, &splits);
     Ok(quote! { const _: () = { #body }; })
 }
 
@@ -340,6 +488,17 @@ fn kind(
         name_span,
         version,
         upcasts,
+        aliases: attrs.renamed_from,
+    }
+}
+
+impl Kind {
+    /// Every schema version this kind decodes: the older ones, then the current one.
+    fn versions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.upcasts
+            .iter()
+            .map(|u| u.version.value)
+            .chain(std::iter::once(self.version))
     }
 }
 
@@ -353,6 +512,11 @@ fn derived_name(prefix: Option<&str>, rule: RenameRule, ident: &Ident) -> String
 
 fn check_duplicates(cx: &mut Ctxt, kinds: &[Kind]) {
     let mut seen: HashMap<&str, &Kind> = HashMap::new();
+    let variant_of = |k: &Kind| {
+        k.variant
+            .as_ref()
+            .map_or_else(|| "the struct".to_owned(), |v| format!("variant `{v}`"))
+    };
     for k in kinds {
         if let Some(first) = seen.get(k.name.as_str()) {
             let first_variant = first
@@ -370,14 +534,90 @@ fn check_duplicates(cx: &mut Ctxt, kinds: &[Kind]) {
             seen.insert(&k.name, k);
         }
     }
+    // An old name decodes as exactly one kind, and is nobody's current name.
+    let mut old: HashMap<String, &Kind> = HashMap::new();
+    for k in kinds {
+        for alias in &k.aliases {
+            let value = alias.value();
+            if let Some(owner) = seen.get(value.as_str()) {
+                let message = if std::ptr::eq(*owner, k) {
+                    format!(
+                        "{value:?} is this event's current wire name, not an old one: remove it from `renamed_from`"
+                    )
+                } else {
+                    format!(
+                        "the old wire name {value:?} is the current name of {}: a stored name decodes as one event",
+                        variant_of(owner)
+                    )
+                };
+                cx.error(alias, message);
+            } else if let Some(owner) = old.get(&value) {
+                cx.error(
+                    alias,
+                    format_args!(
+                        "the old wire name {value:?} is already listed in `renamed_from` of {}: a stored name decodes as one event",
+                        variant_of(owner)
+                    ),
+                );
+            } else {
+                old.insert(value, k);
+            }
+        }
+    }
 }
 
-fn generate(krate: &Path, ident: &Ident, kinds: &[Kind]) -> TokenStream {
+/// A split names a stored (name, version) no other event decodes.
+fn check_splits(cx: &mut Ctxt, kinds: &[Kind], splits: &[Split]) {
+    let mut taken: HashMap<(String, u32), String> = HashMap::new();
+    for k in kinds {
+        let who = k
+            .variant
+            .as_ref()
+            .map_or_else(|| "this event".to_owned(), |v| format!("variant `{v}`"));
+        for name in std::iter::once(k.name.clone()).chain(k.aliases.iter().map(LitStr::value)) {
+            for v in k.versions() {
+                taken.insert((name.clone(), v), who.clone());
+            }
+        }
+    }
+    for split in splits {
+        let key = (split.name.value(), split.version.value);
+        if let Some(who) = taken.get(&key) {
+            cx.error(
+                &split.name,
+                format_args!(
+                    "{:?} at version {} is already decoded by {who}: a stored (name, version) pair is decoded one way; split another version or remove it there",
+                    key.0, key.1
+                ),
+            );
+        } else {
+            taken.insert(key, "an earlier `split`".to_owned());
+        }
+    }
+}
+
+fn generate(krate: &Path, ident: &Ident, kinds: &[Kind], splits: &[Split]) -> TokenStream {
     let private = quote!(#krate::__private);
     let serde_crate = format!("{}::__private::serde", krate.to_token_stream()).replace(' ', "");
     let impl_attrs = attr::impl_attrs();
 
     let names: Vec<&str> = kinds.iter().map(|k| k.name.as_str()).collect();
+    // Every name a reader must fetch: current names, old names, split events' names.
+    let mut all_names: Vec<String> = Vec::new();
+    let mut versions: Vec<TokenStream> = Vec::new();
+    for k in kinds {
+        all_names.push(k.name.clone());
+        all_names.extend(k.aliases.iter().map(LitStr::value));
+        let name = k.name.as_str();
+        versions.extend(k.versions().map(|v| quote!((#name, #v))));
+    }
+    for split in splits {
+        all_names.push(split.name.value());
+        let (name, v) = (split.name.value(), split.version.value);
+        versions.push(quote!((#name, #v)));
+    }
+    let mut unique = std::collections::HashSet::new();
+    all_names.retain(|n| unique.insert(n.clone()));
     let is_struct = kinds.first().is_some_and(|k| k.variant.is_none());
 
     let mut type_arms = Vec::new();
@@ -387,6 +627,9 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind]) -> TokenStream {
 
     for k in kinds {
         let name = k.name.as_str();
+        let aliases: Vec<String> = k.aliases.iter().map(LitStr::value).collect();
+        // `"loan.made" | "library.loaned"`: an old name decodes like the current one.
+        let name_pattern = quote!(#name #(| #aliases)*);
         let version = k.version;
         let pattern = match (&k.variant, &k.shape) {
             (None, _) => quote!(_),
@@ -408,16 +651,18 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind]) -> TokenStream {
                     Some(v) => quote!(Self::#v(__payload) => #encode),
                     None => quote!(__payload => #encode),
                 });
-                let decode = quote_spanned!(ty.span()=> #private::decode_json::<#ty>(payload)?);
+                let decode = quote_spanned!(ty.span()=> #private::decode_json::<#ty>(__raw)?);
                 let current = construct(decode);
-                decode_arms.push(quote!((#name, #version) => ::core::result::Result::Ok(#current)));
+                decode_arms.push(
+                    quote!((#name_pattern, #version) => ::core::result::Result::Ok(#current)),
+                );
                 // Each older version decodes as its own type, then steps forward one `From` at a
                 // time; a missing link fails on the `upcast_from` entry that needs it.
                 for (i, step) in k.upcasts.iter().enumerate() {
                     let old = &step.ty;
                     let v = step.version.value;
                     let mut body = vec![quote_spanned!(old.span()=>
-                        let __value = #private::decode_json::<#old>(payload)?;
+                        let __value = #private::decode_json::<#old>(__raw)?;
                     )];
                     for (j, from) in k.upcasts.iter().enumerate().skip(i) {
                         let from_ty = &from.ty;
@@ -428,12 +673,12 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind]) -> TokenStream {
                             None => respan(ty.to_token_stream(), from_ty.span()),
                         };
                         body.push(quote_spanned!(from_ty.span()=>
-                            let __value = #private::upcast::<#from_ty, #to>(__value);
+                            let __value = #private::upcast::<#from_ty, #to>(__value, __stored)?;
                         ));
                     }
                     let done = construct(quote!(__value));
                     decode_arms.push(quote! {
-                        (#name, #v) => {
+                        (#name_pattern, #v) => {
                             #(#body)*
                             ::core::result::Result::Ok(#done)
                         }
@@ -462,11 +707,11 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind]) -> TokenStream {
                     }
                 });
                 decode_arms.push(quote! {
-                    (#name, #version) => {
+                    (#name_pattern, #version) => {
                         #[derive(#private::serde::Deserialize)]
                         #[serde(crate = #serde_crate)]
                         struct __Payload { #( #(#serde_attrs)* #idents: #types, )* }
-                        let __payload: __Payload = #private::decode_json(payload)?;
+                        let __payload: __Payload = #private::decode_json(__raw)?;
                         ::core::result::Result::Ok(Self::#v { #(#idents: __payload.#idents),* })
                     }
                 });
@@ -478,7 +723,7 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind]) -> TokenStream {
                 });
                 // A unit event carries nothing: whatever was stored beside its name is ignored.
                 decode_arms.push(quote! {
-                    (#name, #version) => ::core::result::Result::Ok(Self::#v)
+                    (#name_pattern, #version) => ::core::result::Result::Ok(Self::#v)
                 });
             }
         }
@@ -501,12 +746,47 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind]) -> TokenStream {
         )
     };
 
+    // A split decodes only through `decode_all`; `decode` names the reason it cannot.
+    let mut split_arms = Vec::new();
+    for split in splits {
+        let (name, v, from) = (split.name.value(), split.version.value, &split.from);
+        decode_arms.push(quote! {
+            (#name, #v) => ::core::result::Result::Err(#private::DecodeError::Split {
+                event_type: #private::String::from(#name),
+                version: #v,
+            })
+        });
+        let vec_self = respan(quote!(#private::Vec<Self>), from.span());
+        split_arms.push(quote_spanned! {from.span()=>
+            (#name, #v) => {
+                let __value = #private::decode_json::<#from>(__stored.payload)?;
+                let __events = #private::upcast::<#from, #vec_self>(__value, __stored)?;
+                ::core::result::Result::Ok(#private::Decoded::Split(__events))
+            }
+        });
+    }
+    let decode_all = if split_arms.is_empty() {
+        TokenStream::new()
+    } else {
+        quote! {
+            fn decode_all(
+                __stored: &#private::Stored<'_>,
+            ) -> ::core::result::Result<#private::Decoded<Self>, #private::DecodeError> {
+                match (__stored.event_type, __stored.schema_version) {
+                    #(#split_arms,)*
+                    _ => <Self as #krate::Event>::decode(__stored).map(#private::Decoded::One),
+                }
+            }
+        }
+    };
+
     quote! {
         #impl_attrs
         impl #krate::Event for #ident {
             fn event_type(&self) -> &'static str { #type_body }
             fn schema_version(&self) -> u32 { #version_body }
-            fn event_types() -> &'static [&'static str] { &[#(#names),*] }
+            fn event_types() -> &'static [&'static str] { &[#(#all_names),*] }
+            fn event_versions() -> &'static [(&'static str, u32)] { &[#(#versions),*] }
             fn encode(&self) -> ::core::result::Result<
                 #private::Box<#private::RawValue>,
                 #private::EncodeError,
@@ -514,15 +794,18 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind]) -> TokenStream {
                 #encode_body
             }
             fn decode(
-                event_type: &str,
-                version: u32,
-                payload: &#private::RawValue,
+                __stored: &#private::Stored<'_>,
             ) -> ::core::result::Result<Self, #private::DecodeError> {
-                match (event_type, version) {
+                let __raw = __stored.payload;
+                match (__stored.event_type, __stored.schema_version) {
                     #(#decode_arms,)*
-                    _ => ::core::result::Result::Err(#private::DecodeError::unknown(event_type, version)),
+                    _ => ::core::result::Result::Err(#private::DecodeError::unknown(
+                        __stored.event_type,
+                        __stored.schema_version,
+                    )),
                 }
             }
+            #decode_all
         }
     }
 }
@@ -561,7 +844,7 @@ fn fallback(krate: &Path, input: &DeriveInput) -> TokenStream {
                 fn encode(&self) -> ::core::result::Result<#private::Box<#private::RawValue>, #private::EncodeError> {
                     ::core::unreachable!()
                 }
-                fn decode(_: &str, _: u32, _: &#private::RawValue) -> ::core::result::Result<Self, #private::DecodeError> {
+                fn decode(_: &#private::Stored<'_>) -> ::core::result::Result<Self, #private::DecodeError> {
                     ::core::unreachable!()
                 }
             }

@@ -209,7 +209,7 @@ fn the_broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() {
         });
 
         let mut sent = 0;
-        for round in 0..3 {
+        for round in 0..2 {
             bank_activity(&s.bank, 4, 36, round * 4).await;
             sent += 40;
             until(&mut status, LIMIT, "some handled", |st| {

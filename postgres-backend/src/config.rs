@@ -125,12 +125,14 @@ pub struct StoreOptions {
     retry: RetryPolicy,
     outcome_check_timeout: Duration,
     read_settle_timeout: Duration,
+    group_commit: GroupCommit,
 }
 
 impl Default for StoreOptions {
     /// Schema `factum`; retries by the default [`Operation::Append`] policy of
     /// [`RetryPolicies`](factum::resilience::RetryPolicies) (5 attempts, 50 ms to 2 s, 10 s in
-    /// all); outcome checks for at most 10 s; `read_all` waits at most 250 ms.
+    /// all); outcome checks for at most 10 s; `read_all` waits at most 250 ms; no group commit
+    /// ([`GroupCommit::default`]).
     fn default() -> Self {
         Self {
             schema: SchemaName::default(),
@@ -138,6 +140,7 @@ impl Default for StoreOptions {
             retry: *RetryPolicies::default().get(Operation::Append),
             outcome_check_timeout: Duration::from_secs(10),
             read_settle_timeout: Duration::from_millis(250),
+            group_commit: GroupCommit::default(),
         }
     }
 }
@@ -214,6 +217,19 @@ impl StoreOptions {
         self
     }
 
+    /// Whether and how concurrent appends to different streams share statements (default:
+    /// [`GroupCommit::default`], off). See [`GroupCommit`].
+    #[must_use]
+    pub fn with_group_commit(mut self, group_commit: GroupCommit) -> Self {
+        self.group_commit = group_commit;
+        self
+    }
+
+    /// How concurrent appends share statements.
+    pub fn group_commit(&self) -> GroupCommit {
+        self.group_commit
+    }
+
     /// How long `read_all` waits for transactions in flight when it was called.
     pub fn read_settle_timeout(&self) -> Duration {
         self.read_settle_timeout
@@ -232,5 +248,110 @@ impl StoreOptions {
     /// How long a lost connection's outcome is checked for.
     pub fn outcome_check_timeout(&self) -> Duration {
         self.outcome_check_timeout
+    }
+}
+
+/// Group commit: how a [`PostgresStore`](crate::PostgresStore) combines concurrent appends into
+/// shared statements. Off by default ([`GroupCommit::default`]); turn it on with
+/// [`StoreOptions::with_group_commit`] and [`GroupCommit::enabled`].
+///
+/// While [`max_in_flight`](Self::max_in_flight) append statements of the store are in flight,
+/// further appends queue; when one returns, the queued ones (to streams not in flight) go out
+/// together as one statement, at most [`max_batch`](Self::max_batch) of them. This is natural
+/// batching: no timer, and an append that finds a free slot goes out at once, alone, so a single
+/// client sees no change. Each request keeps its own guarantees: its own expected version (a
+/// conflict fails that request only, the others commit), its own idempotency key and event-id
+/// checks, its own [`AppendResult`](factum::AppendResult) or error. Two requests for one stream
+/// never share a statement and are never in flight together: the later one waits for the next
+/// statement, so they keep their order and cannot meet a conflict the other caused by merging.
+/// Appends inside a caller's transaction ([`append_in`](crate::PostgresStore::append_in)) are
+/// never grouped.
+///
+/// What a failed group statement means for its requests: when the server rolled it back (a
+/// deadlock, a unique violation, a payload it refused, a statement timeout), nothing of it was
+/// stored, and every request runs its own statement at once and gets its own verdict; when the
+/// connection was lost while it was in flight (or the caller whose task ran it was cancelled),
+/// every request's outcome is unknown and each is settled by its own event ids, exactly as for a
+/// lost connection of a lone append (stored: success; absent: retried; unreachable:
+/// [`factum::Error::UnknownOutcome`]).
+///
+/// A group's statement waits for its slowest member: an append blocked on a stream row held by a
+/// long transaction (e.g. an [`append_in`](crate::PostgresStore::append_in) that stays open)
+/// holds up the appends grouped with it. Keep write transactions short, as the gap-safe log
+/// already requires, or set a `statement_timeout`.
+///
+/// Whether it pays depends on where the time goes: see the book's PostgreSQL chapter for the
+/// measurements (`FACTUM_BENCH_ONLY=group`).
+///
+/// ```
+/// use factum_postgres::{GroupCommit, StoreOptions};
+///
+/// let options = StoreOptions::default()
+///     .with_group_commit(GroupCommit::enabled().with_max_batch(32).with_max_in_flight(2));
+/// assert!(options.group_commit().is_enabled());
+/// assert_eq!(options.group_commit().max_batch(), 32);
+/// assert_eq!(options.group_commit().max_in_flight(), 2);
+///
+/// // The default: one statement per append.
+/// assert!(!StoreOptions::default().group_commit().is_enabled());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupCommit {
+    max_batch: usize,
+    max_in_flight: usize,
+}
+
+impl Default for GroupCommit {
+    /// Off: every append is a statement of its own.
+    fn default() -> Self {
+        Self::disabled()
+    }
+}
+
+impl GroupCommit {
+    /// Off: every append is a statement of its own.
+    pub fn disabled() -> Self {
+        Self {
+            max_batch: 1,
+            max_in_flight: 4,
+        }
+    }
+
+    /// On, with at most 64 appends per statement and 4 statements in flight.
+    pub fn enabled() -> Self {
+        Self {
+            max_batch: 64,
+            max_in_flight: 4,
+        }
+    }
+
+    /// At most `appends` requests per statement (1 turns group commit off).
+    #[must_use]
+    pub fn with_max_batch(mut self, appends: usize) -> Self {
+        self.max_batch = appends.max(1);
+        self
+    }
+
+    /// At most `statements` append statements of the store in flight at once (minimum 1);
+    /// appends beyond them queue and go out grouped.
+    #[must_use]
+    pub fn with_max_in_flight(mut self, statements: usize) -> Self {
+        self.max_in_flight = statements.max(1);
+        self
+    }
+
+    /// The most requests one statement carries.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// The most append statements in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// Whether appends are grouped at all.
+    pub fn is_enabled(&self) -> bool {
+        self.max_batch > 1
     }
 }

@@ -17,7 +17,8 @@ use crate::subscription::{PgTx, commit, rollback};
 /// Two instances receiving the same message at once do not both apply it: the second one's
 /// insert waits for the first transaction and then finds the row.
 ///
-/// Parked messages go to `inbox_dead_letters` (in the store's schema), as received.
+/// Parked messages go to `inbox_dead_letters` (in the store's schema), as received; a message
+/// parked again (same consumer and message id) keeps one dead letter, with the latest error.
 #[derive(Clone, Debug)]
 pub struct PgInbox {
     store: PostgresStore,
@@ -47,7 +48,11 @@ impl PgInbox {
                 park: format!(
                     "INSERT INTO {schema}.inbox_dead_letters \
                      (consumer, subject, message_id, headers, body, error, attempts, parked_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id"
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     ON CONFLICT (consumer, message_id) WHERE message_id IS NOT NULL DO UPDATE \
+                     SET subject = EXCLUDED.subject, headers = EXCLUDED.headers, body = EXCLUDED.body, \
+                         error = EXCLUDED.error, attempts = EXCLUDED.attempts, parked_at = EXCLUDED.parked_at \
+                     RETURNING id"
                 ),
                 parked: format!(
                     "SELECT id, consumer, subject, message_id, headers, body, error, attempts, parked_at \

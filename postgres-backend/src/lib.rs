@@ -41,7 +41,8 @@
 //! (and only when no id of the batch is already stored), and inserts the batch from `unnest`ed
 //! arrays. No row back means a conflict or a re-append; the ids are then looked up to apply the
 //! idempotent re-append rule of [`factum::EventStore`]. No sequence value is taken by a
-//! conflicting append.
+//! conflicting append. With [`GroupCommit`] (opt-in), concurrent appends to different streams can
+//! share one such statement, each keeping its own checks and outcome.
 //!
 //! Failures are classified once: a transaction the server rolled back (deadlock, serialization
 //! failure, too many connections...) is retried by the store's
@@ -76,8 +77,11 @@
 // `factum::Error` is the framework's error type, returned as is; its size is the framework's call.
 #![allow(clippy::result_large_err)]
 
+mod admin;
 mod config;
+mod deletion;
 mod error;
+mod group;
 mod inbox;
 mod maintenance;
 mod migrate;
@@ -91,7 +95,9 @@ pub mod subscription;
 mod transaction;
 mod tx;
 
-pub use config::{PoolConfig, StoreOptions};
+pub use admin::{ConsumerSummary, MigrationStatus, SnapshotSummary, StreamSummary};
+pub use config::{GroupCommit, PoolConfig, StoreOptions};
+pub use deletion::DeletedStream;
 pub use error::RestoreRepairNeeded;
 pub use inbox::PgInbox;
 pub use maintenance::Partition;
@@ -114,6 +120,11 @@ mod postgres_chapter {}
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/operations/backup.md")]
 mod backup_chapter {}
+
+/// The book's health checks chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/operations/health.md")]
+mod health_chapter {}
 
 /// The book's projections chapter, compiled so it cannot drift from the code.
 #[cfg(doctest)]

@@ -4,9 +4,10 @@
 //! `events` is partitioned by range of global position (see the crate docs). The first migration
 //! creates `events_p0` for positions below 1 000 000 000 and a default partition that catches
 //! anything beyond the last range, so appends never fail for lack of a partition; a maintenance
-//! task (a cron job, a periodic task of the service, the operator CLI) calls
-//! [`PostgresStore::ensure_partitions`] so that positions land in real range partitions, each with
-//! its own unique `(stream_id, stream_version)` and `event_id` indexes.
+//! task (a cron job, a periodic task of the service, or the operator CLI's
+//! `factum partitions create`) calls [`PostgresStore::ensure_partitions`] so that positions land
+//! in real range partitions, each with its own unique `(stream_id, stream_version)` and
+//! `event_id` indexes.
 
 use factum::{Error, StreamId};
 
@@ -189,12 +190,115 @@ impl PostgresStore {
         Ok(created)
     }
 
+    /// Time-rolled partitions: like [`ensure_partitions`](Self::ensure_partitions), with the size
+    /// taken from the write rate observed, so that a partition holds roughly one `window` of
+    /// events (e.g. a month), and enough partitions ahead to cover `windows_ahead` windows at that
+    /// rate. Returns the partitions created and the size used.
+    ///
+    /// The rate is the positions handed out over the last `window` (the log's age, when it is
+    /// younger), found with a binary search over positions (index probes, never a scan);
+    /// the size is never below `min_size`, so a quiet store does not get thousands of tiny
+    /// partitions (and a log with less than 1% of a window of history gets `min_size`). Run it more often than once a window (e.g. daily for monthly windows).
+    ///
+    /// ```no_run
+    /// # async fn run(store: factum_postgres::PostgresStore) -> Result<(), factum::Error> {
+    /// // About a month per partition, two months ahead, never fewer than 100k positions each.
+    /// let month = chrono::Duration::days(30);
+    /// let (created, size) = store.ensure_partitions_for_window(month, 2, 100_000).await?;
+    /// println!("{} partitions of {size} positions created", created.len());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn ensure_partitions_for_window(
+        &self,
+        window: chrono::Duration,
+        windows_ahead: u32,
+        min_size: u64,
+    ) -> Result<(Vec<Partition>, u64), Error> {
+        if window <= chrono::Duration::zero() || windows_ahead == 0 || min_size == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "a partition window must be positive ({window}), with at least one window ahead ({windows_ahead}) and a minimum size of at least 1 ({min_size})"
+            )));
+        }
+        let per_window = self.positions_per_window(window).await?;
+        let size = per_window.max(min_size);
+        let ahead = size.saturating_mul(u64::from(windows_ahead));
+        let created = self.ensure_partitions(size, ahead).await?;
+        Ok((created, size))
+    }
+
+    /// Positions handed out per `window`, from the last `window` of the log (scaled up when the
+    /// log is younger than that).
+    async fn positions_per_window(&self, window: chrono::Duration) -> Result<u64, Error> {
+        let fail = |e| to_error(e, "measure the write rate");
+        let s = self.schema().quoted();
+        let at = format!(
+            "SELECT global_position, recorded_at FROM {s}.events \
+             WHERE global_position >= $1 ORDER BY global_position LIMIT 1"
+        );
+        let last = format!(
+            "SELECT global_position, recorded_at FROM {s}.events \
+             ORDER BY global_position DESC LIMIT 1"
+        );
+        let probe = |position: i64| {
+            sqlx::query_as::<_, (i64, chrono::DateTime<chrono::Utc>)>(sqlx::AssertSqlSafe(
+                at.clone(),
+            ))
+            .bind(position)
+            .fetch_optional(self.pool())
+        };
+        let Some((first_pos, first_at)) = probe(0).await.map_err(fail)? else {
+            return Ok(0);
+        };
+        let (last_pos, last_at): (i64, chrono::DateTime<chrono::Utc>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(last))
+                .fetch_one(self.pool())
+                .await
+                .map_err(fail)?;
+        let since = last_at - window;
+        // The first event recorded at or after `since`: positions grow with time (up to the
+        // order commits take), so a binary search over positions finds it.
+        let (start_pos, start_at) = if first_at >= since {
+            (first_pos, first_at)
+        } else {
+            let (mut lo, mut hi) = (first_pos, last_pos);
+            let mut found = (last_pos, last_at);
+            while lo <= hi {
+                let mid = lo + (hi - lo) / 2;
+                match probe(mid).await.map_err(fail)? {
+                    Some((pos, at)) if at >= since => {
+                        found = (pos, at);
+                        hi = mid - 1;
+                    }
+                    Some((pos, _)) => lo = pos + 1,
+                    None => hi = mid - 1,
+                }
+            }
+            found
+        };
+        let written = u64::try_from(last_pos - start_pos + 1).unwrap_or(0);
+        let observed = (last_at - start_at).num_milliseconds().max(1);
+        let window_ms = window.num_milliseconds().max(1);
+        if observed >= window_ms {
+            return Ok(written);
+        }
+        if observed.saturating_mul(100) < window_ms {
+            // Under 1% of a window of history says nothing about the rate: the caller's minimum.
+            return Ok(0);
+        }
+        // A log younger than the window: extrapolate its rate to a whole window.
+        let scaled = u128::from(written) * window_ms as u128 / observed as u128;
+        Ok(u64::try_from(scaled).unwrap_or(u64::MAX))
+    }
+
     /// Marks a stream archived, the condition for [`detach_partition`](Self::detach_partition)
     /// to release its events. Returns false when the stream does not exist.
     ///
-    /// Archiving does not stop appends: a later append puts its events in a current partition,
-    /// and keeps the older partitions of the stream from being detached only if the stream is
-    /// un-archived; stop writing to a stream before archiving it.
+    /// Archiving is final for writers: once this returns, every append to the stream fails with
+    /// [`Error::StreamArchived`](factum::Error::StreamArchived) and stores nothing (an append
+    /// that committed first keeps its events; one racing with this call either commits before
+    /// it or is refused). Re-appending a batch that was stored before is still the idempotent
+    /// repeat it was.
     pub async fn archive_stream(&self, stream: &StreamId) -> Result<bool, Error> {
         let updated = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {}.streams SET archived = true WHERE stream_id = $1",

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use factum::resilience::{FullJitter, RetryPolicy};
 use factum::{
-    AppendRequest, AppendResult, CATEGORY_SEPARATOR, CausationId, CorrelationId, DecodeError,
-    Error, EventFilter, EventId, EventMetadata, EventPayload, EventStore, EventStream,
-    ExpectedVersion, GlobalPosition, IdempotencyKey, LogPosition, Metadata, NewEvent,
-    PayloadStream, RawValue, RecordedEvent, SnapshotStore, StoredSnapshot, StreamId, StreamVersion,
+    AppendRequest, AppendResult, BoxError, CATEGORY_SEPARATOR, CausationId, CorrelationId,
+    DecodeError, Error, EventFilter, EventId, EventMetadata, EventPayload, EventStore, EventStream,
+    ExpectedVersion, GlobalPosition, IdempotencyKey, LogPosition, Metadata, PayloadStream,
+    RawValue, RecordedEvent, SnapshotStore, StoredSnapshot, StreamId, StreamVersion,
     validate_batch,
 };
 use futures_util::StreamExt;
@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::config::{PoolConfig, StoreOptions};
 use crate::error::{Failure, Op, RestoreRepairNeeded, classify, to_error};
+use crate::group::{self, Entry, Lead, Queue, Reply, Shared, Slot, Waiting};
 use crate::migrate::{latest_version, migrate};
 use crate::schema::SchemaName;
 
@@ -38,6 +39,8 @@ struct Inner {
     sql: Sql,
     /// Set once the schema's owner was checked against `options.service()`.
     service_checked: tokio::sync::OnceCell<()>,
+    /// The group-commit queue, when group commit is on.
+    group: Option<Arc<Queue>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -83,12 +86,17 @@ impl PostgresStore {
     /// A store on `pool` with `options` (schema, retries).
     pub fn with_options(pool: PgPool, options: StoreOptions) -> Self {
         let sql = Sql::new(options.schema());
+        let group = options.group_commit().is_enabled().then(|| {
+            let group = options.group_commit();
+            Arc::new(Queue::new(group.max_batch(), group.max_in_flight()))
+        });
         Self {
             inner: Arc::new(Inner {
                 pool,
                 options,
                 sql,
                 service_checked: tokio::sync::OnceCell::new(),
+                group,
             }),
         }
     }
@@ -288,18 +296,19 @@ impl PostgresStore {
         request: AppendRequest,
     ) -> Result<AppendResult, Error> {
         self.ensure_service().await?;
-        validate_batch(&request.stream, &request.events)?;
-        let batch = Batch::new(&request.stream, &request.events)?;
-        let failure = match self.try_append(&mut *conn, &request, &batch).await {
+        let prepared = Prepared::new(request)?;
+        let request = &prepared.request;
+        let batch = prepared.batch();
+        let failure = match self.try_append(&mut *conn, request, &batch).await {
             Ok(Some(result)) => return Ok(result),
             Ok(None) => None,
             Err(failure) => Some(failure),
         };
         match failure {
-            None => match self.resolve(conn, &request, &batch).await? {
+            None => match self.resolve(conn, request, &batch).await? {
                 Resolved::Done(result) => Ok(result),
                 Resolved::Conflict(actual) => Err(Error::Conflict {
-                    stream: request.stream,
+                    stream: request.stream.clone(),
                     expected: request.expected,
                     actual,
                 }),
@@ -323,7 +332,7 @@ impl PostgresStore {
             ) => Err(Error::transient("append", e)),
             Some(Failure::UnknownOutcome(e)) => Err(Error::UnknownOutcome {
                 operation: "append",
-                stream: request.stream,
+                stream: request.stream.clone(),
                 source: Box::new(e),
             }),
             Some(Failure::Permanent(e)) => Err(Error::permanent("append", e)),
@@ -332,25 +341,23 @@ impl PostgresStore {
 
     async fn append_batch(&self, request: AppendRequest) -> Result<AppendResult, Error> {
         self.ensure_service().await?;
+        let prepared = Arc::new(Prepared::new(request)?);
+        let request = &prepared.request;
         let stream = &request.stream;
-        validate_batch(stream, &request.events)?;
-        let batch = Batch::new(stream, &request.events)?;
+        let batch = prepared.batch();
         // One schedule for the whole call: every wait (before retrying the statement or looking
         // the batch up again) takes the policy's next delay, so the policy bounds the call.
         let mut retries = Retries::new(self.inner.options.retry());
         loop {
-            let failure = match self.try_append(&self.inner.pool, &request, &batch).await {
-                Ok(Some(result)) => return Ok(result),
-                // Zero rows: the version did not match, or the key or some id of the batch is
-                // stored.
-                Ok(None) => None,
-                Err(failure) => Some(failure),
-            };
-            match failure {
-                // A concurrent append stored one of the batch's ids or its key first: look again.
-                None | Some(Failure::DuplicateEventId(_) | Failure::KeyTaken(_)) => {
+            match self.submit(&prepared).await {
+                Tried::Appended(result) => return Ok(result),
+                // Zero rows (the version did not match, or the key or some id of the batch is
+                // stored), or a concurrent append stored one of the batch's ids or its key
+                // first: look again.
+                Tried::Unchanged
+                | Tried::Failed(Failure::DuplicateEventId(_) | Failure::KeyTaken(_)) => {
                     let mut conn = self.connection("append").await?;
-                    match self.resolve(&mut conn, &request, &batch).await? {
+                    match self.resolve(&mut conn, request, &batch).await? {
                         Resolved::Done(result) => return Ok(result),
                         // Versions only grow: a mismatch now is a real conflict. A match means
                         // the stream moved between the statement and the read: try again at
@@ -365,59 +372,249 @@ impl PostgresStore {
                         }
                     }
                 }
-                Some(Failure::VersionConflict(_)) => {
+                Tried::Failed(Failure::VersionConflict(_)) => {
                     return Err(Error::Conflict {
                         stream: stream.clone(),
                         expected: request.expected,
                         actual: self.stream_version(stream).await?,
                     });
                 }
-                Some(Failure::Transient(e)) => {
+                Tried::Failed(Failure::Transient(e)) => {
                     let Some(delay) = retries.next() else {
                         return Err(Error::transient("append", e));
                     };
                     tracing::debug!(%stream, retry = retries.count, ?delay, error = %e, "append rolled back; retrying");
                     tokio::time::sleep(delay).await;
                 }
-                Some(Failure::UnknownOutcome(e)) => {
-                    tracing::warn!(%stream, error = %e, "connection lost during append; checking whether it was stored");
-                    match self.settle(&request, &batch, &mut retries).await {
-                        Some(Existing::Stored(mut result)) => {
-                            // Stored, by the lost attempt or by an earlier call with the same key
-                            // or ids (a retried command): only a batch that starts where this
-                            // request expected the stream to be can be this call's own write. In
-                            // every other case it stays a repeat, so that a caller never folds
-                            // the same events into its state twice.
-                            let own = match request.expected {
-                                ExpectedVersion::Exact(v) => v == result.first_version,
-                                ExpectedVersion::NoStream => {
-                                    result.first_version == StreamVersion::INITIAL
-                                }
-                                ExpectedVersion::Any => false,
-                            };
-                            if own {
-                                result.duplicate = false;
-                            }
-                            return Ok(result);
-                        }
-                        Some(Existing::Elsewhere(error)) => return Err(error),
-                        // Not stored: retrying is safe; no retry left means nothing happened.
-                        Some(Existing::NotStored) => match retries.next() {
-                            Some(delay) => tokio::time::sleep(delay).await,
-                            None => return Err(Error::transient("append", e)),
-                        },
-                        None => {
-                            return Err(Error::UnknownOutcome {
-                                operation: "append",
-                                stream: stream.clone(),
-                                source: Box::new(e),
-                            });
-                        }
+                Tried::Failed(Failure::UnknownOutcome(e)) => {
+                    if let Some(done) = self
+                        .after_unknown(request, &batch, &mut retries, Box::new(e))
+                        .await
+                    {
+                        return done;
                     }
                 }
-                Some(Failure::Permanent(e)) => return Err(Error::permanent("append", e)),
+                Tried::Unknown(e) => {
+                    if let Some(done) = self.after_unknown(request, &batch, &mut retries, e).await {
+                        return done;
+                    }
+                }
+                Tried::Failed(Failure::Permanent(e)) => return Err(Error::permanent("append", e)),
             }
         }
+    }
+
+    /// After a statement whose outcome is unknown: the call's result, or `None` to retry (the
+    /// batch is not stored, and the policy allows another attempt, after the delay it took).
+    async fn after_unknown(
+        &self,
+        request: &AppendRequest,
+        batch: &Batch<'_>,
+        retries: &mut Retries,
+        e: BoxError,
+    ) -> Option<Result<AppendResult, Error>> {
+        let stream = &request.stream;
+        tracing::warn!(%stream, error = %e, "connection lost during append; checking whether it was stored");
+        match self.settle(request, batch, retries).await {
+            Some(Existing::Stored(mut result)) => {
+                // Stored, by the lost attempt or by an earlier call with the same key or ids (a
+                // retried command): only a batch that starts where this request expected the
+                // stream to be can be this call's own write. In every other case it stays a
+                // repeat, so that a caller never folds the same events into its state twice.
+                let own = match request.expected {
+                    ExpectedVersion::Exact(v) => v == result.first_version,
+                    ExpectedVersion::NoStream => result.first_version == StreamVersion::INITIAL,
+                    ExpectedVersion::Any => false,
+                };
+                if own {
+                    result.duplicate = false;
+                }
+                Some(Ok(result))
+            }
+            Some(Existing::Elsewhere(error)) => Some(Err(error)),
+            // Not stored: retrying is safe; no retry left means nothing happened.
+            Some(Existing::NotStored) => match retries.next() {
+                Some(delay) => {
+                    tokio::time::sleep(delay).await;
+                    None
+                }
+                None => Some(Err(Error::transient("append", e))),
+            },
+            None => Some(Err(Error::UnknownOutcome {
+                operation: "append",
+                stream: stream.clone(),
+                source: e,
+            })),
+        }
+    }
+
+    /// One attempt at the append statement: through the group-commit queue when it is on, else
+    /// alone.
+    async fn submit(&self, prepared: &Arc<Prepared>) -> Tried {
+        let Some(queue) = &self.inner.group else {
+            return self.alone(prepared).await;
+        };
+        match queue.enter(prepared) {
+            Entry::Now => {
+                let _slot = Slot::new(queue, vec![prepared.request.stream.clone()]);
+                self.alone(prepared).await
+            }
+            Entry::Queued(reply) => match reply.await {
+                Ok(Reply::Done(tried)) => tried,
+                Ok(Reply::Lead(lead)) => self.lead(prepared, lead).await,
+                Err(_) => Tried::Unknown(group::leader_gone()),
+            },
+        }
+    }
+
+    /// The append statement for one request.
+    async fn alone(&self, prepared: &Prepared) -> Tried {
+        Tried::of(
+            self.try_append(&self.inner.pool, &prepared.request, &prepared.batch())
+                .await,
+        )
+    }
+
+    /// Runs the group statement for `own` and `others`, replies to the others, and returns
+    /// `own`'s outcome. A statement the server rolled back (for whatever member's reason: a
+    /// deadlock, a unique violation, a payload it refused) stored nothing, so every member then
+    /// runs its own statement, concurrently, and gets its own verdict; one whose outcome is
+    /// unknown leaves every member's outcome unknown, each settled by its own event ids.
+    async fn lead(&self, own: &Arc<Prepared>, lead: Lead) -> Tried {
+        let Lead {
+            others,
+            slot: _slot,
+        } = lead;
+        let others: Vec<Waiting> = others
+            .into_iter()
+            .filter(|w| !w.reply.is_closed())
+            .collect();
+        if others.is_empty() {
+            return self.alone(own).await;
+        }
+        let members: Vec<&Prepared> = std::iter::once(&**own)
+            .chain(others.iter().map(|w| &*w.prepared))
+            .collect();
+        match self.try_group(&members).await {
+            Ok(mut results) => {
+                for (waiting, result) in others.into_iter().zip(results.drain(1..)) {
+                    let tried = result.map_or(Tried::Unchanged, Tried::Appended);
+                    let _ = waiting.reply.send(Reply::Done(tried));
+                }
+                results
+                    .pop()
+                    .flatten()
+                    .map_or(Tried::Unchanged, Tried::Appended)
+            }
+            Err(Failure::UnknownOutcome(e)) => {
+                let e = Arc::new(e);
+                for waiting in others {
+                    let _ = waiting
+                        .reply
+                        .send(Reply::Done(Tried::Unknown(Box::new(Shared(Arc::clone(
+                            &e,
+                        ))))));
+                }
+                Tried::Unknown(Box::new(Shared(e)))
+            }
+            Err(failure) => {
+                tracing::debug!(members = members.len(), error = ?failure, "group append rolled back; appending each alone");
+                let each = futures_util::future::join_all(members.iter().map(|p| self.alone(p)));
+                let mut outcomes = each.await.into_iter();
+                let own = outcomes.next().unwrap_or(Tried::Unchanged);
+                for (waiting, tried) in others.into_iter().zip(outcomes) {
+                    let _ = waiting.reply.send(Reply::Done(tried));
+                }
+                own
+            }
+        }
+    }
+
+    /// One statement appending every member's batch, each with its own expected version, ids
+    /// check and idempotency key: the outcome of each, in `members` order (`None`: no row
+    /// matched it).
+    async fn try_group(&self, members: &[&Prepared]) -> Result<Vec<Option<AppendResult>>, Failure> {
+        // Rows are locked in stream order, so that two group statements never wait on each
+        // other's rows in opposite orders.
+        let mut order: Vec<usize> = (0..members.len()).collect();
+        order.sort_by(|&a, &b| members[a].request.stream.cmp(&members[b].request.stream));
+        let events: usize = members.iter().map(|p| p.ids.len()).sum();
+        let mut streams = Vec::with_capacity(members.len());
+        let mut categories = Vec::with_capacity(members.len());
+        let mut expected = Vec::with_capacity(members.len());
+        let mut counts = Vec::with_capacity(members.len());
+        let mut keys = Vec::with_capacity(members.len());
+        let mut of_request = Vec::with_capacity(events);
+        let mut nth = Vec::with_capacity(events);
+        let mut ids = Vec::with_capacity(events);
+        let mut types = Vec::with_capacity(events);
+        let mut schema_versions = Vec::with_capacity(events);
+        let mut payloads = Vec::with_capacity(events);
+        let mut metadata = Vec::with_capacity(events);
+        let mut correlation_ids = Vec::with_capacity(events);
+        let mut causation_ids = Vec::with_capacity(events);
+        for (i, &m) in order.iter().enumerate() {
+            let p = members[m];
+            let request = &p.request;
+            streams.push(request.stream.as_str());
+            categories.push(request.stream.category());
+            expected.push(p.expected_column());
+            counts.push(p.ids.len() as i64);
+            keys.push(request.idempotency_key.as_ref().map(IdempotencyKey::as_str));
+            for (n, event) in request.events.iter().enumerate() {
+                of_request.push(i as i64 + 1);
+                nth.push(n as i64 + 1);
+                ids.push(p.ids[n]);
+                types.push(event.event_type.as_str());
+                schema_versions.push(p.schema_versions[n]);
+                payloads.push(event.payload.get());
+                metadata.push(p.metadata[n].as_str());
+                correlation_ids.push(event.metadata.correlation_id.map(|c| c.as_uuid()));
+                causation_ids.push(event.metadata.causation_id.map(|c| c.as_uuid()));
+            }
+        }
+        let rows: Vec<(i64, String, i64)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.append_group.as_str()))
+                .bind(&streams)
+                .bind(&categories)
+                .bind(&expected)
+                .bind(&counts)
+                .bind(&keys)
+                .bind(&of_request)
+                .bind(&nth)
+                .bind(&ids)
+                .bind(&types)
+                .bind(&schema_versions)
+                .bind(&payloads)
+                .bind(&metadata)
+                .bind(&correlation_ids)
+                .bind(&causation_ids)
+                .fetch_all(&self.inner.pool)
+                .await
+                .map_err(|e| classify(e, Op::Write))?;
+        let mut by_stream: HashMap<String, Vec<(i64, i64)>> = HashMap::with_capacity(members.len());
+        for (position, stream, version) in rows {
+            by_stream
+                .entry(stream)
+                .or_default()
+                .push((version, position));
+        }
+        Ok(members
+            .iter()
+            .map(|p| {
+                let stream = &p.request.stream;
+                let mut rows = by_stream.remove(stream.as_str())?;
+                rows.sort_unstable();
+                let first = StreamVersion::new(to_u64(rows[0].0 - 1));
+                Some(AppendResult::new(
+                    stream.clone(),
+                    first,
+                    rows.iter()
+                        .map(|&(_, p)| GlobalPosition::new(to_u64(p)))
+                        .collect(),
+                ))
+            })
+            .collect())
     }
 
     async fn connection(
@@ -443,6 +640,26 @@ impl PostgresStore {
             Existing::Stored(result) => return Ok(Resolved::Done(result)),
             Existing::Elsewhere(error) => return Err(error),
             Existing::NotStored => {}
+        }
+        // An archived (or deleted) stream's row is never bumped: zero rows, and this says why.
+        let closed: Option<(bool, bool)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.stream_archived.as_str()))
+                .bind(request.stream.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(|e| to_error(e, "append"))?;
+        match closed {
+            Some((_, true)) => {
+                return Err(Error::StreamDeleted {
+                    stream: request.stream.clone(),
+                });
+            }
+            Some((true, false)) => {
+                return Err(Error::StreamArchived {
+                    stream: request.stream.clone(),
+                });
+            }
+            _ => {}
         }
         let actual = self.stream_version_on(conn, &request.stream).await?;
         Ok(if request.expected.matches(actual) {
@@ -504,11 +721,11 @@ impl PostgresStore {
                 .bind(batch.causation_ids[0])
         } else {
             query
-                .bind(&batch.ids)
+                .bind(batch.ids)
                 .bind(&batch.types)
-                .bind(&batch.schema_versions)
+                .bind(batch.schema_versions)
                 .bind(&batch.payloads)
-                .bind(&batch.metadata)
+                .bind(batch.metadata)
                 .bind(&batch.correlation_ids)
                 .bind(&batch.causation_ids)
         };
@@ -557,7 +774,7 @@ impl PostgresStore {
         }
         let rows: Vec<(Uuid, String, i64, i64)> =
             sqlx::query_as(sqlx::AssertSqlSafe(self.inner.sql.find_ids.as_str()))
-                .bind(&batch.ids)
+                .bind(batch.ids)
                 .fetch_all(conn)
                 .await
                 .map_err(|e| to_error(e, "append"))?;
@@ -688,28 +905,23 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-/// A batch as the column arrays the append statement unnests.
-struct Batch<'a> {
+/// An append request with what its statement binds that takes work to build (checked schema
+/// versions, serialised metadata), prepared once per call and shared with a group's leader.
+pub(crate) struct Prepared {
+    pub(crate) request: AppendRequest,
     ids: Vec<Uuid>,
-    types: Vec<&'a str>,
     schema_versions: Vec<i32>,
-    payloads: Vec<&'a str>,
     metadata: Vec<String>,
-    correlation_ids: Vec<Option<Uuid>>,
-    causation_ids: Vec<Option<Uuid>>,
 }
 
-impl<'a> Batch<'a> {
-    fn new(stream: &StreamId, events: &'a [NewEvent]) -> Result<Self, Error> {
-        let mut batch = Batch {
-            ids: Vec::with_capacity(events.len()),
-            types: Vec::with_capacity(events.len()),
-            schema_versions: Vec::with_capacity(events.len()),
-            payloads: Vec::with_capacity(events.len()),
-            metadata: Vec::with_capacity(events.len()),
-            correlation_ids: Vec::with_capacity(events.len()),
-            causation_ids: Vec::with_capacity(events.len()),
-        };
+impl Prepared {
+    pub(crate) fn new(request: AppendRequest) -> Result<Self, Error> {
+        let stream = &request.stream;
+        validate_batch(stream, &request.events)?;
+        let events = &request.events;
+        let mut ids = Vec::with_capacity(events.len());
+        let mut schema_versions = Vec::with_capacity(events.len());
+        let mut metadata = Vec::with_capacity(events.len());
         for event in events {
             let schema_version = i32::try_from(event.schema_version).map_err(|_| {
                 Error::InvalidArgument(format!(
@@ -717,25 +929,86 @@ impl<'a> Batch<'a> {
                     event.event_id, event.schema_version
                 ))
             })?;
-            let metadata = serde_json::to_string(&event.metadata.user).map_err(|e| {
+            let user = serde_json::to_string(&event.metadata.user).map_err(|e| {
                 Error::InvalidArgument(format!(
                     "metadata of event {} for stream `{stream}` cannot be serialised: {e}",
                     event.event_id
                 ))
             })?;
-            batch.ids.push(event.event_id.as_uuid());
-            batch.types.push(&event.event_type);
-            batch.schema_versions.push(schema_version);
-            batch.payloads.push(event.payload.get());
-            batch.metadata.push(metadata);
-            batch
-                .correlation_ids
-                .push(event.metadata.correlation_id.map(|c| c.as_uuid()));
-            batch
-                .causation_ids
-                .push(event.metadata.causation_id.map(|c| c.as_uuid()));
+            ids.push(event.event_id.as_uuid());
+            schema_versions.push(schema_version);
+            metadata.push(user);
         }
-        Ok(batch)
+        Ok(Self {
+            request,
+            ids,
+            schema_versions,
+            metadata,
+        })
+    }
+
+    /// The batch as the column arrays the append statement unnests.
+    fn batch(&self) -> Batch<'_> {
+        let events = &self.request.events;
+        Batch {
+            ids: &self.ids,
+            types: events.iter().map(|e| e.event_type.as_str()).collect(),
+            schema_versions: &self.schema_versions,
+            payloads: events.iter().map(|e| e.payload.get()).collect(),
+            metadata: &self.metadata,
+            correlation_ids: events
+                .iter()
+                .map(|e| e.metadata.correlation_id.map(|c| c.as_uuid()))
+                .collect(),
+            causation_ids: events
+                .iter()
+                .map(|e| e.metadata.causation_id.map(|c| c.as_uuid()))
+                .collect(),
+        }
+    }
+
+    /// The `expected` column of the group statement: -1 any version, 0 no stream, else exact.
+    fn expected_column(&self) -> i64 {
+        match self.request.expected {
+            ExpectedVersion::Any => -1,
+            ExpectedVersion::NoStream => 0,
+            ExpectedVersion::Exact(v) => to_i64(v.get()),
+        }
+    }
+}
+
+/// A batch as the column arrays the append statement unnests.
+struct Batch<'a> {
+    ids: &'a [Uuid],
+    types: Vec<&'a str>,
+    schema_versions: &'a [i32],
+    payloads: Vec<&'a str>,
+    metadata: &'a [String],
+    correlation_ids: Vec<Option<Uuid>>,
+    causation_ids: Vec<Option<Uuid>>,
+}
+
+/// What one attempt at an append statement came to, for its caller.
+pub(crate) enum Tried {
+    /// Stored.
+    Appended(AppendResult),
+    /// No row matched: a conflict, or the key or some id of the batch is stored.
+    Unchanged,
+    /// The statement failed.
+    Failed(Failure),
+    /// The statement may or may not have committed (a lost connection, or a group leader that
+    /// went away).
+    Unknown(BoxError),
+}
+
+impl Tried {
+    fn of(attempt: Result<Option<AppendResult>, Failure>) -> Self {
+        match attempt {
+            Ok(Some(result)) => Tried::Appended(result),
+            Ok(None) => Tried::Unchanged,
+            Err(Failure::UnknownOutcome(e)) => Tried::Unknown(Box::new(e)),
+            Err(failure) => Tried::Failed(failure),
+        }
     }
 }
 
@@ -920,6 +1193,9 @@ pub(crate) fn payload_from_row(
     let schema_version = u32::try_from(row.try_get::<i32, _>(2).map_err(column)?).unwrap_or(0);
     let payload: String = row.try_get(3).map_err(column)?;
     let recorded_at = row.try_get(4).map_err(column)?;
+    let metadata: String = row.try_get(5).map_err(column)?;
+    let correlation_id: Option<Uuid> = row.try_get(6).map_err(column)?;
+    let causation_id: Option<Uuid> = row.try_get(7).map_err(column)?;
     let payload = RawValue::from_string(payload).map_err(|source| Error::Decode {
         stream: stream.clone(),
         version: stream_version,
@@ -928,12 +1204,24 @@ pub(crate) fn payload_from_row(
         position: LogPosition::START,
         source: DecodeError::Payload(source),
     })?;
+    let user: Metadata = serde_json::from_str(&metadata).map_err(|source| Error::Metadata {
+        stream: stream.clone(),
+        version: stream_version,
+        event_type: event_type.clone(),
+        position: LogPosition::START,
+        source,
+    })?;
     Ok(EventPayload {
         stream_version,
         event_type,
         schema_version,
         payload,
         recorded_at,
+        metadata: EventMetadata {
+            correlation_id: correlation_id.map(CorrelationId::from_uuid),
+            causation_id: causation_id.map(CausationId::from_uuid),
+            user,
+        },
     })
 }
 
@@ -962,10 +1250,13 @@ struct Sql {
     /// Appends of several events (arrays) and of one (scalar parameters), without and with an
     /// idempotency key: indexed by `single + 2 * keyed`.
     append: [AppendSql; 4],
+    /// Several requests' appends in one statement (see [`Sql::group`]).
+    append_group: String,
     find_ids: String,
     find_key: String,
     expire_keys: String,
     stream_version: String,
+    stream_archived: String,
     read_stream: String,
     read_payloads: String,
     /// Indexed by `has event types + 2 * has categories`.
@@ -999,7 +1290,7 @@ impl AppendSql {
         Self {
             exact: format!(
                 "WITH bump AS (UPDATE {s}.streams SET version = version + $3 \
-                 WHERE stream_id = $2 AND version = $1 AND {not_stored} \
+                 WHERE stream_id = $2 AND version = $1 AND NOT archived AND {not_stored} \
                  RETURNING version - $3 AS base) {insert}"
             ),
             no_stream: format!(
@@ -1012,6 +1303,7 @@ impl AppendSql {
                 "WITH bump AS (INSERT INTO {s}.streams AS st (stream_id, category, version) \
                  SELECT $2::text, $1::text, $3::bigint WHERE {not_stored} \
                  ON CONFLICT (stream_id) DO UPDATE SET version = st.version + EXCLUDED.version \
+                 WHERE NOT st.archived \
                  RETURNING st.version - $3 AS base) {insert}"
             ),
         }
@@ -1028,6 +1320,68 @@ const EVENT_COLUMNS: &str = "global_position, transaction_id AS commit_id, \
     metadata::text AS metadata, correlation_id, causation_id, recorded_at";
 
 impl Sql {
+    /// The group append: every request keeps the rules of its own statement.
+    ///
+    /// Requests ($1 streams, $2 categories, $3 expected versions: -1 any, 0 no stream, else
+    /// exact; $4 event counts, $5 idempotency keys or NULL) and their events ($6 the request's
+    /// ordinal, $7 the event's ordinal in its request, $8..$14 the columns) arrive as arrays, one
+    /// stream per request. A request whose key or some id is stored is left out (`ok`); each
+    /// other one bumps its stream row by the rule of its expected version, and only a bumped one
+    /// inserts its events and its key. Rows come back with their stream id: a request with none
+    /// matched nothing (a conflict or a repeat, resolved by its caller as after its own
+    /// statement).
+    fn group(s: &str) -> String {
+        format!(
+            "WITH r AS MATERIALIZED ( \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[]) \
+                     WITH ORDINALITY AS r(stream_id, category, expected, n, key, i)), \
+             ev AS MATERIALIZED ( \
+                 SELECT * FROM unnest($6::int8[], $7::int8[], $8::uuid[], $9::text[], $10::int4[], \
+                     $11::text[], $12::text[], $13::uuid[], $14::uuid[]) WITH ORDINALITY \
+                     AS ev(i, n, event_id, event_type, schema_version, payload, metadata, \
+                           correlation_id, causation_id, o)), \
+             stored AS MATERIALIZED ( \
+                 SELECT DISTINCT ev.i FROM ev JOIN {s}.events e ON e.event_id = ev.event_id), \
+             ok AS MATERIALIZED ( \
+                 SELECT r.* FROM r WHERE NOT EXISTS (SELECT 1 FROM stored WHERE stored.i = r.i) \
+                 AND (r.key IS NULL OR NOT EXISTS ( \
+                     SELECT 1 FROM {s}.idempotency_keys k WHERE k.key = r.key))), \
+             upd AS ( \
+                 UPDATE {s}.streams st SET version = st.version + ok.n FROM ok \
+                 WHERE ok.expected > 0 AND st.stream_id = ok.stream_id AND st.version = ok.expected \
+                     AND NOT st.archived \
+                 RETURNING ok.i, st.version - ok.n AS base), \
+             ins AS ( \
+                 INSERT INTO {s}.streams (stream_id, category, version) \
+                 SELECT ok.stream_id, ok.category, ok.n FROM ok WHERE ok.expected = 0 \
+                 ON CONFLICT (stream_id) DO NOTHING \
+                 RETURNING stream_id, version), \
+             anyv AS ( \
+                 INSERT INTO {s}.streams AS st (stream_id, category, version) \
+                 SELECT ok.stream_id, ok.category, ok.n FROM ok WHERE ok.expected < 0 \
+                 ON CONFLICT (stream_id) DO UPDATE SET version = st.version + EXCLUDED.version \
+                     WHERE NOT st.archived \
+                 RETURNING st.stream_id, st.version), \
+             bump AS MATERIALIZED ( \
+                 SELECT upd.i, upd.base FROM upd \
+                 UNION ALL \
+                 SELECT ok.i, x.version - ok.n FROM ( \
+                     SELECT * FROM ins UNION ALL SELECT * FROM anyv) x \
+                 JOIN ok ON ok.stream_id = x.stream_id), \
+             k AS ( \
+                 INSERT INTO {s}.idempotency_keys (key, stream_id, first_version, event_count) \
+                 SELECT ok.key, ok.stream_id, bump.base, ok.n::int4 \
+                 FROM bump JOIN ok ON ok.i = bump.i WHERE ok.key IS NOT NULL) \
+             INSERT INTO {s}.events (stream_id, stream_version, event_id, event_type, \
+                 schema_version, payload, metadata, correlation_id, causation_id) \
+             SELECT ok.stream_id, bump.base + ev.n, ev.event_id, ev.event_type, ev.schema_version, \
+                 ev.payload::jsonb, ev.metadata::jsonb, ev.correlation_id, ev.causation_id \
+             FROM bump JOIN ok ON ok.i = bump.i JOIN ev ON ev.i = bump.i \
+             ORDER BY ev.o \
+             RETURNING global_position, stream_id, stream_version"
+        )
+    }
+
     fn new(schema: &SchemaName) -> Self {
         let s = schema.quoted();
         let insert_many = format!(
@@ -1117,6 +1471,7 @@ impl Sql {
                 keyed(false, &insert_many),
                 keyed(true, &insert_one),
             ],
+            append_group: Self::group(&s),
             // The key's batch, as its events are stored (a repeat compares their ids).
             find_key: format!(
                 "SELECT k.stream_id, k.first_version, k.event_count, \
@@ -1135,14 +1490,18 @@ impl Sql {
                  FROM {s}.events WHERE event_id = ANY($1)"
             ),
             stream_version: format!("SELECT version FROM {s}.streams WHERE stream_id = $1"),
+            stream_archived: format!(
+                "SELECT archived, deleted_at IS NOT NULL FROM {s}.streams WHERE stream_id = $1"
+            ),
             read_stream: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \
                  WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
             ),
-            // Only what folding into state needs: about half the server's work per row of
-            // `read_stream` (no ids, no metadata, no transaction id to convert).
+            // Only what folding into state needs, upcasts included (they may read recorded-at
+            // and metadata): no event id, no position, no transaction id to convert.
             read_payloads: format!(
-                "SELECT stream_version, event_type, schema_version, payload::text, recorded_at \
+                "SELECT stream_version, event_type, schema_version, payload::text, recorded_at, \
+                 metadata::text, correlation_id, causation_id \
                  FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 \
                  ORDER BY stream_version"
             ),

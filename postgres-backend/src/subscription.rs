@@ -141,7 +141,7 @@ impl DeadLetterStore for PostgresStore {
 }
 
 impl PostgresStore {
-    fn parked_sql(&self, condition: &str) -> String {
+    pub(crate) fn parked_sql(&self, condition: &str) -> String {
         let s = self.schema().quoted();
         format!(
             "SELECT d.subscription, d.error, d.attempts, d.parked_at, {columns} \
@@ -152,7 +152,7 @@ impl PostgresStore {
     }
 }
 
-fn parked_from_row(row: &sqlx::postgres::PgRow) -> Result<ParkedEvent, Error> {
+pub(crate) fn parked_from_row(row: &sqlx::postgres::PgRow) -> Result<ParkedEvent, Error> {
     let read = |e: sqlx::Error| to_error(e, "list parked events");
     let subscription: String = row.try_get("subscription").map_err(read)?;
     let error: String = row.try_get("error").map_err(read)?;

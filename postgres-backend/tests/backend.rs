@@ -37,7 +37,9 @@ impl Event for AccountEvent {
             AccountEvent::Deposited(e) => factum::encode_json(e),
         }
     }
-    fn decode(event_type: &str, version: u32, payload: &RawValue) -> Result<Self, DecodeError> {
+    fn decode(stored: &factum::Stored<'_>) -> Result<Self, DecodeError> {
+        let (event_type, version, payload) =
+            (stored.event_type, stored.schema_version, stored.payload);
         match (event_type, version) {
             ("account.deposited", 1) => Ok(AccountEvent::Deposited(factum::decode_json(payload)?)),
             _ => Err(DecodeError::unknown(event_type, version)),

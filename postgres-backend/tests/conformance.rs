@@ -6,3 +6,20 @@ factum_testkit::consumer_conformance_tests!(|| async {
     let test = factum_testkit::postgres::TestStore::create().await;
     ((*test).clone(), test)
 });
+
+/// The same suite with group commit on: every append goes through the group-commit queue.
+mod group_commit {
+    use factum_postgres::{GroupCommit, StoreOptions};
+    use factum_testkit::postgres::{PATIENT_READ_SETTLE, TestStore};
+
+    async fn store() -> TestStore {
+        TestStore::create_with(
+            StoreOptions::default()
+                .with_read_settle_timeout(PATIENT_READ_SETTLE)
+                .with_group_commit(GroupCommit::enabled()),
+        )
+        .await
+    }
+
+    factum_testkit::conformance_tests!(store);
+}

@@ -126,7 +126,13 @@ async fn parked_messages_are_kept_as_received_and_removed_with_the_retry_that_co
         chrono::Utc::now(),
     );
     let id = inbox.park(parked.clone()).await.expect("park");
-    let second = inbox.park(parked).await.expect("park another");
+    // Parked again (it came again and failed again): still one dead letter, the latest error.
+    let mut again = parked.clone();
+    again.error = "still broken".into();
+    assert_eq!(inbox.park(again).await.expect("park again"), id);
+    let mut other = parked;
+    other.message_id = Some(EventId::new().to_string());
+    let second = inbox.park(other).await.expect("park another");
     let listed = inbox.parked("billing").await.expect("list");
     assert_eq!(
         listed.iter().map(|p| p.id).collect::<Vec<_>>(),
@@ -143,7 +149,7 @@ async fn parked_messages_are_kept_as_received_and_removed_with_the_retry_that_co
     );
     assert_eq!(
         (listed[0].attempts, listed[0].error.as_str()),
-        (3, "the handler is broken")
+        (3, "still broken")
     );
     assert!(inbox.parked("shipping").await.expect("list").is_empty());
 

@@ -27,7 +27,9 @@ impl factum::Event for Counted {
     fn encode(&self) -> Result<Box<RawValue>, EncodeError> {
         factum::encode_json(&self.n)
     }
-    fn decode(event_type: &str, version: u32, payload: &RawValue) -> Result<Self, DecodeError> {
+    fn decode(stored: &factum::Stored<'_>) -> Result<Self, DecodeError> {
+        let (event_type, version, payload) =
+            (stored.event_type, stored.schema_version, stored.payload);
         match (event_type, version) {
             ("tally.counted", 1) => factum::decode_json(payload).map(|n| Counted { n }),
             _ => Err(DecodeError::unknown(event_type, version)),

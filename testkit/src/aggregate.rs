@@ -6,9 +6,9 @@ use std::fmt::Debug;
 use std::marker::PhantomData;
 
 use factum::{
-    Aggregate, Command, CommandContext, CommandError, CorrelationId, Envelope, Event, EventFilter,
-    EventMetadata, EventStore, InMemoryStore, IssuedCommand, LogPosition, NewEvent, Outbox,
-    ProcessManager, Projection, RecordedEvent, Repository, StreamId, StreamVersion,
+    Aggregate, Command, CommandContext, CommandError, CorrelationId, Decoded, Envelope, Event,
+    EventFilter, EventMetadata, EventStore, InMemoryStore, IssuedCommand, LogPosition, NewEvent,
+    Outbox, ProcessManager, Projection, RecordedEvent, Repository, StreamId, StreamVersion,
 };
 
 use crate::envelope::stream_id;
@@ -348,8 +348,8 @@ impl<A: Aggregate> Setup<A> {
         let mut recorded = Vec::new();
         for event in read_log(&self.store, before) {
             if event.stream_id == stream {
-                match event.decode::<A::Event>() {
-                    Ok(envelope) => recorded.push(envelope),
+                match event.decode_all::<A::Event>() {
+                    Ok(decoded) => recorded.extend(decoded),
                     Err(e) => panic!("an event `{command_name}` recorded does not decode: {e}"),
                 }
             }
@@ -414,15 +414,16 @@ impl<P: Projection> Reader for ProjectionReader<P> {
         if !self.filter.matches(event) {
             return;
         }
-        let envelope = decode_for::<P::Event>("projection", P::NAME, event);
-        if let Err(e) = self.projection.apply(&envelope) {
-            panic!(
-                "projection `{}` failed to apply event {:?} of `{}` at version {}: {e}",
-                P::NAME,
-                event.event_type,
-                event.stream_id,
-                event.stream_version
-            );
+        for envelope in decode_for::<P::Event>("projection", P::NAME, event) {
+            if let Err(e) = self.projection.apply(&envelope) {
+                panic!(
+                    "projection `{}` failed to apply event {:?} of `{}` at version {}: {e}",
+                    P::NAME,
+                    event.event_type,
+                    event.stream_id,
+                    event.stream_version
+                );
+            }
         }
     }
 
@@ -450,7 +451,13 @@ impl<M: ProcessManager> Reader for ManagerReader<M> {
         if !self.filter.matches(event) {
             return;
         }
-        let envelope = decode_for::<M::Event>("process manager", M::NAME, event);
+        let envelope = match event.decode::<M::Event>() {
+            Ok(envelope) => envelope,
+            Err(e) => panic!(
+                "process manager `{}` cannot decode an event it declares: {e}",
+                M::NAME
+            ),
+        };
         let mut outbox = Outbox::for_event(&envelope);
         if let Err(e) = self.manager.react(&envelope, &mut outbox) {
             panic!(
@@ -478,8 +485,8 @@ impl<M: ProcessManager> Reader for ManagerReader<M> {
     }
 }
 
-fn decode_for<E: Event>(role: &str, name: &str, event: &RecordedEvent) -> Envelope<E> {
-    match event.decode::<E>() {
+fn decode_for<E: Event>(role: &str, name: &str, event: &RecordedEvent) -> Decoded<Envelope<E>> {
+    match event.decode_all::<E>() {
         Ok(envelope) => envelope,
         Err(e) => panic!("{role} `{name}` cannot decode an event it declares: {e}"),
     }

@@ -170,7 +170,9 @@ impl Event for Incremented {
     fn encode(&self) -> Result<Box<RawValue>, EncodeError> {
         factum::encode_json(self)
     }
-    fn decode(event_type: &str, version: u32, payload: &RawValue) -> Result<Self, DecodeError> {
+    fn decode(stored: &factum::Stored<'_>) -> Result<Self, DecodeError> {
+        let (event_type, version, payload) =
+            (stored.event_type, stored.schema_version, stored.payload);
         match (event_type, version) {
             (INCREMENTED, 1) => factum::decode_json(payload),
             _ => Err(DecodeError::unknown(event_type, version)),

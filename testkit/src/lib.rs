@@ -47,6 +47,10 @@
 //! [`conformance`] runs the guarantees every backend keeps against any backend;
 //! [`consumer_conformance`] the checkpoint and dead-letter checks; [`bus_conformance`] what every
 //! [`Bus`](factum::bus::Bus) keeps.
+//!
+//! # The compatibility check
+//! [`samples`]: stored event payloads exported from a database, replayed through the current
+//! code's decoding and upcasting in one call that names every sample that no longer loads.
 
 mod aggregate;
 mod envelope;
@@ -65,6 +69,7 @@ pub mod nats;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod properties;
+pub mod samples;
 
 pub use aggregate::{AggregateFixture, FlowFixture, Outcome};
 pub use envelope::{TestEnvelope, envelope};
@@ -94,3 +99,9 @@ mod idempotency_chapter {}
 #[cfg(all(doctest, feature = "postgres"))]
 #[doc = include_str!("../../docs/src/sagas.md")]
 mod sagas_chapter {}
+
+/// The book's "Evolving events" chapter (it checks the examples' samples), compiled so it
+/// cannot drift.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/evolving-events.md")]
+mod evolving_events_chapter {}

@@ -38,7 +38,7 @@ use crate::support::pretty;
 /// #     fn schema_version(&self) -> u32 { 1 }
 /// #     fn event_types() -> &'static [&'static str] { &["account.deposited"] }
 /// #     fn encode(&self) -> Result<Box<RawValue>, EncodeError> { factum::encode_json(&self.0) }
-/// #     fn decode(_: &str, _: u32, p: &RawValue) -> Result<Self, DecodeError> {
+/// #     fn decode(stored: &factum::Stored<'_>) -> Result<Self, DecodeError> { let (_, _, p) = (stored.event_type, stored.schema_version, stored.payload);
 /// #         factum::decode_json(p).map(Deposited)
 /// #     }
 /// # }

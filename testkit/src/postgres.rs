@@ -447,6 +447,20 @@ impl TestStore {
         }
     }
 
+    /// A store with `options` on a fresh, migrated [`TestDatabase`] (e.g. to run the suite
+    /// with group commit on). Pass [`PATIENT_READ_SETTLE`] to
+    /// [`StoreOptions::with_read_settle_timeout`] for the read-your-writes checks.
+    ///
+    /// # Panics
+    /// Like [`TestDatabase::create`].
+    pub async fn create_with(options: StoreOptions) -> Self {
+        let database = TestDatabase::create().await;
+        Self {
+            store: database.store_with(options),
+            database: std::sync::Arc::new(database),
+        }
+    }
+
     /// The database under the store.
     pub fn database(&self) -> &TestDatabase {
         &self.database

@@ -429,11 +429,9 @@ impl factum::Event for MoneyIn {
             amount: self.amount,
         })
     }
-    fn decode(
-        event_type: &str,
-        version: u32,
-        payload: &factum::RawValue,
-    ) -> Result<Self, factum::DecodeError> {
+    fn decode(stored: &factum::Stored<'_>) -> Result<Self, factum::DecodeError> {
+        let (event_type, version, payload) =
+            (stored.event_type, stored.schema_version, stored.payload);
         match (event_type, version) {
             ("account.deposited", 1) => {
                 let Deposited { amount } = factum::decode_json(payload)?;

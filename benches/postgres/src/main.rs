@@ -209,6 +209,88 @@ async fn peer_commands_on(
     .await
 }
 
+/// Hot aggregates: `tasks` tasks in two repositories (each with its own pool and cache, as two
+/// processes would have) depositing into the same `accounts` accounts, `per_task` deposits each.
+/// Returns (commands/s over every command, failed commands / all commands). Checks that every
+/// acknowledged deposit, and nothing else, is in the balances.
+async fn hot_aggregates(
+    url: &str,
+    tasks: usize,
+    accounts: usize,
+    per_task: usize,
+    tag: &str,
+) -> (f64, f64) {
+    let mut repos = Vec::new();
+    for _ in 0..2 {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(12)
+            .test_before_acquire(false)
+            .connect(url)
+            .await
+            .expect("a repository's pool");
+        repos.push(Arc::new(
+            Repository::<Account, _>::new(PostgresStore::new(pool)).with_cache(1000),
+        ));
+    }
+    let account = |a: usize| format!("{tag}h{a}");
+    for a in 0..accounts {
+        repos[0]
+            .execute(AccountCommand::Open {
+                account: account(a),
+                owner: "Ada".into(),
+            })
+            .await
+            .expect("open");
+    }
+    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deposited: Arc<Vec<std::sync::atomic::AtomicU64>> =
+        Arc::new((0..accounts).map(|_| 0.into()).collect());
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let repo = Arc::clone(&repos[t % 2]);
+            let failed = Arc::clone(&failed);
+            let deposited = Arc::clone(&deposited);
+            let id = account(t % accounts);
+            tokio::spawn(async move {
+                for _ in 0..per_task {
+                    let command = AccountCommand::Deposit {
+                        account: id.clone(),
+                        amount: 1,
+                    };
+                    match repo.execute(command).await {
+                        Ok(_) => {
+                            deposited[t % accounts]
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) if e.is_conflict() => {
+                            failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("hot deposit: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.expect("task");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    for a in 0..accounts {
+        let loaded = repos[1].load(&account(a)).await.expect("load");
+        assert_eq!(
+            loaded.state.balance,
+            deposited[a].load(std::sync::atomic::Ordering::Relaxed),
+            "account {a}: the balance is the sum of the acknowledged deposits"
+        );
+    }
+    let all = tasks * per_task;
+    (
+        all as f64 / elapsed,
+        failed.load(std::sync::atomic::Ordering::Relaxed) as f64 / all as f64,
+    )
+}
+
 fn header() {
     println!("| benchmark | factum | baseline | ratio | target | |");
     println!("| --- | ---: | ---: | ---: | ---: | --- |");
@@ -420,6 +502,102 @@ async fn main() {
             _ => with_cpu(ops, factum_commands(&repo, 1, ops, "prof")).await,
         };
         println!("{phase}: {rate:.0}/s, client CPU {cpu:.0} µs per operation");
+        return;
+    }
+
+    // `FACTUM_BENCH_ONLY=hot`: 16 tasks in two repositories (own pools and caches) depositing
+    // into the same 4 accounts; medians of 3 runs of commands/s and of the failure rate.
+    if std::env::var("FACTUM_BENCH_ONLY").as_deref() == Ok("hot") {
+        hot_aggregates(db.url(), 4, 2, 10, "warm").await;
+        let per = n(100.0);
+        let (mut rates, mut failures) = (Vec::new(), Vec::new());
+        for run in 0..3 {
+            let (rate, failed) = hot_aggregates(db.url(), 16, 4, per, &format!("r{run}")).await;
+            println!("run {run}: {rate:.0} cmd/s, {:.1}% failed", failed * 100.0);
+            rates.push(rate);
+            failures.push(failed);
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "hot aggregates (16 tasks, 2 repositories, 4 accounts, {per} deposits each): median {:.0} cmd/s, {:.1}% failed with a conflict",
+            median(rates),
+            median(failures) * 100.0
+        );
+        return;
+    }
+
+    // `FACTUM_BENCH_ONLY=group`: group commit off and on, alternated with raw single-row inserts,
+    // three runs each at 1 and 16 clients: 1-event appends and uncached commands; medians, each
+    // ratio within the same run.
+    if std::env::var("FACTUM_BENCH_ONLY").as_deref() == Ok("group") {
+        let alone = db.store_with(
+            factum_postgres::StoreOptions::default()
+                .with_group_commit(factum_postgres::GroupCommit::disabled()),
+        );
+        let alone_repo = Arc::new(Repository::<Account, _>::new(alone.clone()));
+        // `FACTUM_BENCH_GROUP_IN_FLIGHT=N`: statements in flight with group commit on.
+        let mut group = factum_postgres::GroupCommit::enabled();
+        if let Some(n) = std::env::var("FACTUM_BENCH_GROUP_IN_FLIGHT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            group = group.with_max_in_flight(n);
+        }
+        let store =
+            db.store_with(factum_postgres::StoreOptions::default().with_group_commit(group));
+        let repo = Arc::new(Repository::<Account, _>::new(store.clone()));
+        raw_inserts(&pool, 4, 20, "warm").await;
+        factum_appends(&alone, 4, 20, "warma").await;
+        factum_appends(&store, 4, 20, "warmg").await;
+        factum_commands(&alone_repo, 4, 20, "warma").await;
+        factum_commands(&repo, 4, 20, "warmg").await;
+        header();
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        for (clients, base) in [(1, 1000.0), (16, 400.0)] {
+            let per = (n(base) / 10).max(1) * 10;
+            let mut ratios: [Vec<f64>; 4] = Default::default();
+            let mut rates: [Vec<f64>; 5] = Default::default();
+            for run in 0..3 {
+                let t = |what: &str| format!("{what}{clients}r{run}");
+                let raw = raw_inserts(&pool, clients, per, &t("raw")).await;
+                let a_off = factum_appends(&alone, clients, per, &t("aoff")).await;
+                let a_on = factum_appends(&store, clients, per, &t("aon")).await;
+                let c_off = factum_commands(&alone_repo, clients, per, &t("coff")).await;
+                let c_on = factum_commands(&repo, clients, per, &t("con")).await;
+                for (i, v) in [raw, a_off, a_on, c_off, c_on].into_iter().enumerate() {
+                    rates[i].push(v);
+                }
+                for (i, v) in [a_off, a_on, c_off, c_on].into_iter().enumerate() {
+                    ratios[i].push(v / raw);
+                }
+            }
+            let raw = median(&mut rates[0]);
+            for (i, (what, unit)) in [
+                ("1-event appends, group commit off", "ev/s"),
+                ("1-event appends, group commit on", "ev/s"),
+                ("commands, group commit off", "cmd/s"),
+                ("commands, group commit on", "cmd/s"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let ours = median(&mut rates[i + 1]);
+                let ratio = median(&mut ratios[i]);
+                ratios[i].sort_by(f64::total_cmp);
+                println!(
+                    "| {clients} client(s), {what} (median of 3) | {ours:.0} {unit} | raw inserts: {raw:.0} {unit} | {:.0}% ({:.0}%–{:.0}%) | |",
+                    ratio * 100.0,
+                    ratios[i][0] * 100.0,
+                    ratios[i][2] * 100.0
+                );
+            }
+        }
         return;
     }
 

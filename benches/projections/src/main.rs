@@ -46,7 +46,9 @@ impl factum::Event for Deposited {
     fn encode(&self) -> Result<Box<RawValue>, EncodeError> {
         factum::encode_json(&serde_json::json!({ "amount": self.amount }))
     }
-    fn decode(event_type: &str, version: u32, payload: &RawValue) -> Result<Self, DecodeError> {
+    fn decode(stored: &factum::Stored<'_>) -> Result<Self, DecodeError> {
+        let (event_type, version, payload) =
+            (stored.event_type, stored.schema_version, stored.payload);
         if (event_type, version) != ("account.deposited", 1) {
             return Err(DecodeError::unknown(event_type, version));
         }

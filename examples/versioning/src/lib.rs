@@ -8,9 +8,20 @@
 //! Each older version is its own type with a `From` impl to the next one; `#[derive(Event)]`
 //! decodes a stored payload as the type of its version and walks the chain
 //! `RegisteredV1 -> RegisteredV2 -> Registered`.
+//!
+//! Two more changes every long-lived store sees:
+//! * a rename: `customer.email_changed` was stored as `customer.email_updated` before
+//!   (`renamed_from`);
+//! * a split: an early release stored `customer.signed_up` (name and e-mail in one event); the
+//!   current code reads it as a `Registered` followed by an `EmailChanged` (`split`).
+//!
+//! And the [`loan`] module: an upcast that reads the stored envelope (a due date that v1 did not
+//! store is computed from when the event was recorded).
 
-use factum::{Aggregate, Command, Event};
+use factum::{Aggregate, BoxError, Command, Event, Stored, Upcast};
 use serde::{Deserialize, Serialize};
+
+pub mod loan;
 
 /// `customer.registered` at schema version 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,14 +75,39 @@ impl From<RegisteredV2> for Registered {
     }
 }
 
+/// `customer.signed_up` (version 1), stored by an early release: registration and e-mail in one
+/// event. The current code splits it into [`CustomerEvent::Registered`] and
+/// [`CustomerEvent::EmailChanged`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedUpV1 {
+    /// The full name.
+    pub name: String,
+    /// The e-mail address.
+    pub email: String,
+}
+
+impl Upcast<SignedUpV1> for Vec<CustomerEvent> {
+    /// One stored sign-up is a registration (the v1 name rules apply) and an e-mail change.
+    fn upcast(v1: SignedUpV1, stored: &Stored<'_>) -> Result<Self, BoxError> {
+        let registered = RegisteredV2::from(RegisteredV1 { name: v1.name });
+        let registered = Registered::upcast(registered, stored)?;
+        Ok(vec![
+            CustomerEvent::Registered(registered),
+            CustomerEvent::EmailChanged { email: v1.email },
+        ])
+    }
+}
+
 /// What happened to a customer.
 #[derive(Clone, Debug, PartialEq, Eq, Event)]
 #[event(prefix = "customer")]
+#[event(split(name = "customer.signed_up", version = 1, from = SignedUpV1))]
 pub enum CustomerEvent {
     /// `customer.registered`, at version 3; versions 1 and 2 are upcast on read.
     #[event(version = 3, upcast_from(RegisteredV1 = 1, RegisteredV2 = 2))]
     Registered(Registered),
-    /// `customer.email_changed`
+    /// `customer.email_changed`; stored as `customer.email_updated` before it was renamed.
+    #[event(renamed_from("customer.email_updated"))]
     EmailChanged {
         /// The new address.
         email: String,

@@ -123,7 +123,8 @@ pub trait Inbox: Send + Sync {
     /// Abandons the unit of work (nothing of it is kept, where the backend can undo it).
     fn rollback(&self, tx: Self::Tx) -> impl Future<Output = ()> + Send;
 
-    /// Parks a message in the dead-letter queue; returns its id there.
+    /// Parks a message in the dead-letter queue; returns its id there. A message parked again
+    /// (same consumer and message id) keeps one dead letter, with the latest error.
     fn park(&self, parked: ParkedMessage) -> impl Future<Output = Result<u64, Error>> + Send;
 
     /// The messages `consumer` parked, oldest first.
@@ -211,6 +212,17 @@ impl Inbox for InMemoryInbox {
 
     async fn park(&self, mut parked: ParkedMessage) -> Result<u64, Error> {
         let mut state = self.lock();
+        // Parked again (it arrived again and failed again): one dead letter, the latest error.
+        if let Some(id) = &parked.message_id
+            && let Some(existing) = state
+                .parked
+                .get_mut(&parked.consumer)
+                .and_then(|l| l.iter_mut().find(|p| p.message_id.as_ref() == Some(id)))
+        {
+            parked.id = existing.id;
+            *existing = parked;
+            return Ok(existing.id);
+        }
         state.next_id += 1;
         parked.id = state.next_id;
         let id = parked.id;
@@ -373,6 +385,11 @@ pub struct InboundStatus {
 ///
 /// A crash between commit and acknowledgement makes the broker deliver the message again: the
 /// inbox drops it. Parked messages can be retried with [`retry_parked`](Self::retry_parked).
+///
+/// Several instances of one consumer (same durable name) may run: the broker spreads the messages
+/// among them and the inbox keeps each effect single (a second instance's inbox insert waits for
+/// the first one's transaction, then finds the row). Messages are then handled in parallel, not
+/// in stream order; run one instance where a handler needs the order.
 pub struct InboundConsumer<B: Bus, I> {
     bus: B,
     inbox: I,
@@ -445,8 +462,9 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
         self.status.subscribe()
     }
 
-    /// Fetches and handles messages until `shutdown` completes (between messages; a message
-    /// being handled is finished first) or a failure that cannot pass stops it.
+    /// Fetches and handles messages until `shutdown` completes or a failure that cannot pass
+    /// stops it. Shutdown takes effect between batches (and while waiting for messages): the
+    /// messages of a fetched batch are handled and acknowledged first.
     pub async fn run<H: BatchHandler<I::Tx>>(
         &mut self,
         mut handler: H,

@@ -11,7 +11,8 @@ use crate::ids::StreamId;
 /// Two generations approximate least-recently-used eviction in O(1): entries go into the young
 /// map; when it holds half the capacity it becomes the old map and the previous old map (the
 /// states not used since) is dropped. A command *takes* its stream's entry out, so two commands on
-/// one aggregate never share a state: the second one loads from the store.
+/// one aggregate never share a state (the repository runs them one at a time anyway: the next one
+/// takes what the previous one put back).
 pub(super) struct StateCache<A> {
     generations: Mutex<Generations<A>>,
     half: usize,

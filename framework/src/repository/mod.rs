@@ -22,8 +22,10 @@ use crate::store::{
 };
 
 mod cache;
+mod turns;
 
 use cache::StateCache;
+use turns::Turns;
 
 /// Where a command comes from: its id, the workflow it belongs to, and metadata to stamp on every
 /// event it produces.
@@ -219,9 +221,13 @@ struct Snapshots<A> {
 /// Executes commands against one aggregate type: loads the stream (from the latest usable
 /// snapshot, then the events after it), decides, and appends with optimistic concurrency.
 ///
-/// On a concurrency conflict it catches up with the events written meanwhile and decides again,
-/// up to [`with_conflict_retries`](Self::with_conflict_retries) times (default 3), then returns
-/// the conflict. A rejected command stores nothing. Each command runs in a `factum.command`
+/// Commands on one aggregate through one repository run one at a time, in arrival order (a
+/// queue per aggregate with commands in flight; commands on other aggregates run concurrently),
+/// so they never race each other: only writers elsewhere (another repository, another process)
+/// can make a command meet a concurrency conflict. On a conflict it catches up with the events
+/// written meanwhile and decides again, up to
+/// [`with_conflict_retries`](Self::with_conflict_retries) times (default 3), then returns the
+/// conflict. A rejected command stores nothing. Each command runs in a `factum.command`
 /// tracing span with the aggregate type, stream, command name and correlation id (never payloads).
 ///
 /// ```
@@ -237,6 +243,7 @@ pub struct Repository<A: Aggregate, S> {
     max_conflict_retries: u32,
     snapshots: Option<Snapshots<A>>,
     cache: Option<StateCache<A>>,
+    turns: Turns,
 }
 
 impl<A: Aggregate, S: std::fmt::Debug> std::fmt::Debug for Repository<A, S> {
@@ -259,6 +266,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             max_conflict_retries: 3,
             snapshots: None,
             cache: None,
+            turns: Turns::default(),
         }
     }
 
@@ -272,9 +280,10 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
     /// a conflict and the command catches up and decides again, as without the cache. A
     /// rejection or an empty decision, which append nothing and so cannot meet a conflict, is
     /// checked against the store before it is returned (one read of the events after the cached
-    /// version). Two commands on one aggregate never share a cached state: the second loads
-    /// from the store. A command that fails for any other reason (an unavailable store, an
-    /// unknown outcome) drops the aggregate's cached state.
+    /// version). Commands on one aggregate take turns (see [`Repository`]), so the next one
+    /// decides on the state the previous one left in the cache, and a hot aggregate costs one
+    /// round trip per command. A command that fails for any other reason (an unavailable store,
+    /// an unknown outcome) drops the aggregate's cached state.
     ///
     /// ```
     /// # use factum::{Aggregate, InMemoryStore, Repository};
@@ -422,17 +431,25 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             correlation_id = %context.correlation_id,
             attempts = tracing::field::Empty,
         );
-        async move {
+        let started = std::time::Instant::now();
+        let result = async move {
             let stream_id = Self::stream_id(&aggregate_id)?;
             tracing::Span::current().record("stream", stream_id.as_str());
+            // Held until the command is done, retries included.
+            let _turn = self.turns.take(&stream_id).await;
             let cached = self.cache.as_ref().and_then(|cache| cache.take(&stream_id));
+            if self.cache.is_some() {
+                crate::telemetry::cache_lookup(A::TYPE, cached.is_some());
+            }
             // Whether the state may be behind the store without an append having told us so.
             let mut unverified = cached.is_some();
             let mut loaded = match cached {
                 Some(loaded) => loaded,
                 None => {
+                    let load_started = std::time::Instant::now();
                     let mut loaded = self.load_snapshot(stream_id).await?;
                     self.catch_up(&mut loaded).await?;
+                    crate::telemetry::loaded(A::TYPE, load_started);
                     loaded
                 }
             };
@@ -524,7 +541,9 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             }
         }
         .instrument(span)
-        .await
+        .await;
+        crate::telemetry::command_done(A::TYPE, started, &result);
+        result
     }
 
     /// Appends the decided `events` at `loaded.version` and evolves the state with them.
@@ -609,6 +628,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             }
             Err(e) => return Err(Retry::Fail(e.into())),
         };
+        crate::telemetry::appended(A::TYPE, appended.positions.len());
         for event in &events {
             state.evolve(event);
         }
@@ -643,9 +663,12 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                 current = snapshots.schema_version,
                 "ignoring snapshot taken with another snapshot version"
             );
+            crate::telemetry::snapshot_loaded(A::TYPE, false);
             return Ok(fresh(stream_id));
         }
-        match (snapshots.decode)(&snapshot.state) {
+        let decoded = (snapshots.decode)(&snapshot.state);
+        crate::telemetry::snapshot_loaded(A::TYPE, decoded.is_ok());
+        match decoded {
             Ok(state) => Ok(Loaded {
                 stream_id,
                 state,
@@ -676,18 +699,21 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             if !keep(&stored) {
                 break;
             }
-            let event = match <A::Event as Event>::decode(
-                &stored.event_type,
-                stored.schema_version,
-                &stored.payload,
-            ) {
-                Ok(event) => event,
+            if stored.event_type == crate::event::STREAM_DELETED {
+                return Err(Error::StreamDeleted {
+                    stream: loaded.stream_id.clone(),
+                });
+            }
+            let decoded = match <A::Event as Event>::decode_all(&stored.stored()) {
+                Ok(decoded) => decoded,
                 Err(source) => {
                     drop(events);
                     return Err(self.decode_error(&loaded.stream_id, stored, source).await);
                 }
             };
-            loaded.state.evolve(&event);
+            for event in decoded {
+                loaded.state.evolve(&event);
+            }
             loaded.version = stored.stream_version;
         }
         Ok(())
@@ -751,21 +777,19 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             if payload.stream_version > stored.stream_version {
                 break;
             }
-            let event = match <A::Event as Event>::decode(
-                &payload.event_type,
-                payload.schema_version,
-                &payload.payload,
-            ) {
-                Ok(event) => event,
+            let decoded = match <A::Event as Event>::decode_all(&payload.stored()) {
+                Ok(decoded) => decoded,
                 Err(source) => {
                     drop(payloads);
                     return Err(self.decode_error(stream_id, payload, source).await.into());
                 }
             };
-            loaded.state.evolve(&event);
             loaded.version = payload.stream_version;
-            if payload.stream_version > stored.first_version {
-                events.push(event);
+            for event in decoded {
+                loaded.state.evolve(&event);
+                if payload.stream_version > stored.first_version {
+                    events.push(event);
+                }
             }
         }
         tracing::debug!(stream = %stream_id, "command already stored; returning its outcome");
@@ -800,7 +824,9 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             state,
             taken_at: Utc::now(),
         };
-        if let Err(error) = snapshots.store.save_snapshot_dyn(snapshot).await {
+        let saved = snapshots.store.save_snapshot_dyn(snapshot).await;
+        crate::telemetry::snapshot_saved(A::TYPE, saved.is_ok());
+        if let Err(error) = saved {
             tracing::warn!(stream = %committed.stream_id, %error, "snapshot could not be saved");
         }
     }

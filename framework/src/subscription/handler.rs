@@ -154,9 +154,13 @@ impl<P: Projection> EventHandler for Projector<P> {
         event: &RecordedEvent,
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
         let result = event
-            .decode::<P::Event>()
+            .decode_all::<P::Event>()
             .map_err(BoxError::from)
-            .and_then(|envelope| self.projection.apply(&envelope));
+            .and_then(|envelopes| {
+                envelopes
+                    .into_iter()
+                    .try_for_each(|envelope| self.projection.apply(&envelope))
+            });
         std::future::ready(result)
     }
 }

@@ -66,11 +66,14 @@ impl KnownEvents {
         self
     }
 
-    /// Whether `event_type` is registered in `category`.
+    /// Whether `event_type` is registered in `category`. The tombstone of a deleted stream
+    /// ([`STREAM_DELETED`](crate::STREAM_DELETED)) is known in every category.
     pub fn knows(&self, category: &str, event_type: &str) -> bool {
-        self.categories
-            .get(category)
-            .is_some_and(|types| types.contains(event_type))
+        event_type == crate::event::STREAM_DELETED
+            || self
+                .categories
+                .get(category)
+                .is_some_and(|types| types.contains(event_type))
     }
 
     /// The filter a consumer reads with: the known categories (within those `filter` keeps), any

@@ -3,6 +3,10 @@
 use tokio::sync::watch;
 
 use super::{SubscriptionState, SubscriptionStatus};
+use crate::telemetry::{
+    SUBSCRIPTION_HANDLED, SUBSCRIPTION_LAG_EVENTS, SUBSCRIPTION_LAG_SECONDS, SUBSCRIPTION_PARKED,
+    SUBSCRIPTION_POSITION, SUBSCRIPTION_STATE,
+};
 
 /// Publishes `status` as gauges labelled `subscription = name`, through the `metrics` facade
 /// (whatever recorder the application installed; nothing without one):
@@ -20,17 +24,14 @@ pub fn record_metrics(name: &str, status: &SubscriptionStatus) {
     let gauge = |metric: &'static str, value: f64| {
         metrics::gauge!(metric, "subscription" => name.clone()).set(value);
     };
-    gauge(
-        "factum_subscription_position",
-        status.position.global.get() as f64,
-    );
-    gauge("factum_subscription_lag_events", status.lag_events as f64);
-    gauge("factum_subscription_lag_seconds", status.lag.as_secs_f64());
-    gauge("factum_subscription_handled", status.handled as f64);
-    gauge("factum_subscription_parked", status.parked as f64);
+    gauge(SUBSCRIPTION_POSITION, status.position.global.get() as f64);
+    gauge(SUBSCRIPTION_LAG_EVENTS, status.lag_events as f64);
+    gauge(SUBSCRIPTION_LAG_SECONDS, status.lag.as_secs_f64());
+    gauge(SUBSCRIPTION_HANDLED, status.handled as f64);
+    gauge(SUBSCRIPTION_PARKED, status.parked as f64);
     let current = state_label(&status.state);
     for state in STATES {
-        metrics::gauge!("factum_subscription_state", "subscription" => name.clone(), "state" => state)
+        metrics::gauge!(SUBSCRIPTION_STATE, "subscription" => name.clone(), "state" => state)
             .set(if state == current { 1.0 } else { 0.0 });
     }
 }

@@ -18,7 +18,7 @@
 //! #     fn schema_version(&self) -> u32 { 1 }
 //! #     fn event_types() -> &'static [&'static str] { &["account.deposited"] }
 //! #     fn encode(&self) -> Result<Box<factum::RawValue>, factum::EncodeError> { unimplemented!() }
-//! #     fn decode(_: &str, _: u32, _: &factum::RawValue) -> Result<Self, factum::DecodeError> {
+//! #     fn decode(stored: &factum::Stored<'_>) -> Result<Self, factum::DecodeError> { let (_, _, _) = (stored.event_type, stored.schema_version, stored.payload);
 //! #         Ok(AccountEvent::Deposited { amount: 1 })
 //! #     }
 //! # }
@@ -85,6 +85,7 @@
 //! `apply` can run for events whose transaction is then rolled back (a later event of the batch
 //! failed) and run again.
 
+mod inbound;
 mod rebuild;
 mod runner;
 
@@ -94,6 +95,7 @@ use std::future::Future;
 use factum::{BoxError, Envelope, Error, Event};
 use sqlx::PgConnection;
 
+pub use inbound::InboundProjection;
 pub use rebuild::Progress;
 pub use runner::PgProjectionRunner;
 

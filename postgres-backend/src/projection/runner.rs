@@ -57,7 +57,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
     /// #     fn schema_version(&self) -> u32 { 1 }
     /// #     fn event_types() -> &'static [&'static str] { &["ping"] }
     /// #     fn encode(&self) -> Result<Box<factum::RawValue>, factum::EncodeError> { factum::encode_json(&()) }
-    /// #     fn decode(_: &str, _: u32, _: &factum::RawValue) -> Result<Self, factum::DecodeError> { Ok(Ping) }
+    /// #     fn decode(stored: &factum::Stored<'_>) -> Result<Self, factum::DecodeError> { let (_, _, _) = (stored.event_type, stored.schema_version, stored.payload); Ok(Ping) }
     /// # }
     /// struct Pings;
     /// impl PgProjection for Pings {
@@ -295,8 +295,8 @@ impl<P: PgProjection> BatchHandler<PgTx> for PgProjector<'_, P> {
         let mut envelopes = Vec::with_capacity(events.len());
         let mut undecodable = None;
         for (i, event) in events.iter().enumerate() {
-            match event.decode::<P::Event>() {
-                Ok(envelope) => envelopes.push(envelope),
+            match event.decode_all::<P::Event>() {
+                Ok(decoded) => envelopes.extend(decoded),
                 Err(error) => {
                     undecodable = Some((i, error));
                     break;
@@ -328,9 +328,12 @@ pub(crate) async fn apply_event<P: PgProjection>(
     conn: &mut PgConnection,
     event: &RecordedEvent,
 ) -> Result<(), BoxError> {
-    let envelope = event.decode::<P::Event>()?;
+    let decoded = event.decode_all::<P::Event>()?;
     let mut tx = ProjectionTx::new(conn, tables);
-    projection.apply(&mut tx, &envelope).await
+    for envelope in decoded {
+        projection.apply(&mut tx, &envelope).await?;
+    }
+    Ok(())
 }
 
 impl PostgresStore {

@@ -35,7 +35,9 @@ impl factum::Event for Entry {
     fn encode(&self) -> Result<Box<RawValue>, EncodeError> {
         factum::encode_json(&serde_json::json!({ "n": self.n }))
     }
-    fn decode(event_type: &str, version: u32, payload: &RawValue) -> Result<Self, DecodeError> {
+    fn decode(stored: &factum::Stored<'_>) -> Result<Self, DecodeError> {
+        let (event_type, version, payload) =
+            (stored.event_type, stored.schema_version, stored.payload);
         match (event_type, version) {
             ("ledger.entry", 1) => {
                 let value: serde_json::Value = factum::decode_json(payload)?;

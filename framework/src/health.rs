@@ -1,0 +1,229 @@
+//! Readiness and liveness, for a service's health endpoints.
+//!
+//! A [`Readiness`] gathers named [`Check`]s: the database (e.g. `factum_postgres::PostgresStore::
+//! readiness_check`: reachable, migrations current), each circuit breaker ([`Readiness::circuit`]:
+//! closed), each consumer ([`Readiness::consumer`]: running, and not lagging more than allowed).
+//! Serve [`is_ready`](Readiness::is_ready) as the status of `/health/ready` and the value itself
+//! (it serialises to `{"ready": .., "checks": [..]}`) as its body; serve [`consumer_live`] of
+//! each consumer as `/health/live`: a consumer that stopped on an error will not recover by
+//! waiting, so restarting the process is the remedy.
+//!
+//! ```
+//! use std::time::Duration;
+//! use factum::health::{Readiness, consumer_live};
+//! use factum::resilience::Resilience;
+//! use factum::subscription::SubscriptionStatus;
+//! use factum::LogPosition;
+//!
+//! let database = Resilience::new("postgres");
+//! let balances = SubscriptionStatus::starting(LogPosition::START); // subscription.status().borrow()
+//!
+//! let ready = Readiness::new()
+//!     .check("database", true, "reachable, migrations current")
+//!     .circuit(&database.health())
+//!     .consumer("balances", &balances, Duration::from_secs(30));
+//! assert!(ready.is_ready());
+//! assert!(consumer_live("balances", &balances).ok);
+//! let body = serde_json::to_value(&ready).unwrap();
+//! assert_eq!(body["checks"][1]["name"], "circuit postgres");
+//! ```
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::resilience::{CircuitState, Health};
+use crate::subscription::{SubscriptionState, SubscriptionStatus};
+
+/// One named health check and what it found.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize)]
+#[non_exhaustive]
+pub struct Check {
+    /// What was checked, e.g. `database` or `consumer balances`.
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// What was found, for people: why it failed, or the figures it passed with.
+    pub detail: String,
+}
+
+impl Check {
+    /// A check's result.
+    pub fn new(name: impl Into<String>, ok: bool, detail: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ok,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Whether the service can take traffic: every check passed.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize)]
+pub struct Readiness {
+    ready: bool,
+    checks: Vec<Check>,
+}
+
+impl Readiness {
+    /// No checks yet (ready).
+    pub fn new() -> Self {
+        Self {
+            ready: true,
+            checks: Vec::new(),
+        }
+    }
+
+    /// Adds a check.
+    #[must_use]
+    pub fn with(mut self, check: Check) -> Self {
+        self.ready &= check.ok;
+        self.checks.push(check);
+        self
+    }
+
+    /// Adds a check from its parts.
+    #[must_use]
+    pub fn check(self, name: impl Into<String>, ok: bool, detail: impl Into<String>) -> Self {
+        self.with(Check::new(name, ok, detail))
+    }
+
+    /// Adds `circuit <dependency>`: passes while the dependency's circuit is closed (open, calls
+    /// fail fast; half-open, a trial call decides).
+    #[must_use]
+    pub fn circuit(self, health: &Health) -> Self {
+        let detail = match (health.circuit, health.retry_after) {
+            (CircuitState::Closed, _) => "closed".to_owned(),
+            (CircuitState::Open, Some(after)) => {
+                format!("open: calls fail fast for {} ms more", after.as_millis())
+            }
+            (CircuitState::Open, None) => "open: calls fail fast".to_owned(),
+            (CircuitState::HalfOpen, _) => "half-open: a trial call decides".to_owned(),
+        };
+        self.check(
+            format!("circuit {}", health.dependency),
+            health.circuit == CircuitState::Closed,
+            detail,
+        )
+    }
+
+    /// Adds `consumer <name>`: passes while the consumer runs (or stands by for another
+    /// instance) without waiting out store failures, at most `max_lag` behind in time.
+    #[must_use]
+    pub fn consumer(self, name: &str, status: &SubscriptionStatus, max_lag: Duration) -> Self {
+        let (running, state) = describe(&status.state);
+        let lagging = status.lag > max_lag;
+        let ok = running && !matches!(status.state, SubscriptionState::Retrying(_)) && !lagging;
+        let mut detail = format!(
+            "{state}, {} events and {} ms behind",
+            status.lag_events,
+            status.lag.as_millis()
+        );
+        if lagging {
+            detail.push_str(&format!(" (more than {} ms)", max_lag.as_millis()));
+        }
+        self.check(format!("consumer {name}"), ok, detail)
+    }
+
+    /// True when every check passed.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// The checks, in the order they were added.
+    pub fn checks(&self) -> &[Check] {
+        &self.checks
+    }
+}
+
+/// Liveness of a consumer: fails once it stopped (on request or on an error), since it does not
+/// resume by itself. Waiting out a store failure (`Retrying`) is alive.
+pub fn consumer_live(name: &str, status: &SubscriptionStatus) -> Check {
+    let (running, state) = describe(&status.state);
+    Check::new(format!("consumer {name}"), running, state)
+}
+
+fn describe(state: &SubscriptionState) -> (bool, String) {
+    match state {
+        SubscriptionState::Starting => (true, "starting".into()),
+        SubscriptionState::CatchingUp => (true, "catching up".into()),
+        SubscriptionState::Live => (true, "live".into()),
+        SubscriptionState::Standby => (true, "standing by (another instance leads)".into()),
+        SubscriptionState::Retrying(why) => (true, format!("retrying: {why}")),
+        SubscriptionState::Stopped => (false, "stopped".into()),
+        SubscriptionState::Failed(why) => (false, format!("failed: {why}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LogPosition;
+    use crate::resilience::{CircuitBreakerConfig, Resilience};
+
+    fn status(state: SubscriptionState, lag: Duration) -> SubscriptionStatus {
+        let mut s = SubscriptionStatus::starting(LogPosition::START);
+        s.state = state;
+        s.lag = lag;
+        s.lag_events = 12;
+        s
+    }
+
+    #[test]
+    fn consumers_are_ready_while_running_and_caught_up() {
+        let max = Duration::from_secs(5);
+        let live = status(SubscriptionState::Live, Duration::from_secs(1));
+        assert!(Readiness::new().consumer("a", &live, max).is_ready());
+        let behind = status(SubscriptionState::CatchingUp, Duration::from_secs(9));
+        let ready = Readiness::new().consumer("a", &behind, max);
+        assert!(!ready.is_ready());
+        assert_eq!(
+            ready.checks()[0].detail,
+            "catching up, 12 events and 9000 ms behind (more than 5000 ms)"
+        );
+        let retrying = status(
+            SubscriptionState::Retrying("db down".into()),
+            Duration::ZERO,
+        );
+        assert!(!Readiness::new().consumer("a", &retrying, max).is_ready());
+        assert!(
+            consumer_live("a", &retrying).ok,
+            "waiting out a failure is alive"
+        );
+        let failed = status(
+            SubscriptionState::Failed("bad event".into()),
+            Duration::ZERO,
+        );
+        let live_check = consumer_live("a", &failed);
+        assert!(!live_check.ok);
+        assert_eq!(live_check.detail, "failed: bad event");
+    }
+
+    #[tokio::test]
+    async fn an_open_circuit_is_not_ready() {
+        let resilience = Resilience::new("db").with_breaker_config(CircuitBreakerConfig {
+            consecutive_failures: 1,
+            cool_down: Duration::from_secs(60),
+            ..CircuitBreakerConfig::default()
+        });
+        assert!(Readiness::new().circuit(&resilience.health()).is_ready());
+        let _ = resilience
+            .run(crate::resilience::Operation::Read, || async {
+                Err::<(), _>(crate::Error::transient("read", "reset"))
+            })
+            .await;
+        let ready = Readiness::new()
+            .check("database", true, "fine")
+            .circuit(&resilience.health());
+        assert!(!ready.is_ready());
+        assert_eq!(ready.checks()[1].name, "circuit db");
+        assert!(
+            ready.checks()[1].detail.starts_with("open"),
+            "{:?}",
+            ready.checks()
+        );
+        let json = serde_json::to_value(&ready).expect("json");
+        assert_eq!(json["ready"], false);
+        assert_eq!(json["checks"][0]["ok"], true);
+    }
+}
