@@ -103,7 +103,7 @@ impl<'de> Deserialize<'de> for IdempotencyKey {
 const NAMESPACE: Uuid = Uuid::from_u128(0x6661_6374_756d_4000_8000_6964_656d_706f);
 
 /// A name-based UUID (v5) of `parent` and `index`, in a namespace per `kind`.
-fn derive(kind: &[u8], parent: Uuid, index: u32) -> Uuid {
+pub(crate) fn derive(kind: &[u8], parent: Uuid, index: u32) -> Uuid {
     let mut name = Vec::with_capacity(kind.len() + 20);
     name.extend_from_slice(kind);
     name.extend_from_slice(parent.as_bytes());

@@ -140,6 +140,7 @@ mod process;
 mod projection;
 mod repository;
 pub mod resilience;
+pub mod saga;
 mod store;
 pub mod subscription;
 pub mod telemetry;

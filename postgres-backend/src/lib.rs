@@ -87,6 +87,7 @@ mod maintenance;
 mod migrate;
 pub mod projection;
 mod restore;
+pub mod saga;
 mod schema;
 mod service;
 mod store;

@@ -30,6 +30,11 @@
 //! * `PgProjectionFixture` (feature `postgres`): given events, applied to a PostgreSQL
 //!   projection in real transactions on a `postgres::TestDatabase`, then rows.
 //! * [`ProcessManagerFixture`]: given past events, when new ones, then the commands issued.
+//! * [`SagaFixture`]: given past events, when an event, a rejection or time passing (a test
+//!   clock), then the changes recorded, the commands sent (typed by target, with their ids) and
+//!   the timeouts scheduled or cancelled.
+//! * [`InProcessServices`]: several in-memory services on an in-process bus, each with its relay
+//!   and its sagas, run end to end while the test drives them.
 //! * [`FlowFixture`]: the whole flow in one test — given events, when a command, then its
 //!   events, what the projections show and what the process managers issue.
 //! * [`properties`]: proptest helpers for invariants over random command sequences, and for
@@ -53,6 +58,8 @@ mod envelope;
 mod pg_projection;
 mod process;
 mod projection;
+mod saga;
+mod services;
 mod support;
 
 pub mod bus_conformance;
@@ -70,6 +77,8 @@ pub use envelope::{TestEnvelope, envelope};
 pub use pg_projection::PgProjectionFixture;
 pub use process::ProcessManagerFixture;
 pub use projection::ProjectionFixture;
+pub use saga::{SAGA_FIXTURE_START, SagaFixture};
+pub use services::InProcessServices;
 
 /// The proptest crate the [`properties`] helpers are built on, for writing command strategies
 /// without a separate dependency.
@@ -84,6 +93,12 @@ mod testing_chapter {}
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/idempotency.md")]
 mod idempotency_chapter {}
+
+/// The book's sagas chapter (it runs the checkout example and shows the PostgreSQL wiring),
+/// compiled so it cannot drift.
+#[cfg(all(doctest, feature = "postgres"))]
+#[doc = include_str!("../../docs/src/sagas.md")]
+mod sagas_chapter {}
 
 /// The book's "Evolving events" chapter (it checks the examples' samples), compiled so it
 /// cannot drift.

@@ -1,0 +1,3 @@
+DROP TABLE saga_timeouts;
+DROP TABLE saga_commands;
+DROP TABLE saga_instances;
