@@ -17,7 +17,7 @@
 //! #     fn schema_version(&self) -> u32 { 1 }
 //! #     fn event_types() -> &'static [&'static str] { &["ping"] }
 //! #     fn encode(&self) -> Result<Box<factum::RawValue>, factum::EncodeError> { unimplemented!() }
-//! #     fn decode(_: &str, _: u32, _: &factum::RawValue) -> Result<Self, factum::DecodeError> { Ok(Ping) }
+//! #     fn decode(_: &factum::Stored<'_>) -> Result<Self, factum::DecodeError> { Ok(Ping) }
 //! # }
 //! # struct Balances;
 //! # impl PgProjection for Balances {

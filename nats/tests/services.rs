@@ -77,21 +77,8 @@ where
         *relay_status.borrow()
     );
 
-    let (mut consumer, mut status) = consumer(&s.audit, bus.clone(), Duration::from_secs(30));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let auditor = Auditor {
-        store: s.audit.clone(),
-    };
-    let running = tokio::spawn(async move {
-        consumer
-            .run(auditor, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("consumer");
-        consumer
-    });
-    until(&mut status, LIMIT, "every event handled", |s| {
+    let mut running = spawn_auditor(&s.audit, bus.clone(), Duration::from_secs(30));
+    until(&mut running.status, LIMIT, "every event handled", |s| {
         s.handled == sent
     })
     .await;
@@ -119,7 +106,7 @@ where
     );
 
     // Whatever the broker let through, the inbox drops.
-    let final_status = until(&mut status, LIMIT, "the repeats seen", |s| {
+    let final_status = until(&mut running.status, LIMIT, "the repeats seen", |s| {
         s.handled + s.duplicates == sent + republished.published
     })
     .await;
@@ -128,8 +115,7 @@ where
         "no repeat had an effect: {final_status:?}"
     );
     assert_eq!(final_status.parked, 0);
-    let _ = stop.send(());
-    let consumer = running.await.expect("consumer task");
+    running.stop().await;
     let inbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM factum.inbox")
         .fetch_one(s.audit.pool())
         .await
@@ -372,25 +358,12 @@ fn the_relay_killed_mid_batch_and_restarted_publishes_each_event_once() {
         assert_eq!(relayed, 20, "two batches checkpointed, the third not");
 
         let (_child, _lines) = spawn_child("relay", s.bank_db.url(), &server.url(), None);
-        let (mut consumer, mut status) = consumer(&s.audit, bus.clone(), Duration::from_secs(30));
-        let auditor = Auditor {
-            store: s.audit.clone(),
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            consumer
-                .run(auditor, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .expect("consumer");
-        });
-        let done = until(&mut status, LIMIT, "every event handled", |st| {
+        let mut running = spawn_auditor(&s.audit, bus.clone(), Duration::from_secs(30));
+        let done = until(&mut running.status, LIMIT, "every event handled", |st| {
             st.handled == 100
         })
         .await;
-        let _ = stop.send(());
-        task.await.expect("consumer task");
+        running.stop().await;
         assert_eq!(
             done.duplicates, 0,
             "JetStream dropped the republished half batch: {done:?}"
@@ -434,25 +407,12 @@ fn the_consumer_killed_between_commit_and_ack_applies_each_event_once() {
             .expect("count");
         assert_eq!(handled, 7, "seven effects committed before the kill");
 
-        let (mut consumer, mut status) = consumer(&s.audit, bus.clone(), Duration::from_secs(2));
-        let auditor = Auditor {
-            store: s.audit.clone(),
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            consumer
-                .run(auditor, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .expect("consumer");
-        });
-        let done = until(&mut status, LIMIT, "the rest handled", |st| {
+        let mut running = spawn_auditor(&s.audit, bus.clone(), Duration::from_secs(2));
+        let done = until(&mut running.status, LIMIT, "the rest handled", |st| {
             st.handled == 30 - 7 && st.duplicates >= 1
         })
         .await;
-        let _ = stop.send(());
-        task.await.expect("consumer task");
+        running.stop().await;
         assert!(
             done.redeliveries >= 1,
             "the unacknowledged message came again: {done:?}"

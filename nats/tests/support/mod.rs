@@ -248,6 +248,47 @@ pub fn consumer<B: Bus>(
     (consumer, status)
 }
 
+/// The audit service's consumer running in a task of its own, until stopped.
+pub struct RunningConsumer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+    /// Its status.
+    pub status: watch::Receiver<InboundStatus>,
+}
+
+/// Starts the audit service's consumer on `bus` (with the `Auditor` handler) in a task.
+pub fn spawn_auditor<B: Bus + 'static>(
+    audit: &PostgresStore,
+    bus: B,
+    ack_wait: Duration,
+) -> RunningConsumer
+where
+    B::Consumer: 'static,
+{
+    let (mut consumer, status) = consumer(audit, bus, ack_wait);
+    let auditor = Auditor {
+        store: audit.clone(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        consumer
+            .run(auditor, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("consumer");
+    });
+    RunningConsumer { stop, task, status }
+}
+
+impl RunningConsumer {
+    /// Stops it and waits for its task.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("consumer task");
+    }
+}
+
 /// Waits until `status` satisfies `done`, failing after `limit` with the last status.
 pub async fn until<T: Clone + std::fmt::Debug>(
     status: &mut watch::Receiver<T>,
