@@ -121,14 +121,8 @@ where
         .await
         .expect("count the inbox");
     assert_eq!(inbox_rows as u64, sent, "one inbox row per event");
-    assert!(
-        consumer
-            .inbox()
-            .parked(CONSUMER)
-            .await
-            .expect("parked")
-            .is_empty()
-    );
+    let inbox = factum_postgres::PgInbox::new(&s.audit);
+    assert!(inbox.parked(CONSUMER).await.expect("parked").is_empty());
     assert_exactly_once(&s.bank, &s.audit).await;
     drop((s.bank_db, s.audit_db));
     (republished.published, republished.duplicates)
