@@ -83,18 +83,8 @@ pub fn record_inbound_metrics(name: &str, status: &InboundStatus) {
 }
 
 /// Records [`record_relay_metrics`] for every update of `status` until the relay is gone.
-pub async fn export_relay_metrics(
-    name: impl Into<String>,
-    mut status: watch::Receiver<RelayStatus>,
-) {
-    let name = name.into();
-    loop {
-        let current = status.borrow_and_update().clone();
-        record_relay_metrics(&name, &current);
-        if status.changed().await.is_err() {
-            return;
-        }
-    }
+pub async fn export_relay_metrics(name: impl Into<String>, status: watch::Receiver<RelayStatus>) {
+    export(name.into(), status, record_relay_metrics).await;
 }
 
 /// Records [`record_inbound_metrics`] for every update of `status` until the consumer is gone:
@@ -108,12 +98,16 @@ pub async fn export_relay_metrics(
 /// ```
 pub async fn export_inbound_metrics(
     name: impl Into<String>,
-    mut status: watch::Receiver<InboundStatus>,
+    status: watch::Receiver<InboundStatus>,
 ) {
-    let name = name.into();
+    export(name.into(), status, record_inbound_metrics).await;
+}
+
+/// Records each update of `status` with `record` until its sender is dropped.
+async fn export<T: Clone>(name: String, mut status: watch::Receiver<T>, record: fn(&str, &T)) {
     loop {
         let current = status.borrow_and_update().clone();
-        record_inbound_metrics(&name, &current);
+        record(&name, &current);
         if status.changed().await.is_err() {
             return;
         }
