@@ -1386,6 +1386,8 @@ impl Sql {
 
     fn new(schema: &SchemaName) -> Self {
         let s = schema.quoted();
+        // Stream reads skip the partitions below the stream's first position.
+        let prune = crate::maintenance::stream_read_pruning(&s);
         let insert_many = format!(
             "INSERT INTO {s}.events (stream_id, stream_version, event_id, event_type, \
                  schema_version, payload, metadata, correlation_id, causation_id) \
@@ -1497,14 +1499,14 @@ impl Sql {
             ),
             read_stream: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \
-                 WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
+                 WHERE stream_id = $1 AND stream_version > $2 {prune} ORDER BY stream_version"
             ),
             // Only what folding into state needs, upcasts included (they may read recorded-at
             // and metadata): no event id, no position, no transaction id to convert.
             read_payloads: format!(
                 "SELECT stream_version, event_type, schema_version, payload::text, recorded_at, \
                  metadata::text, correlation_id, causation_id \
-                 FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 \
+                 FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 {prune} \
                  ORDER BY stream_version"
             ),
             read_all: [
