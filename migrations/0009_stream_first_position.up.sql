@@ -4,8 +4,8 @@
 -- reads add `global_position >= first_position` (from the row, in the same statement): the
 -- partitions wholly below it are never scanned (run-time partition pruning).
 --
--- A new row's bound is the last position handed out when the row is inserted: the stream's
--- first event takes a later value of the sequence, so it is above. This holds because the
+-- A new row's bound is the position after the last one handed out when the row is inserted:
+-- the stream's first event takes that value of the sequence or a later one. This holds because the
 -- sequence hands out values in order (CACHE 1, the default: a session-level cache would hand out
 -- values below the last one another session saw). Existing rows get their first event's
 -- position, or 0 (no pruning) when their first event is not in the log (detached or deleted).
@@ -17,5 +17,5 @@ UPDATE streams st SET first_position = COALESCE(
      WHERE e.stream_id = st.stream_id AND e.stream_version = 1), 0);
 
 ALTER TABLE streams ALTER COLUMN first_position
-    SET DEFAULT COALESCE(pg_sequence_last_value('events_global_position_seq'::regclass), 0);
+    SET DEFAULT COALESCE(pg_sequence_last_value('events_global_position_seq'::regclass) + 1, 0);
 ALTER TABLE streams ALTER COLUMN first_position SET NOT NULL;

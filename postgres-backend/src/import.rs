@@ -199,7 +199,7 @@ struct InputFailed {
 /// A chunk the database refused or rolled back.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "import chunk {chunk} (input events #{first} to #{last}) was rolled back, nothing of it is stored{culprit}; the chunks before it are stored: re-run the import (stored events are skipped)"
+    "import chunk {chunk} (input events #{first} to #{last}) was rolled back, nothing of it is stored{culprit}; the chunks before it are stored: fix what the database refused (or wait, when it was busy) and re-run the import, which skips stored events"
 )]
 struct ChunkFailed {
     chunk: u64,
@@ -693,7 +693,8 @@ fn copy_line(error: &sqlx::Error) -> Option<usize> {
         return None;
     };
     let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?;
-    let context = pg.r#where()?;
+    // The context may hold other lines first (`JSON data, line 1: ...` for a bad payload).
+    let context = pg.r#where()?.lines().find(|l| l.starts_with("COPY "))?;
     let rest = &context[context.find(", line ")? + ", line ".len()..];
     rest.chars()
         .take_while(char::is_ascii_digit)

@@ -158,11 +158,14 @@ impl PostgresStore {
     ///
     /// Run it periodically with `ahead` well above the events written between two runs, so that
     /// appends land in range partitions rather than the default one. Each new partition gets the
-    /// unique `(stream_id, stream_version)` and `event_id` indexes before it is attached, and is
-    /// attached with `ATTACH PARTITION`, which does not block appends or reads of the other
-    /// partitions (it locks the default partition briefly to check that none of its rows belong
-    /// to the new range). Positions that already went to the default partition stay there: the
-    /// first new range starts above them. Concurrent calls are serialised by an advisory lock.
+    /// unique `(stream_id, stream_version)` and `event_id` indexes before it is attached with
+    /// `ATTACH PARTITION`. When there is something to create, appends wait for the few
+    /// milliseconds that takes (a `SHARE ROW EXCLUSIVE` lock on `events`, waited for at most 5 s):
+    /// the appends in flight finish first, so that none can take a position of the new range
+    /// and still write it to the default partition; reads go on. Positions that already went to
+    /// the default partition stay there: the first new range starts above them (and the attach
+    /// scans the default partition, so keep it empty by running this ahead of need). Concurrent
+    /// calls are serialised by an advisory lock; a call with enough headroom locks nothing.
     ///
     /// ```no_run
     /// # async fn run(store: factum_postgres::PostgresStore) -> Result<(), factum::Error> {
@@ -200,25 +203,47 @@ impl PostgresStore {
             return Ok(Vec::new());
         }
         let last_to = partitions.iter().filter_map(|p| p.to).max().unwrap_or(0);
-        let handed_out: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
-             FROM {s}.events_global_position_seq"
-        )))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(fail)?;
-        let in_default: Option<i64> = if partitions.iter().any(|p| p.is_default) {
-            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT max(global_position) FROM {s}.events_default"
+        // Twice: a look without blocking anyone, and when partitions are to be created, again
+        // under a lock that waits for the appends in flight and holds new ones until the
+        // commit. Without it an append could take a position in the new range and still insert
+        // it into the default partition (its statement planned before the attach), which fails
+        // the attach (positions already in the default partition) or the append.
+        let mut from = 0;
+        let mut target = 0;
+        for locked in [false, true] {
+            if locked {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "LOCK TABLE {s}.events IN SHARE ROW EXCLUSIVE MODE"
+                )))
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+            }
+            let handed_out: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
+                 FROM {s}.events_global_position_seq"
             )))
             .fetch_one(&mut *tx)
             .await
-            .map_err(fail)?
-        } else {
-            None
-        };
-        let target = u64::try_from(handed_out).unwrap_or(0).saturating_add(ahead);
-        let mut from = last_to.max(in_default.map_or(0, |m| u64::try_from(m).unwrap_or(0) + 1));
+            .map_err(fail)?;
+            let in_default: Option<i64> = if partitions.iter().any(|p| p.is_default) {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT max(global_position) FROM {s}.events_default"
+                )))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(fail)?
+            } else {
+                None
+            };
+            target = u64::try_from(handed_out).unwrap_or(0).saturating_add(ahead);
+            from = last_to.max(in_default.map_or(0, |m| u64::try_from(m).unwrap_or(0) + 1));
+            if from > target {
+                // Enough headroom: nothing to create, nobody held up.
+                tx.commit().await.map_err(fail)?;
+                return Ok(Vec::new());
+            }
+        }
         let mut created = Vec::new();
         while from <= target {
             let to = from + size;

@@ -8,6 +8,7 @@
 
 #![allow(clippy::print_stdout, clippy::result_large_err)]
 
+mod import;
 mod peer;
 
 use std::sync::Arc;
@@ -473,6 +474,10 @@ async fn main() {
     factum_postgres::migrate(&pool, &SchemaName::new("raw").expect("name"))
         .await
         .expect("raw schema");
+    // `FACTUM_BENCH_ONLY=import`: bulk import against raw COPY, then 1M imported and verified.
+    if std::env::var("FACTUM_BENCH_ONLY").as_deref() == Ok("import") {
+        return import::run(&db, &store, scale).await;
+    }
     sqlx::raw_sql(sqlx::AssertSqlSafe(peer::SCHEMA))
         .execute(&pool)
         .await
