@@ -407,7 +407,10 @@ impl PostgresStore {
                     imported.event.schema_version
                 )));
             }
-            if imported.version.is_some_and(|v| v == StreamVersion::INITIAL) {
+            if imported
+                .version
+                .is_some_and(|v| v == StreamVersion::INITIAL)
+            {
                 return Err(Error::InvalidArgument(format!(
                     "input event #{} ({id}) asks for version 0 of stream `{}`: versions start at 1",
                     first + i as u64,
@@ -420,9 +423,9 @@ impl PostgresStore {
             // Rolled back by the server, a connection lost before the commit (nothing stored),
             // or an id stored meanwhile by an append (a re-run judges it): a re-run may succeed.
             let (retry, source) = match classify(source, Op::Read) {
-                Failure::Transient(e) | Failure::UnknownOutcome(e) | Failure::DuplicateEventId(e) => {
-                    (true, e)
-                }
+                Failure::Transient(e)
+                | Failure::UnknownOutcome(e)
+                | Failure::DuplicateEventId(e) => (true, e),
                 other => (false, other.into_source()),
             };
             let chunk_failed = ChunkFailed {
@@ -443,19 +446,21 @@ impl PostgresStore {
 
         // 1. Ids stored before: the same event is skipped, anything else is refused.
         let mut fates: Vec<Option<Fate>> = vec![None; chunk.len()];
-        let stored: Vec<(Uuid, String, i64, String, i32)> = sqlx::query_as(sqlx::AssertSqlSafe(
-            format!(
+        let stored: Vec<(Uuid, String, i64, String, i32)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT event_id, stream_id, stream_version, event_type, schema_version \
                  FROM {s}.events WHERE event_id = ANY($1)"
-            ),
-        ))
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(fail)?;
+            )))
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(fail)?;
         if !stored.is_empty() {
             let found: Vec<usize> = stored.iter().map(|row| index_of[&row.0]).collect();
-            let payloads: Vec<&str> = found.iter().map(|&i| chunk[i].event.payload.get()).collect();
+            let payloads: Vec<&str> = found
+                .iter()
+                .map(|&i| chunk[i].event.payload.get())
+                .collect();
             let found_ids: Vec<Uuid> = found.iter().map(|&i| ids[i]).collect();
             let differ: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT i.id FROM unnest($1::uuid[], $2::text[]) AS i(id, payload) \
@@ -560,9 +565,7 @@ impl PostgresStore {
                     {
                         return Err(Error::Conflict {
                             stream: imported.stream_id.clone(),
-                            expected: ExpectedVersion::Exact(StreamVersion::new(
-                                wanted.get() - 1,
-                            )),
+                            expected: ExpectedVersion::Exact(StreamVersion::new(wanted.get() - 1)),
                             actual: StreamVersion::new(u64::try_from(entry.1).unwrap_or(0)),
                         });
                     }
@@ -740,7 +743,10 @@ fn optional_uuid(out: &mut Vec<u8>, id: Option<Uuid>) {
 /// A text column of COPY's text format: backslash, tab, newline and carriage return escaped.
 fn text(out: &mut Vec<u8>, value: &str) {
     let bytes = value.as_bytes();
-    if !bytes.iter().any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) {
+    if !bytes
+        .iter()
+        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
         out.extend_from_slice(bytes);
         return;
     }

@@ -88,10 +88,7 @@ fn parse_bounds_constraint(definition: &str) -> Option<(u64, u64)> {
             .collect();
         digits.parse().ok()
     };
-    Some((
-        number("global_position >=")?,
-        number("global_position <")?,
-    ))
+    Some((number("global_position >=")?, number("global_position <")?))
 }
 
 /// What [`PostgresStore::stream_read_plan`] found: which partitions a stream read touched.
@@ -524,7 +521,8 @@ impl PostgresStore {
     /// ```
     pub async fn attach_partition(&self, name: &str) -> Result<Partition, Error> {
         let schema = self.schema();
-        let invalid = |why: String| Error::InvalidArgument(format!("cannot attach `{name}`: {why}"));
+        let invalid =
+            |why: String| Error::InvalidArgument(format!("cannot attach `{name}`: {why}"));
         if !is_partition_name(name) {
             return Err(invalid(format!(
                 "not a name of an events partition (`events_p<first position>`) of {schema}"
@@ -535,7 +533,9 @@ impl PostgresStore {
         let table = format!("{s}.{name}");
         let partitions = self.partitions().await?;
         if partitions.iter().any(|p| p.name == name) {
-            return Err(invalid(format!("it is attached to {schema}.events already")));
+            return Err(invalid(format!(
+                "it is attached to {schema}.events already"
+            )));
         }
         let found: Option<bool> = sqlx::query_scalar(
             "SELECT c.relispartition FROM pg_class c WHERE c.oid = to_regclass($1)",
@@ -653,7 +653,9 @@ impl PostgresStore {
             .await
             .map_err(fail)?;
         for statement in [
-            format!("ALTER TABLE {s}.events ATTACH PARTITION {table} FOR VALUES FROM ({from}) TO ({to})"),
+            format!(
+                "ALTER TABLE {s}.events ATTACH PARTITION {table} FOR VALUES FROM ({from}) TO ({to})"
+            ),
             // The partition's own constraint says the same from now on; a later detach adds it
             // again.
             format!("ALTER TABLE {table} DROP CONSTRAINT {bounds}"),

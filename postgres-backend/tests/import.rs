@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use factum::{
-    AppendRequest, BoxError, CorrelationId, Error, EventFilter, EventId, EventMetadata,
-    EventStore, ExpectedVersion, LogPosition, Metadata, NewEvent, RawValue, StreamId,
-    StreamVersion,
+    AppendRequest, BoxError, CorrelationId, Error, EventFilter, EventId, EventMetadata, EventStore,
+    ExpectedVersion, LogPosition, Metadata, NewEvent, RawValue, StreamId, StreamVersion,
 };
 use factum_postgres::{ImportOptions, ImportProgress, ImportedEvent, PostgresStore};
 use factum_testkit::conformance::verify_log;
@@ -54,11 +53,15 @@ fn legacy(n: u64, streams: u64) -> ImportedEvent {
 }
 
 fn recorded_at(n: u64) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2019, 3, 1, 0, 0, 0).single().expect("time")
+    Utc.with_ymd_and_hms(2019, 3, 1, 0, 0, 0)
+        .single()
+        .expect("time")
         + chrono::Duration::milliseconds(n as i64 * 1500)
 }
 
-fn input(events: Vec<ImportedEvent>) -> impl futures_util::Stream<Item = Result<ImportedEvent, BoxError>> {
+fn input(
+    events: Vec<ImportedEvent>,
+) -> impl futures_util::Stream<Item = Result<ImportedEvent, BoxError>> {
     stream::iter(events.into_iter().map(Ok))
 }
 
@@ -112,7 +115,10 @@ async fn history_is_imported_with_its_ids_times_and_metadata_and_reads_back_whol
         let mut i = 0_usize;
         let summary = verify_log(&store, 700, |e| {
             let expected = &events[i];
-            assert_eq!(e.event_id, expected.event.event_id, "log order is input order");
+            assert_eq!(
+                e.event_id, expected.event.event_id,
+                "log order is input order"
+            );
             assert_eq!(e.stream_id, expected.stream_id);
             assert_eq!(e.stream_version.get(), (i as u64 / streams) + 1);
             assert_eq!(e.recorded_at, expected.recorded_at);
@@ -169,15 +175,19 @@ async fn a_rerun_of_an_interrupted_import_stores_every_event_once() {
         }));
         let mut committed = 0;
         let error = store
-            .import(failing, &ImportOptions::default().with_chunk_size(200), |p| {
-                committed = p.done
-            })
+            .import(
+                failing,
+                &ImportOptions::default().with_chunk_size(200),
+                |p| committed = p.done,
+            )
             .await
             .expect_err("the input failed");
         assert_eq!(committed, 400);
         let text = format!(
             "{error} / {}",
-            std::error::Error::source(&error).map(|s| s.to_string()).unwrap_or_default()
+            std::error::Error::source(&error)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
         );
         assert!(text.contains("#450"), "{text}");
         let count = |db: &TestDatabase| {
@@ -194,18 +204,37 @@ async fn a_rerun_of_an_interrupted_import_stores_every_event_once() {
         // A chunk the database refuses (a NUL escape, which jsonb cannot store) is rolled back
         // whole, and the error names the input event.
         let mut poisoned = events.clone();
-        poisoned[650].event.payload = RawValue::from_string(r#"{"bad":"\u0000"}"#.into()).expect("json");
-        let error = import_all(&store, poisoned, 200).await.expect_err("refused");
-        let chain = format!("{error}: {}", std::error::Error::source(&error).map(|s| s.to_string()).unwrap_or_default());
+        poisoned[650].event.payload =
+            RawValue::from_string(r#"{"bad":"\u0000"}"#.into()).expect("json");
+        let error = import_all(&store, poisoned, 200)
+            .await
+            .expect_err("refused");
+        let chain = format!(
+            "{error}: {}",
+            std::error::Error::source(&error)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        );
         assert!(chain.contains("input event #650"), "{chain}");
         assert!(chain.contains("chunk 4"), "{chain}");
-        assert_eq!(count(&db).await, 600, "chunks 1-3 stored (400 before, 200 new), chunk 4 not");
+        assert_eq!(
+            count(&db).await,
+            600,
+            "chunks 1-3 stored (400 before, 200 new), chunk 4 not"
+        );
 
         // The re-run with the intact input skips what is stored and stores the rest once.
-        let (report, _) = import_all(&store, events.clone(), 200).await.expect("re-run");
+        let (report, _) = import_all(&store, events.clone(), 200)
+            .await
+            .expect("re-run");
         assert_eq!((report.skipped, report.imported), (600, 400));
-        let (again, _) = import_all(&store, events.clone(), 333).await.expect("a third run");
-        assert_eq!((again.skipped, again.imported, again.last_position), (1000, 0, None));
+        let (again, _) = import_all(&store, events.clone(), 333)
+            .await
+            .expect("a third run");
+        assert_eq!(
+            (again.skipped, again.imported, again.last_position),
+            (1000, 0, None)
+        );
         let mut i = 0;
         let summary = verify_log(&store, 1000, |e| {
             assert_eq!(e.event_id, events[i].event.event_id);
@@ -225,7 +254,10 @@ async fn duplicates_closed_streams_and_wrong_versions_are_refused_and_store_noth
         let live = stream_id("ledger-live");
         let appended = raw(r#"{"n":1}"#);
         store
-            .append(AppendRequest::new(live.clone(), vec![appended.clone(), raw(r#"{"n":2}"#)]))
+            .append(AppendRequest::new(
+                live.clone(),
+                vec![appended.clone(), raw(r#"{"n":2}"#)],
+            ))
             .await
             .expect("live events");
         let at = |stream: &StreamId, n: u64, event: NewEvent| {
@@ -237,9 +269,13 @@ async fn duplicates_closed_streams_and_wrong_versions_are_refused_and_store_noth
         // An id stored as another event (other stream): refused, naming it.
         let mut same_id = raw(r#"{"n":1}"#);
         same_id.event_id = appended.event_id;
-        let error = import_all(&store, vec![at(&other, 0, raw("{}")), at(&other, 1, same_id.clone())], 10)
-            .await
-            .expect_err("duplicate id");
+        let error = import_all(
+            &store,
+            vec![at(&other, 0, raw("{}")), at(&other, 1, same_id.clone())],
+            10,
+        )
+        .await
+        .expect_err("duplicate id");
         assert!(
             matches!(&error, Error::DuplicateEventId { event_id, existing_stream, .. }
                 if *event_id == appended.event_id && *existing_stream == live),
@@ -264,10 +300,17 @@ async fn duplicates_closed_streams_and_wrong_versions_are_refused_and_store_noth
         assert_eq!((report.skipped, report.imported), (1, 0));
         // An id twice in the input.
         let twice = raw("{}");
-        let error = import_all(&store, vec![at(&other, 0, twice.clone()), at(&other, 1, twice)], 10)
-            .await
-            .expect_err("twice");
-        assert!(matches!(error, Error::InvalidArgument(ref m) if m.contains("twice")), "{error:?}");
+        let error = import_all(
+            &store,
+            vec![at(&other, 0, twice.clone()), at(&other, 1, twice)],
+            10,
+        )
+        .await
+        .expect_err("twice");
+        assert!(
+            matches!(error, Error::InvalidArgument(ref m) if m.contains("twice")),
+            "{error:?}"
+        );
         // A version the stream is not at.
         let error = import_all(
             &store,
@@ -293,14 +336,24 @@ async fn duplicates_closed_streams_and_wrong_versions_are_refused_and_store_noth
         store.delete_stream(&deleted).await.expect("delete");
         let head_closed = store.head().await.expect("head");
         assert!(head_closed > head_before);
-        let error = import_all(&store, vec![at(&other, 0, raw("{}")), at(&archived, 1, raw("{}"))], 10)
-            .await
-            .expect_err("archived");
-        assert!(matches!(error, Error::StreamArchived { ref stream } if *stream == archived), "{error:?}");
+        let error = import_all(
+            &store,
+            vec![at(&other, 0, raw("{}")), at(&archived, 1, raw("{}"))],
+            10,
+        )
+        .await
+        .expect_err("archived");
+        assert!(
+            matches!(error, Error::StreamArchived { ref stream } if *stream == archived),
+            "{error:?}"
+        );
         let error = import_all(&store, vec![at(&deleted, 0, raw("{}"))], 10)
             .await
             .expect_err("deleted");
-        assert!(matches!(error, Error::StreamDeleted { ref stream } if *stream == deleted), "{error:?}");
+        assert!(
+            matches!(error, Error::StreamDeleted { ref stream } if *stream == deleted),
+            "{error:?}"
+        );
 
         // Nothing of any refused chunk was stored: no stream row, no event.
         assert_eq!(store.head().await.expect("head"), head_closed);
@@ -318,7 +371,14 @@ async fn duplicates_closed_streams_and_wrong_versions_are_refused_and_store_noth
         )
         .await
         .expect("continue");
-        assert_eq!((report.imported, report.streams_extended, report.streams_created), (2, 1, 0));
+        assert_eq!(
+            (
+                report.imported,
+                report.streams_extended,
+                report.streams_created
+            ),
+            (2, 1, 0)
+        );
         assert_eq!(store.stream_version(&live).await.expect("v").get(), 4);
     })
     .await;
@@ -368,7 +428,9 @@ async fn a_subscriber_reading_during_an_import_and_appends_sees_every_event_once
                         store
                             .append(
                                 AppendRequest::new(id.clone(), vec![raw(r#"{"live":true}"#)])
-                                    .expected_version(ExpectedVersion::Exact(StreamVersion::new(v))),
+                                    .expected_version(ExpectedVersion::Exact(StreamVersion::new(
+                                        v,
+                                    ))),
                             )
                             .await
                             .expect("live append");
@@ -384,7 +446,11 @@ async fn a_subscriber_reading_during_an_import_and_appends_sees_every_event_once
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         let seen = reader.await.expect("reader");
         let unique: HashSet<_> = seen.iter().collect();
-        assert_eq!(unique.len(), seen.len(), "the subscriber saw an event twice");
+        assert_eq!(
+            unique.len(),
+            seen.len(),
+            "the subscriber saw an event twice"
+        );
         assert_eq!(seen.len() as u64, n + 180, "the subscriber missed events");
         let mut log = Vec::new();
         let summary = verify_log(&store, 1000, |e| log.push(e.event_id)).await;

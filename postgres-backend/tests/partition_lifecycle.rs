@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use factum::{
-    AppendRequest, Error, EventFilter, EventId, EventStore, ExpectedVersion, LogPosition,
-    NewEvent, RecordedEvent, StreamId, StreamVersion,
+    AppendRequest, Error, EventFilter, EventId, EventStore, ExpectedVersion, LogPosition, NewEvent,
+    RecordedEvent, StreamId, StreamVersion,
 };
 use factum_postgres::PostgresStore;
 use factum_testkit::conformance::verify_log;
@@ -82,7 +82,10 @@ async fn concurrent_appends_across_partition_rollovers_lose_and_repeat_nothing()
         let db = TestDatabase::create().await;
         let store = db.store();
         next_position(&db, FIRST_END - 30).await;
-        store.ensure_partitions(40, 40).await.expect("first partitions");
+        store
+            .ensure_partitions(40, 40)
+            .await
+            .expect("first partitions");
         let writing = Arc::new(AtomicBool::new(true));
 
         let maintenance = {
@@ -134,8 +137,9 @@ async fn concurrent_appends_across_partition_rollovers_lose_and_repeat_nothing()
                         stream("shared-1")
                     };
                     for round in 0..40_u64 {
-                        let batch: Vec<NewEvent> =
-                            (0..(1 + (w + round) % 3)).map(|k| event(round * 10 + k)).collect();
+                        let batch: Vec<NewEvent> = (0..(1 + (w + round) % 3))
+                            .map(|k| event(round * 10 + k))
+                            .collect();
                         let ids: Vec<EventId> = batch.iter().map(|e| e.event_id).collect();
                         // `Any` on the shared stream: both writers' batches go in, in some order.
                         store
@@ -161,10 +165,20 @@ async fn concurrent_appends_across_partition_rollovers_lose_and_repeat_nothing()
 
         let mut log = Vec::new();
         let summary = verify_log(&store, 500, |e| log.push(e.event_id)).await;
-        assert_eq!(summary.events as usize, acknowledged.len(), "events lost or added");
+        assert_eq!(
+            summary.events as usize,
+            acknowledged.len(),
+            "events lost or added"
+        );
         assert_eq!(log.iter().copied().collect::<HashSet<_>>(), acknowledged);
-        assert_eq!(seen, log, "the subscriber saw every event once, in log order");
-        assert!(created >= 3, "maintenance rolled over during the writes ({created} created)");
+        assert_eq!(
+            seen, log,
+            "the subscriber saw every event once, in log order"
+        );
+        assert!(
+            created >= 3,
+            "maintenance rolled over during the writes ({created} created)"
+        );
         let homes: i64 = sqlx::query_scalar(
             "SELECT count(DISTINCT tableoid) FROM factum.events WHERE global_position >= $1",
         )
@@ -205,7 +219,10 @@ async fn explain_shows_a_stream_read_touching_only_the_partitions_that_can_hold_
                 .await
                 .expect("append");
         }
-        let plan = store.stream_read_plan(&stream("new-1")).await.expect("plan");
+        let plan = store
+            .stream_read_plan(&stream("new-1"))
+            .await
+            .expect("plan");
         assert_eq!(
             plan.scanned,
             [
@@ -218,19 +235,32 @@ async fn explain_shows_a_stream_read_touching_only_the_partitions_that_can_hold_
             plan.explain
         );
         for pruned in ["events_p0", "events_p1000000000", "events_p1000000010"] {
-            assert!(plan.pruned.iter().any(|p| p == pruned), "{pruned} not pruned: {plan:?}");
+            assert!(
+                plan.pruned.iter().any(|p| p == pruned),
+                "{pruned} not pruned: {plan:?}"
+            );
         }
-        let plan = store.stream_read_plan(&stream("old-1")).await.expect("plan");
-        assert!(plan.scanned.iter().any(|p| p == "events_p1000000000"), "{plan:?}");
+        let plan = store
+            .stream_read_plan(&stream("old-1"))
+            .await
+            .expect("plan");
+        assert!(
+            plan.scanned.iter().any(|p| p == "events_p1000000000"),
+            "{plan:?}"
+        );
         assert_eq!(plan.pruned, ["events_p0"], "{plan:?}");
         // The pruned read is the read: whole and in order.
         let events = read(&store, &stream("new-1")).await;
         assert_eq!(
-            events.iter().map(|e| e.stream_version.get()).collect::<Vec<_>>(),
+            events
+                .iter()
+                .map(|e| e.stream_version.get())
+                .collect::<Vec<_>>(),
             (1..=14).collect::<Vec<_>>()
         );
         // A stream created by an import prunes the same way.
-        let imported = factum_postgres::ImportedEvent::new(stream("imp-1"), event(1), chrono::Utc::now());
+        let imported =
+            factum_postgres::ImportedEvent::new(stream("imp-1"), event(1), chrono::Utc::now());
         store
             .import(
                 futures_util::stream::iter([Ok::<_, factum::BoxError>(imported)]),
@@ -239,8 +269,14 @@ async fn explain_shows_a_stream_read_touching_only_the_partitions_that_can_hold_
             )
             .await
             .expect("import");
-        let plan = store.stream_read_plan(&stream("imp-1")).await.expect("plan");
-        assert!(plan.pruned.iter().any(|p| p == "events_p1000000020"), "{plan:?}");
+        let plan = store
+            .stream_read_plan(&stream("imp-1"))
+            .await
+            .expect("plan");
+        assert!(
+            plan.pruned.iter().any(|p| p == "events_p1000000020"),
+            "{plan:?}"
+        );
         assert_eq!(read(&store, &stream("imp-1")).await.len(), 1);
     })
     .await;
@@ -273,7 +309,10 @@ async fn a_partition_moved_to_cold_storage_and_back_is_replayed_whole() {
         assert_eq!(before.len(), 11);
 
         store.archive_stream(&old).await.expect("archive");
-        store.detach_partition("events_p1000000000").await.expect("detach");
+        store
+            .detach_partition("events_p1000000000")
+            .await
+            .expect("detach");
         // Cold storage: the rows out to a file (here, memory), the table dropped.
         let dump = {
             let mut conn = db.pool().acquire().await.expect("conn");
@@ -357,8 +396,14 @@ async fn a_partition_moved_to_cold_storage_and_back_is_replayed_whole() {
         let summary = verify_log(&store, 5, |_| {}).await;
         assert_eq!((summary.events, summary.streams), (12, 2));
         // The partition can go again, the same way.
-        store.detach_partition("events_p1000000000").await.expect("detach again");
-        store.attach_partition("events_p1000000000").await.expect("attach again");
+        store
+            .detach_partition("events_p1000000000")
+            .await
+            .expect("detach again");
+        store
+            .attach_partition("events_p1000000000")
+            .await
+            .expect("attach again");
         assert_eq!(replay(&store).await.len(), 12);
     })
     .await;

@@ -51,7 +51,9 @@ fn legacy(run: u64, n: u64) -> ImportedEvent {
 }
 
 fn recorded_at(n: u64) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2018, 1, 1, 0, 0, 0).single().expect("time")
+    Utc.with_ymd_and_hms(2018, 1, 1, 0, 0, 0)
+        .single()
+        .expect("time")
         + chrono::Duration::milliseconds(n as i64 * 250)
 }
 
@@ -163,9 +165,8 @@ pub async fn run(db: &TestDatabase, store: &PostgresStore, scale: f64) {
     // 1M events (scaled) into a schema of their own, then read back by the conformance reads and
     // compared with the input, event by event.
     let total = ((1_000_000.0 * scale) as u64).max(1);
-    let bulk = db.store_with(
-        StoreOptions::default().with_schema(SchemaName::new("bulk").expect("schema")),
-    );
+    let bulk = db
+        .store_with(StoreOptions::default().with_schema(SchemaName::new("bulk").expect("schema")));
     bulk.migrate().await.expect("bulk schema");
     let started = Instant::now();
     let mut last_report = Instant::now();
@@ -212,7 +213,10 @@ pub async fn run(db: &TestDatabase, store: &PostgresStore, scale: f64) {
     for s in [0, STREAMS / 2, STREAMS - 1] {
         let id = StreamId::new(format!("ledger7-{s}")).expect("id");
         let expected = total / STREAMS + u64::from(s < total % STREAMS);
-        assert_eq!(bulk.stream_version(&id).await.expect("version").get(), expected);
+        assert_eq!(
+            bulk.stream_version(&id).await.expect("version").get(),
+            expected
+        );
     }
     println!(
         "1M check: {total} events imported in {import_secs:.1} s ({:.0} ev/s), read back and verified in {:.1} s: {} events in {} streams, every id once, log order = input order, versions 1..n without gaps, read_stream = the log's events of each stream, payloads, metadata and recorded-at as imported",
