@@ -446,15 +446,32 @@ impl PostgresStore {
 
         // 1. Ids stored before: the same event is skipped, anything else is refused.
         let mut fates: Vec<Option<Fate>> = vec![None; chunk.len()];
-        let stored: Vec<(Uuid, String, i64, String, i32)> =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        // The rows' columns after the version are encoded while the database looks the ids up.
+        let lookup =
+            sqlx::query_as::<_, (Uuid, String, i64, String, i32)>(sqlx::AssertSqlSafe(format!(
                 "SELECT event_id, stream_id, stream_version, event_type, schema_version \
                  FROM {s}.events WHERE event_id = ANY($1)"
             )))
             .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(fail)?;
+            .fetch_all(&mut *tx);
+        let encode = async {
+            let mut tails = Vec::with_capacity(chunk.len() * 420);
+            let mut ends = Vec::with_capacity(chunk.len());
+            for (i, imported) in chunk.iter().enumerate() {
+                encode_tail(&mut tails, imported).map_err(|e| (i, e))?;
+                ends.push(tails.len());
+            }
+            Ok::<_, (usize, String)>((tails, ends))
+        };
+        let (stored, encoded) = futures_util::future::join(lookup, encode).await;
+        let stored = stored.map_err(fail)?;
+        let (tails, ends) = encoded.map_err(|(i, e)| {
+            Error::InvalidArgument(format!(
+                "input event #{} ({}): {e}; nothing of chunk {number} was stored",
+                first + i as u64,
+                ids[i]
+            ))
+        })?;
         if !stored.is_empty() {
             let found: Vec<usize> = stored.iter().map(|row| index_of[&row.0]).collect();
             let payloads: Vec<&str> = found
@@ -494,33 +511,43 @@ impl PostgresStore {
             }
         }
 
-        // 2. The streams that get events, locked in stream order (as group appends lock them).
-        let mut streams: Vec<&StreamId> = Vec::new();
-        {
-            let mut seen: HashMap<&str, ()> = HashMap::new();
-            for (i, imported) in chunk.iter().enumerate() {
-                if fates[i].is_none() && seen.insert(imported.stream_id.as_str(), ()).is_none() {
-                    streams.push(&imported.stream_id);
-                }
+        // 2. The streams that get events, created or bumped by their count of new events in one
+        // statement, locking the rows in stream order (as group appends lock them). The rows stay
+        // invisible to others until the commit; a refusal below rolls them back.
+        let mut counts: HashMap<&str, (i64, &StreamId)> = HashMap::new();
+        for (i, imported) in chunk.iter().enumerate() {
+            if fates[i].is_none() {
+                counts
+                    .entry(imported.stream_id.as_str())
+                    .or_insert((0, &imported.stream_id))
+                    .0 += 1;
             }
         }
-        streams.sort();
-        let names: Vec<&str> = streams.iter().map(|s| s.as_str()).collect();
-        let categories: Vec<&str> = streams.iter().map(|s| s.category()).collect();
-        // Existing rows are locked as they are (the no-op update), new ones created at version 0
-        // and bumped below; both stay invisible to others until the commit.
-        let rows: Vec<(String, i64, bool, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO {s}.streams AS st (stream_id, category, version) \
-             SELECT n.stream_id, n.category, 0 FROM unnest($1::text[], $2::text[]) \
-                 WITH ORDINALITY AS n(stream_id, category, o) ORDER BY n.o \
-             ON CONFLICT (stream_id) DO UPDATE SET version = st.version \
-             RETURNING st.stream_id, st.version, st.archived, st.deleted_at IS NOT NULL"
-        )))
-        .bind(&names)
-        .bind(&categories)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(fail)?;
+        let mut streams: Vec<(&str, i64, &StreamId)> =
+            counts.iter().map(|(s, &(n, id))| (*s, n, id)).collect();
+        streams.sort_unstable_by_key(|&(s, _, _)| s);
+        let names: Vec<&str> = streams.iter().map(|s| s.0).collect();
+        let categories: Vec<&str> = streams.iter().map(|s| s.2.category()).collect();
+        let added: Vec<i64> = streams.iter().map(|s| s.1).collect();
+        let rows: Vec<(String, i64, bool, bool)> = if streams.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {s}.streams AS st (stream_id, category, version) \
+                 SELECT n.stream_id, n.category, n.added \
+                 FROM unnest($1::text[], $2::text[], $3::int8[]) \
+                     WITH ORDINALITY AS n(stream_id, category, added, o) ORDER BY n.o \
+                 ON CONFLICT (stream_id) DO UPDATE SET version = st.version + EXCLUDED.version \
+                 RETURNING st.stream_id, st.version, st.archived, st.deleted_at IS NOT NULL"
+            )))
+            .bind(&names)
+            .bind(&categories)
+            .bind(&added)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(fail)?
+        };
+        // (version before the chunk, version so far) per stream.
         let mut versions: HashMap<String, (i64, i64)> = HashMap::with_capacity(rows.len());
         let (mut created, mut extended) = (0, 0);
         for (stream, version, archived, deleted) in rows {
@@ -533,12 +560,13 @@ impl PostgresStore {
                     Error::StreamArchived { stream: id }
                 });
             }
-            if version == 0 {
+            let base = version - counts.get(stream.as_str()).map_or(0, |c| c.0);
+            if base == 0 {
                 created += 1;
             } else {
                 extended += 1;
             }
-            versions.insert(stream, (version, version));
+            versions.insert(stream, (base, base));
         }
 
         // 3. Versions, in input order; a stream's stored events come before its new ones.
@@ -592,33 +620,16 @@ impl PostgresStore {
             });
         }
 
-        // 4. The rows' versions, then the events.
-        let (bumped, to): (Vec<&str>, Vec<i64>) = versions
-            .iter()
-            .map(|(stream, &(_, now))| (stream.as_str(), now))
-            .unzip();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {s}.streams st SET version = u.version \
-             FROM unnest($1::text[], $2::int8[]) AS u(stream_id, version) \
-             WHERE st.stream_id = u.stream_id"
-        )))
-        .bind(&bumped)
-        .bind(&to)
-        .execute(&mut *tx)
-        .await
-        .map_err(fail)?;
-        let mut data = Vec::with_capacity(new.len() * 512);
+        // 4. The events.
+        let mut data = Vec::with_capacity(tails.len() + new.len() * 48);
         for &i in &new {
             let Some(Fate::New(version)) = fates[i] else {
                 continue;
             };
-            encode_row(&mut data, &chunk[i], version).map_err(|e| {
-                Error::InvalidArgument(format!(
-                    "input event #{} ({}): {e}; nothing of chunk {number} was stored",
-                    first + i as u64,
-                    ids[i]
-                ))
-            })?;
+            text(&mut data, chunk[i].stream_id.as_str());
+            let _ = write!(data, "\t{version}");
+            let start = if i == 0 { 0 } else { ends[i - 1] };
+            data.extend_from_slice(&tails[start..ends[i]]);
         }
         let culprit = |e: &sqlx::Error| -> String {
             copy_line(e)
@@ -707,13 +718,21 @@ fn copy_line(error: &sqlx::Error) -> Option<usize> {
 }
 
 /// Appends one row of `COPY ... FROM STDIN` text format: the columns of [`COPY_COLUMNS`].
+#[cfg(test)]
 fn encode_row(out: &mut Vec<u8>, imported: &ImportedEvent, version: i64) -> Result<(), String> {
+    text(out, imported.stream_id.as_str());
+    let _ = write!(out, "\t{version}");
+    encode_tail(out, imported)
+}
+
+/// Appends the columns of a COPY row after the stream version (from the tab before the event id
+/// to the end of the line): all of a row that does not depend on the stream's current version.
+fn encode_tail(out: &mut Vec<u8>, imported: &ImportedEvent) -> Result<(), String> {
     let event = &imported.event;
     let metadata = serde_json::to_string(&event.metadata.user)
         .map_err(|e| format!("its metadata cannot be serialised: {e}"))?;
-    text(out, imported.stream_id.as_str());
     // Writing to a Vec cannot fail.
-    let _ = write!(out, "\t{version}\t{}\t", event.event_id.as_uuid());
+    let _ = write!(out, "\t{}\t", event.event_id.as_uuid());
     text(out, &event.event_type);
     let _ = write!(out, "\t{}\t", event.schema_version);
     text(out, event.payload.get());
@@ -723,11 +742,8 @@ fn encode_row(out: &mut Vec<u8>, imported: &ImportedEvent, version: i64) -> Resu
     optional_uuid(out, event.metadata.correlation_id.map(|c| c.as_uuid()));
     out.push(b'\t');
     optional_uuid(out, event.metadata.causation_id.map(|c| c.as_uuid()));
-    let _ = writeln!(
-        out,
-        "\t{}",
-        imported.recorded_at.format("%Y-%m-%d %H:%M:%S%.6f+00")
-    );
+    // `2017-07-14 02:40:00.123456`: the fraction as long as needed, in UTC.
+    let _ = writeln!(out, "\t{}+00", imported.recorded_at.naive_utc());
     Ok(())
 }
 
