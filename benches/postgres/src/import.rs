@@ -133,7 +133,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// The import section: throughput against raw COPY, then the verified 1M import.
-pub async fn run(db: &TestDatabase, store: &PostgresStore, scale: f64) {
+pub(crate) async fn run(db: &TestDatabase, store: &PostgresStore, scale: f64) {
     let n = ((200_000.0 * scale) as u64).max(CHUNK as u64);
     let pool = db.pool().clone();
     // Warm-up: connections, statements, the tables' first pages.
