@@ -59,8 +59,8 @@ impl Default for ConsumerOptions {
 }
 
 impl ConsumerOptions {
-    /// Where to start (default: [`StartFrom::Checkpoint`]). [`StartFrom::Beginning`] and
-    /// [`StartFrom::Position`] move the stored checkpoint when the consumer starts;
+    /// Where to start (default: [`StartFrom::Checkpoint`]). [`StartFrom::Beginning`],
+    /// [`StartFrom::After`] and [`StartFrom::Time`] move the stored checkpoint when the consumer starts;
     /// [`StartFrom::Now`] does so only when the consumer has no checkpoint yet (an existing one
     /// is kept). Once stored, later starts of the same consumer value (after a lost lease or a
     /// store failure) resume from the checkpoint.
