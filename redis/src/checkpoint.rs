@@ -125,7 +125,8 @@ impl RedisCheckpoints {
             });
         }
         let unpark = redis::cmd("HDEL").arg(&key).arg(&field).to_owned();
-        tx.exec(vec![unpark], "retry a parked event in Redis").await?;
+        tx.exec(vec![unpark], "retry a parked event in Redis")
+            .await?;
         Ok(true)
     }
 }
@@ -150,7 +151,11 @@ fn stored_position(key: &str, value: Value) -> Result<Option<LogPosition>, Error
         Value::Nil => Ok(None),
         Value::BulkString(bytes) => decode_position(key, &bytes).map(Some),
         Value::SimpleString(text) => decode_position(key, text.as_bytes()).map(Some),
-        other => Err(corrupt(key, format!("{other:?}").as_bytes(), "a checkpoint")),
+        other => Err(corrupt(
+            key,
+            format!("{other:?}").as_bytes(),
+            "a checkpoint",
+        )),
     }
 }
 
