@@ -494,3 +494,40 @@ fn a_consumer_resumes_from_its_redis_checkpoint() {
         assert_eq!(read_model(&keyspace).await, fold(&events));
     });
 }
+
+/// Redis killed and restarted empty (no persistence): the consumer waits out the lost
+/// connections, finds no checkpoint, and rebuilds the read model from the start of the log —
+/// consistent again, each event once.
+#[test]
+fn a_redis_restart_that_lost_everything_is_rebuilt_from_the_start() {
+    runtime().block_on(async {
+        let mut server = factum_testkit::redis::RedisServer::start();
+        let keyspace =
+            RedisKeyspace::connect(&server.url(), &factum_testkit::redis::namespace("restart"))
+                .await
+                .expect("connect");
+        let store = test_log(200, 5).await;
+        let events = all_events(&store).await;
+        let checkpoints = RedisCheckpoints::new(&keyspace);
+        let mut subscription =
+            Subscription::with_checkpoints("ledger", store.clone(), checkpoints.clone())
+                .batch_size(10);
+        subscription
+            .catch_up_to(Ledger::default(), events[99].position)
+            .await
+            .expect("the first half");
+        assert_eq!(read_model(&keyspace).await, fold(&events[..100]));
+
+        server.kill();
+        server.restart();
+        subscription
+            .catch_up(Ledger::default())
+            .await
+            .expect("catch up after the restart");
+        assert_eq!(read_model(&keyspace).await, fold(&events));
+        assert_eq!(
+            checkpoints.load("ledger").await.expect("load"),
+            Some(store.head())
+        );
+    });
+}
