@@ -470,12 +470,13 @@ async fn stream_reads(
             .await
             .expect("vacuum");
     }
-    let payload_bytes: i32 =
-        sqlx::query_scalar("SELECT length(payload::text) FROM factum.events WHERE stream_id = $1 LIMIT 1")
-            .bind(stream.as_str())
-            .fetch_one(pool)
-            .await
-            .expect("payload size");
+    let payload_bytes: i32 = sqlx::query_scalar(
+        "SELECT length(payload::text) FROM factum.events WHERE stream_id = $1 LIMIT 1",
+    )
+    .bind(stream.as_str())
+    .fetch_one(pool)
+    .await
+    .expect("payload size");
     let peer_store = PersistedEventStore::<PostgresEventRepository, PeerAccount>::new_event_store(
         PostgresEventRepository::new(peer_pool.clone()),
     );

@@ -240,11 +240,11 @@ async fn load(pool: &PgPool, n: i64) {
              FROM generate_series($1::bigint, $2::bigint) g",
         );
         sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
-        .bind(first)
-        .bind(last)
-        .execute(pool)
-        .await
-        .expect("load events");
+            .bind(first)
+            .bind(last)
+            .execute(pool)
+            .await
+            .expect("load events");
         first = last + 1;
     }
     sqlx::query("ANALYZE factum.events")
@@ -624,8 +624,8 @@ async fn main() {
             tokio::spawn(async move {
                 let stream = StreamId::new(format!("live-{w}")).expect("id");
                 for _ in 0..per_writer {
-                    let event = NewEvent::encode(&Deposited::new(1), Default::default())
-                        .expect("encode");
+                    let event =
+                        NewEvent::encode(&Deposited::new(1), Default::default()).expect("encode");
                     store
                         .append(factum::AppendRequest::new(stream.clone(), vec![event]))
                         .await
