@@ -543,6 +543,41 @@ async fn stream_reads(
     );
 }
 
+/// CPU time used so far by every PostgreSQL server process on this machine, in microseconds
+/// (`utime + stime` of the processes named `postgres`, from `/proc/*/stat`, at 100 ticks/s): the
+/// server side's share of a run, when the server runs here.
+fn server_cpu_us() -> u64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let ticks: u64 = procs
+        .flatten()
+        .filter_map(|p| std::fs::read_to_string(p.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // pid (comm) state ppid ... utime stime: fields 14 and 15, counted after the comm.
+            let (comm, rest) = stat.split_once(") ")?;
+            if !comm.ends_with("(postgres") {
+                return None;
+            }
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks * 10_000
+}
+
+/// Runs `f` (`ops` operations) and returns its rate, with the client's and the server's CPU
+/// time per operation in microseconds.
+async fn with_cpus<F: std::future::Future<Output = f64>>(ops: usize, f: F) -> [f64; 3] {
+    let (client, server) = (process_cpu_us(), server_cpu_us());
+    let rate = f.await;
+    [
+        rate,
+        (process_cpu_us() - client) as f64 / ops as f64,
+        (server_cpu_us() - server) as f64 / ops as f64,
+    ]
+}
+
 /// CPU time used so far by all of this process's threads, in microseconds (from
 /// `/proc/self/task/*/schedstat`): the client side's share of a run.
 fn process_cpu_us() -> u64 {
@@ -754,6 +789,54 @@ async fn main() {
                     ratios[i][2] * 100.0
                 );
             }
+        }
+        return;
+    }
+
+    // `FACTUM_BENCH_ONLY=where`: where a 16-client operation's time goes: rate, client CPU and
+    // server CPU per operation, for raw inserts, 1-event appends, uncached and cached commands;
+    // medians of 3 alternated runs. (16 clients on a pool of 24: no client waits for a
+    // connection.)
+    if std::env::var("FACTUM_BENCH_ONLY").as_deref() == Ok("where") {
+        raw_inserts(&pool, 4, 20, "warm").await;
+        factum_appends(&store, 4, 20, "warm").await;
+        factum_commands(&repo, 4, 20, "warm").await;
+        factum_commands(&cached, 4, 20, "warmc").await;
+        let per = (n(400.0) / 10).max(1) * 10;
+        let ops = 16 * per;
+        let mut figures: [Vec<[f64; 3]>; 4] = Default::default();
+        for run in 0..3 {
+            let t = |what: &str| format!("w{what}{run}");
+            figures[0].push(with_cpus(ops, raw_inserts(&pool, 16, per, &t("raw"))).await);
+            figures[1].push(with_cpus(ops, factum_appends(&store, 16, per, &t("app"))).await);
+            figures[2].push(with_cpus(ops, factum_commands(&repo, 16, per, &t("cmd"))).await);
+            figures[3].push(with_cpus(ops, factum_commands(&cached, 16, per, &t("cch"))).await);
+        }
+        println!(
+            "| 16 clients (median of 3) | ops/s | client CPU per op | server CPU per op | wall time per op and client |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for (what, runs) in [
+            "raw single-row inserts",
+            "1-event appends",
+            "uncached commands",
+            "cached commands",
+        ]
+        .into_iter()
+        .zip(&figures)
+        {
+            let median = |i: usize| {
+                let mut v: Vec<f64> = runs.iter().map(|f| f[i]).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            println!(
+                "| {what} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs |",
+                median(0),
+                median(1),
+                median(2),
+                16e6 / median(0)
+            );
         }
         return;
     }
