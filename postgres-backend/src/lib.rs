@@ -85,6 +85,7 @@ mod group;
 mod inbox;
 mod maintenance;
 mod migrate;
+mod personal;
 pub mod projection;
 mod restore;
 pub mod saga;
@@ -102,6 +103,8 @@ pub use error::RestoreRepairNeeded;
 pub use inbox::PgInbox;
 pub use maintenance::Partition;
 pub use migrate::migrate;
+#[cfg(feature = "personal")]
+pub use personal::PgKeyStore;
 pub use restore::RestoreRepair;
 pub use schema::SchemaName;
 pub use service::ServiceRole;
