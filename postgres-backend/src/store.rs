@@ -1716,7 +1716,8 @@ impl EventStore for PostgresStore {
                     if events.is_empty() || after == LogPosition::START {
                         self.check_not_restored("read all").await?;
                     }
-                    let events = events.into_iter().map(EventRow::into_recorded).collect();
+                    let events: Result<Vec<_>, _> =
+                        events.into_iter().map(EventRow::into_recorded).collect();
                     return self.open_all(events?).await;
                 }
                 tokio::time::sleep(delay).await;
