@@ -261,3 +261,8 @@ impl PgProjection for Directory {
         Ok(())
     }
 }
+
+/// The book's personal data chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/src/personal-data.md")]
+mod personal_data_chapter {}
