@@ -178,7 +178,8 @@ impl InMemoryStore {
         };
         let event = NewEvent::encode(&marker, crate::event::EventMetadata::default())
             .map_err(|e| Error::permanent("forget a subject", e))?;
-        let appended = self.append_now(AppendRequest::new(subject.forgotten_stream(), vec![event]))?;
+        let appended =
+            self.append_now(AppendRequest::new(subject.forgotten_stream(), vec![event]))?;
         Ok(crate::personal::ForgetOutcome {
             subject: subject.clone(),
             had_key,
@@ -294,7 +295,11 @@ impl InMemoryStore {
                 if !subjects.is_empty() {
                     let mut inner = self.write();
                     for subject in subjects {
-                        inner.personal.entry(subject).or_default().insert(stream.clone());
+                        inner
+                            .personal
+                            .entry(subject)
+                            .or_default()
+                            .insert(stream.clone());
                     }
                 }
                 Ok(result)
@@ -411,11 +416,13 @@ impl EventStore for InMemoryStore {
         #[cfg(feature = "personal")]
         if let Some(shredder) = &self.shredder {
             use futures_util::StreamExt as _;
-            return Box::pin(futures_util::stream::iter(events).then(move |event| async move {
-                let mut event = event?;
-                shredder.open(&mut event).await?;
-                Ok(event)
-            }));
+            return Box::pin(
+                futures_util::stream::iter(events).then(move |event| async move {
+                    let mut event = event?;
+                    shredder.open(&mut event).await?;
+                    Ok(event)
+                }),
+            );
         }
         Box::pin(futures_util::stream::iter(events))
     }

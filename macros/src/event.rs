@@ -925,7 +925,9 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind], splits: &[Split]) -> To
     };
 
     let has_personal = if kinds.iter().any(|k| !k.personal.is_empty()) {
-        quote!(const HAS_PERSONAL_DATA: bool = true;)
+        quote!(
+            const HAS_PERSONAL_DATA: bool = true;
+        )
     } else {
         TokenStream::new()
     };

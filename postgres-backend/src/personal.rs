@@ -118,13 +118,14 @@ mod enabled {
 
         async fn lookup(&self, subject: &SubjectId) -> Result<KeyLookup, Error> {
             let s = self.schema.quoted();
-            let row: Option<(Option<Vec<u8>>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT key, forgotten_at IS NOT NULL FROM {s}.personal_keys WHERE subject = $1"
-            )))
-            .bind(subject.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| to_error(e, "read a subject key"))?;
+            let row: Option<(Option<Vec<u8>>, bool)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT key, forgotten_at IS NOT NULL FROM {s}.personal_keys WHERE subject = $1"
+                )))
+                .bind(subject.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| to_error(e, "read a subject key"))?;
             Ok(match row {
                 None => KeyLookup::Missing,
                 Some((_, true)) | Some((None, _)) => KeyLookup::Forgotten,
@@ -264,9 +265,11 @@ mod enabled {
             };
             let event = NewEvent::encode(&marker, EventMetadata::default())
                 .map_err(|e| Error::permanent("forget a subject", e))?;
-            let appended =
-                factum::EventStore::append(self, AppendRequest::new(subject.forgotten_stream(), vec![event]))
-                    .await?;
+            let appended = factum::EventStore::append(
+                self,
+                AppendRequest::new(subject.forgotten_stream(), vec![event]),
+            )
+            .await?;
             Ok(ForgetOutcome::new(
                 subject.clone(),
                 had_key,

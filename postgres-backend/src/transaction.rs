@@ -116,7 +116,10 @@ impl EventStore for InTransaction<'_> {
     ) -> PayloadStream<'a> {
         if self.store.decrypts() {
             use futures_util::TryStreamExt as _;
-            return Box::pin(self.read_stream(stream, after).map_ok(factum::EventPayload::from));
+            return Box::pin(
+                self.read_stream(stream, after)
+                    .map_ok(factum::EventPayload::from),
+            );
         }
         let rows = async move {
             let mut conn = self.conn.lock().await;

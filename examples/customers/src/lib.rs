@@ -129,9 +129,9 @@ impl Customer {
                     email: email.clone(),
                 }])
             }
-            CustomerCommand::ChangePlan { plan, .. } => Ok(vec![CustomerEvent::PlanChanged {
-                plan: plan.clone(),
-            }]),
+            CustomerCommand::ChangePlan { plan, .. } => {
+                Ok(vec![CustomerEvent::PlanChanged { plan: plan.clone() }])
+            }
         }
     }
 
@@ -234,7 +234,12 @@ impl PgProjection for Directory {
                     "INSERT INTO {table} (customer_id, name, email, plan) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (customer_id) DO UPDATE SET name = $2, email = $3, plan = $4"
                 ),
-                vec![customer_id.clone(), name.clone(), email.clone(), plan.clone()],
+                vec![
+                    customer_id.clone(),
+                    name.clone(),
+                    email.clone(),
+                    plan.clone(),
+                ],
             ),
             DirectoryEvent::Customer(CustomerEvent::EmailChanged { customer_id, email }) => (
                 format!("UPDATE {table} SET email = $2 WHERE customer_id = $1"),

@@ -22,7 +22,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .await?;
     let before = customers.load("c-7").await?.state;
-    println!("before: {} <{}> on {}", before.name, before.email, before.plan);
+    println!(
+        "before: {} <{}> on {}",
+        before.name, before.email, before.plan
+    );
 
     store.forget_subject(&SubjectId::new("c-7")?).await?;
     let after = customers.load("c-7").await?.state;

@@ -124,8 +124,7 @@ impl SubjectId {
     /// Checks and wraps `value`.
     pub fn new(value: impl Into<String>) -> Result<Self, InvalidSubjectId> {
         let value = value.into();
-        if value.is_empty() || value.len() > Self::MAX_LEN || value.chars().any(char::is_control)
-        {
+        if value.is_empty() || value.len() > Self::MAX_LEN || value.chars().any(char::is_control) {
             return Err(InvalidSubjectId(value));
         }
         Ok(Self(value))
@@ -264,9 +263,8 @@ pub(crate) fn mentions(payload: &RawValue, form: &str) -> bool {
     let text = payload.get();
     let bytes = text.as_bytes();
     // With its quotes: a key, not a value that happens to contain the word.
-    text.match_indices(form).any(|(i, _)| {
-        i > 0 && bytes[i - 1] == b'"' && bytes.get(i + form.len()) == Some(&b'"')
-    })
+    text.match_indices(form)
+        .any(|(i, _)| i > 0 && bytes[i - 1] == b'"' && bytes.get(i + form.len()) == Some(&b'"'))
 }
 
 /// The subjects whose personal fields `payload` holds in plaintext form (what a reader with a
@@ -304,7 +302,10 @@ pub fn subjects_in(payload: &RawValue) -> Vec<SubjectId> {
 }
 
 /// The inner object of `value` when it is `{form: {...}}` and nothing else.
-pub(crate) fn marker<'v>(value: &'v Value, form: &str) -> Option<&'v serde_json::Map<String, Value>> {
+pub(crate) fn marker<'v>(
+    value: &'v Value,
+    form: &str,
+) -> Option<&'v serde_json::Map<String, Value>> {
     let object = value.as_object()?;
     if object.len() != 1 {
         return None;
@@ -325,7 +326,10 @@ pub mod field {
 
     /// The plaintext form of `value` for `subject`.
     #[inline]
-    pub fn seal<'a, S: fmt::Display + ?Sized, T: ?Sized>(subject: &S, value: &'a T) -> Sealed<'a, T> {
+    pub fn seal<'a, S: fmt::Display + ?Sized, T: ?Sized>(
+        subject: &S,
+        value: &'a T,
+    ) -> Sealed<'a, T> {
         Sealed {
             subject: subject.to_string(),
             value,
@@ -333,7 +337,10 @@ pub mod field {
     }
 
     impl<T: Serialize + ?Sized> Serialize for Sealed<'_, T> {
-        fn serialize<Ser: serde::Serializer>(&self, serializer: Ser) -> Result<Ser::Ok, Ser::Error> {
+        fn serialize<Ser: serde::Serializer>(
+            &self,
+            serializer: Ser,
+        ) -> Result<Ser::Ok, Ser::Error> {
             #[derive(Serialize)]
             struct Inner<'b, T: ?Sized> {
                 subject: &'b str,

@@ -373,7 +373,8 @@ fn parse_object(text: &str) -> Option<Map<String, Value>> {
 /// The associated data: the ciphertext is only valid as this field of this event for this
 /// subject (moving it to another event or field fails to decrypt).
 fn aad(event_id: EventId, field: &str, subject: &SubjectId) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(AAD_PREFIX.len() + 16 + field.len() + 1 + subject.as_str().len());
+    let mut aad =
+        Vec::with_capacity(AAD_PREFIX.len() + 16 + field.len() + 1 + subject.as_str().len());
     aad.extend_from_slice(AAD_PREFIX);
     aad.extend_from_slice(event_id.as_uuid().as_bytes());
     aad.extend_from_slice(field.as_bytes());
@@ -386,7 +387,13 @@ fn encrypt(key: &SubjectKey, aad: &[u8], plaintext: &[u8]) -> Result<String, Err
     let cipher = XChaCha20Poly1305::new(key.as_bytes().into());
     let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
     let ciphertext = cipher
-        .encrypt(&nonce, Payload { msg: plaintext, aad })
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .map_err(|_| Error::permanent("encrypt a personal field", "XChaCha20-Poly1305 failed"))?;
     let mut data = Vec::with_capacity(NONCE_LEN + ciphertext.len());
     data.extend_from_slice(&nonce);
@@ -441,7 +448,8 @@ mod tests {
         }
     }
 
-    const PAYLOAD: &str = r#"{"id":"7","email":{"factum:personal":{"subject":"c-7","value":"ada@example.com"}}}"#;
+    const PAYLOAD: &str =
+        r#"{"id":"7","email":{"factum:personal":{"subject":"c-7","value":"ada@example.com"}}}"#;
 
     #[tokio::test]
     async fn round_trip_then_forget() {
@@ -450,7 +458,10 @@ mod tests {
         let mut events = vec![new_event(PAYLOAD)];
         shredder.seal(&mut events).await.unwrap();
         let stored = events[0].payload.get().to_owned();
-        assert!(!stored.contains("ada@example.com") && stored.contains(ENCRYPTED_KEY), "{stored}");
+        assert!(
+            !stored.contains("ada@example.com") && stored.contains(ENCRYPTED_KEY),
+            "{stored}"
+        );
 
         let mut read = recorded(&events[0]);
         shredder.open(&mut read).await.unwrap();
@@ -458,8 +469,14 @@ mod tests {
 
         // Another process forgets: this one keeps its cached key for at most `max_staleness`;
         // one that does not cache (staleness zero) sees the forgetting at once.
-        let other = Shredder::with_options(keys.clone(), ShredderOptions::default().max_staleness(Duration::ZERO));
-        let reader = Shredder::with_options(keys, ShredderOptions::default().max_staleness(Duration::ZERO));
+        let other = Shredder::with_options(
+            keys.clone(),
+            ShredderOptions::default().max_staleness(Duration::ZERO),
+        );
+        let reader = Shredder::with_options(
+            keys,
+            ShredderOptions::default().max_staleness(Duration::ZERO),
+        );
         let mut read = recorded(&events[0]);
         reader.open(&mut read).await.unwrap();
         let before = reader.generation();
@@ -468,8 +485,15 @@ mod tests {
         reader.open(&mut read).await.unwrap();
         assert!(read.payload.get().contains(FORGOTTEN_KEY));
         assert!(!read.payload.get().contains("ada@example.com"));
-        assert_eq!(reader.generation(), before + 1, "finding the key gone bumps the generation");
-        assert!(other.seal(&mut vec![new_event(PAYLOAD)]).await.is_err(), "no new data for a forgotten subject");
+        assert_eq!(
+            reader.generation(),
+            before + 1,
+            "finding the key gone bumps the generation"
+        );
+        assert!(
+            other.seal(&mut [new_event(PAYLOAD)]).await.is_err(),
+            "no new data for a forgotten subject"
+        );
     }
 
     #[tokio::test]
@@ -480,6 +504,10 @@ mod tests {
         let mut moved = recorded(&events[1]);
         moved.payload = events[0].payload.clone();
         let error = shredder.open(&mut moved).await.unwrap_err();
-        assert!(error.to_string().contains("decrypt") || format!("{error:?}").contains("authentication failed"), "{error:?}");
+        assert!(
+            error.to_string().contains("decrypt")
+                || format!("{error:?}").contains("authentication failed"),
+            "{error:?}"
+        );
     }
 }
