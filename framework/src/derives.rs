@@ -111,7 +111,7 @@
 /// `#[personal(subject = customer_id)]` on a named field (of a struct event or of a variant with
 /// named fields) marks it as personal data of the subject whose opaque id is in `customer_id`,
 /// another field of the same event: stored encrypted by a store with a
-/// [`Shredder`](crate::personal), read as a placeholder once the subject is forgotten. The field's
+/// `Shredder` ([`personal`](crate::personal)), read as a placeholder once the subject is forgotten. The field's
 /// type must be `Serialize + Deserialize` and [`Forgettable`](crate::personal::Forgettable); the
 /// subject's `Display`. See [`personal`](crate::personal).
 ///

@@ -544,7 +544,7 @@ impl SnapshotStore for InMemoryStore {
 
 /// Checks what every backend rejects before touching storage: an empty batch, one that repeats
 /// an event id, or one holding personal fields in plaintext (a store encrypts them only when it
-/// has a [`Shredder`](crate::personal::Shredder)).
+/// has a `Shredder`: see [`personal`](crate::personal)).
 pub fn validate_batch(stream: &StreamId, events: &[NewEvent]) -> Result<(), Error> {
     if events.is_empty() {
         return Err(Error::InvalidArgument(format!(

@@ -2,10 +2,10 @@
 //!
 //! A field of an event marked `#[personal(subject = other_field)]` (see
 //! [`derive(Event)`](macro@crate::Event)) belongs to a *data subject*, named by another field of
-//! the same event (usually a customer or user id). With the `personal` feature, a [`Shredder`]
+//! the same event (usually a customer or user id). With the `personal` feature, a `Shredder`
 //! given to the store encrypts each such field on append with that subject's own key
 //! (XChaCha20-Poly1305, a random nonce per field, the event id, field name and subject bound in
-//! as associated data) and decrypts it on every read. [`Shredder::forget`] (or a store's
+//! as associated data) and decrypts it on every read. `Shredder::forget` (or a store's
 //! `forget_subject`) deletes the key: from then on the field reads as a placeholder
 //! ([`Forgettable::forgotten`], `"[forgotten]"` for a `String`), never as an error, while the
 //! rest of the event loads as before.
@@ -17,7 +17,7 @@
 //!
 //! * `{"factum:personal": {"subject": S, "value": V}}`: the plaintext form, what an event's
 //!   `encode` writes and what readers hand to `decode` after decryption. A store refuses to
-//!   append it ([`validate_batch`](crate::validate_batch)): only a store with a [`Shredder`]
+//!   append it ([`validate_batch`](crate::validate_batch)): only a store with a `Shredder`
 //!   accepts personal fields, and stores them encrypted.
 //! * `{"factum:encrypted": {"subject": S, "data": B}}`: what is stored; `B` is the base64 of the
 //!   24-byte nonce followed by the ciphertext and its tag.
@@ -268,7 +268,7 @@ pub(crate) fn mentions(payload: &RawValue, form: &str) -> bool {
 }
 
 /// The subjects whose personal fields `payload` holds in plaintext form (what a reader with a
-/// [`Shredder`] decrypted), in field order, without repeats.
+/// `Shredder` decrypted), in field order, without repeats.
 ///
 /// ```
 /// use factum::RawValue;
@@ -363,7 +363,7 @@ pub mod field {
 
     /// A personal field on its way in: the plaintext form's value, the placeholder for the
     /// forgotten form, or the bare value (events stored before the field was marked personal).
-    /// The encrypted form is an error: the reader has no [`Shredder`](super::Shredder).
+    /// The encrypted form is an error: the reader has no `Shredder`.
     #[derive(Debug)]
     pub struct Opened<T>(pub T);
 
