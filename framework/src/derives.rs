@@ -106,6 +106,24 @@
 /// ```
 ///
 /// Generic types and unions are rejected; so are tuple variants with more than one field.
+///
+/// # Personal fields
+/// `#[personal(subject = customer_id)]` on a named field (of a struct event or of a variant with
+/// named fields) marks it as personal data of the subject whose opaque id is in `customer_id`,
+/// another field of the same event: stored encrypted by a store with a
+/// `Shredder` ([`personal`](crate::personal)), read as a placeholder once the subject is forgotten. The field's
+/// type must be `Serialize + Deserialize` and [`Forgettable`](crate::personal::Forgettable); the
+/// subject's `Display`. See [`personal`](crate::personal).
+///
+/// ```
+/// #[derive(factum::Event)]
+/// #[event(name = "customer.registered")]
+/// struct Registered {
+///     customer_id: String,
+///     #[personal(subject = customer_id)]
+///     email: String,
+/// }
+/// ```
 pub use factum_macros::Event;
 
 /// Derives [`Command`](trait@crate::Command): the command's name, and the field holding the id of

@@ -54,6 +54,12 @@ use crate::ids::{
     note = "add `#[derive(factum::Event)]` to `{Self}` and give each variant `#[event(name = \"...\")]`"
 )]
 pub trait Event: Sized + Send + Sync + 'static {
+    /// Whether some variant has personal fields (`#[personal(subject = ...)]`, see
+    /// [`personal`](crate::personal)): aggregates whose states may hold decrypted personal data
+    /// are dropped from a repository's state cache when a subject is forgotten.
+    /// `#[derive(Event)]` sets it; the default is `false`.
+    const HAS_PERSONAL_DATA: bool = false;
+
     /// The wire name of this event, e.g. `"account.opened"`.
     fn event_type(&self) -> &'static str;
 

@@ -136,6 +136,7 @@ pub mod health;
 pub mod idempotency;
 mod ids;
 mod memory;
+pub mod personal;
 mod process;
 mod projection;
 mod repository;
@@ -179,6 +180,7 @@ pub mod __private {
     pub use std::string::String;
     pub use std::vec::Vec;
 
+    pub use crate::personal::field as personal;
     pub use crate::{
         DecodeError, Decoded, EncodeError, RawValue, Stored, Upcast, decode_json, encode_json,
     };

@@ -50,6 +50,8 @@ use crate::subscription::{CheckpointStore, DeadLetterStore, ParkedEvent};
 #[derive(Clone, Default)]
 pub struct InMemoryStore {
     inner: Arc<RwLock<Inner>>,
+    #[cfg(feature = "personal")]
+    shredder: Option<crate::personal::Shredder>,
 }
 
 #[derive(Default)]
@@ -66,6 +68,9 @@ struct Inner {
     keys: HashMap<IdempotencyKey, KeyRecord>,
     checkpoints: HashMap<String, LogPosition>,
     dead_letters: Vec<ParkedEvent>,
+    /// The streams holding each subject's personal fields.
+    #[cfg(feature = "personal")]
+    personal: HashMap<crate::personal::SubjectId, HashSet<StreamId>>,
 }
 
 /// What an idempotency key was stored with.
@@ -120,6 +125,70 @@ impl InMemoryStore {
 
     // A panic while holding the lock cannot leave the data half-written (appends validate first,
     // then push), so a poisoned lock is still consistent.
+    /// Stores personal fields encrypted with `shredder`'s keys and decrypts them on every read
+    /// (see [`personal`](crate::personal)); [`forget_subject`](Self::forget_subject) forgets.
+    /// Clones made afterwards share the shredder; the data is shared with clones made before.
+    ///
+    /// ```
+    /// use factum::InMemoryStore;
+    /// use factum::personal::{InMemoryKeyStore, Shredder};
+    ///
+    /// let store = InMemoryStore::new().with_shredder(Shredder::new(InMemoryKeyStore::new()));
+    /// ```
+    #[cfg(feature = "personal")]
+    #[must_use]
+    pub fn with_shredder(mut self, shredder: crate::personal::Shredder) -> Self {
+        self.shredder = Some(shredder);
+        self
+    }
+
+    /// Forgets a data subject: deletes its key through the store's shredder (its personal fields
+    /// read as placeholders from now on), deletes the snapshots of every stream holding its
+    /// personal fields, and appends a [`SubjectForgotten`](crate::personal::SubjectForgotten)
+    /// marker to [`SubjectId::forgotten_stream`](crate::personal::SubjectId::forgotten_stream)
+    /// for read models to erase their copies. Safe to repeat (each call appends a marker).
+    ///
+    /// Fails with [`Error::InvalidArgument`] when the store has no shredder.
+    #[cfg(feature = "personal")]
+    pub async fn forget_subject(
+        &self,
+        subject: &crate::personal::SubjectId,
+    ) -> Result<crate::personal::ForgetOutcome, Error> {
+        let shredder = self.shredder.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "this store has no shredder: give it one with `with_shredder`".into(),
+            )
+        })?;
+        let had_key = shredder.forget(subject).await?;
+        let (streams, snapshots_deleted) = {
+            let mut inner = self.write();
+            let streams: Vec<StreamId> = inner
+                .personal
+                .get(subject)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default();
+            let mut deleted = 0;
+            for stream in &streams {
+                deleted += u64::from(inner.snapshots.remove(stream).is_some());
+            }
+            (streams, deleted)
+        };
+        let marker = crate::personal::SubjectForgotten {
+            subject: subject.clone(),
+        };
+        let event = NewEvent::encode(&marker, crate::event::EventMetadata::default())
+            .map_err(|e| Error::permanent("forget a subject", e))?;
+        let appended =
+            self.append_now(AppendRequest::new(subject.forgotten_stream(), vec![event]))?;
+        Ok(crate::personal::ForgetOutcome {
+            subject: subject.clone(),
+            had_key,
+            streams,
+            snapshots_deleted,
+            marker: appended.positions[0],
+        })
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
         self.inner.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -209,12 +278,43 @@ impl Inner {
     }
 }
 
-impl EventStore for InMemoryStore {
-    fn append(
+impl InMemoryStore {
+    /// The append, through the shredder when there is one.
+    fn append_sealed(
         &self,
         request: AppendRequest,
-    ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
-        let result = (|| {
+    ) -> impl Future<Output = Result<AppendResult, Error>> + Send + '_ {
+        #[cfg(feature = "personal")]
+        if let Some(shredder) = &self.shredder {
+            let shredder = shredder.clone();
+            return futures_util::future::Either::Left(async move {
+                let mut request = request;
+                let subjects = shredder.seal(&mut request.events).await?;
+                let stream = request.stream.clone();
+                let result = self.append_now(request)?;
+                if !subjects.is_empty() {
+                    let mut inner = self.write();
+                    for subject in subjects {
+                        inner
+                            .personal
+                            .entry(subject)
+                            .or_default()
+                            .insert(stream.clone());
+                    }
+                }
+                Ok(result)
+            });
+        }
+        let result = self.append_now(request);
+        #[cfg(feature = "personal")]
+        let result = futures_util::future::Either::Right(std::future::ready(result));
+        #[cfg(not(feature = "personal"))]
+        let result = std::future::ready(result);
+        result
+    }
+
+    fn append_now(&self, request: AppendRequest) -> Result<AppendResult, Error> {
+        (|| {
             let AppendRequest {
                 stream,
                 expected,
@@ -278,8 +378,16 @@ impl EventStore for InMemoryStore {
                 );
             }
             Ok(result)
-        })();
-        std::future::ready(result)
+        })()
+    }
+}
+
+impl EventStore for InMemoryStore {
+    fn append(
+        &self,
+        request: AppendRequest,
+    ) -> impl Future<Output = Result<AppendResult, Error>> + Send {
+        self.append_sealed(request)
     }
 
     fn idempotency_outcome(
@@ -305,6 +413,17 @@ impl EventStore for InMemoryStore {
                     .collect()
             })
         };
+        #[cfg(feature = "personal")]
+        if let Some(shredder) = &self.shredder {
+            use futures_util::StreamExt as _;
+            return Box::pin(
+                futures_util::stream::iter(events).then(move |event| async move {
+                    let mut event = event?;
+                    shredder.open(&mut event).await?;
+                    Ok(event)
+                }),
+            );
+        }
         Box::pin(futures_util::stream::iter(events))
     }
 
@@ -314,15 +433,27 @@ impl EventStore for InMemoryStore {
         limit: usize,
         filter: &EventFilter,
     ) -> impl Future<Output = Result<Vec<RecordedEvent>, Error>> + Send {
-        let inner = self.read();
-        let start = inner.log.partition_point(|e| e.position <= after);
-        let events = inner.log[start..]
-            .iter()
-            .filter(|e| filter.matches(e))
-            .take(limit)
-            .cloned()
-            .collect();
-        std::future::ready(Ok(events))
+        let events: Vec<RecordedEvent> = {
+            let inner = self.read();
+            let start = inner.log.partition_point(|e| e.position <= after);
+            inner.log[start..]
+                .iter()
+                .filter(|e| filter.matches(e))
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        async move {
+            #[cfg(feature = "personal")]
+            if let Some(shredder) = &self.shredder {
+                let mut events = events;
+                for event in &mut events {
+                    shredder.open(event).await?;
+                }
+                return Ok(events);
+            }
+            Ok(events)
+        }
     }
 
     fn head(&self) -> impl Future<Output = Result<LogPosition, Error>> + Send {
@@ -411,8 +542,9 @@ impl SnapshotStore for InMemoryStore {
     }
 }
 
-/// Checks what every backend rejects before touching storage: an empty batch, or one that repeats
-/// an event id.
+/// Checks what every backend rejects before touching storage: an empty batch, one that repeats
+/// an event id, or one holding personal fields in plaintext (a store encrypts them only when it
+/// has a `Shredder`: see [`personal`](crate::personal)).
 pub fn validate_batch(stream: &StreamId, events: &[NewEvent]) -> Result<(), Error> {
     if events.is_empty() {
         return Err(Error::InvalidArgument(format!(
@@ -424,6 +556,15 @@ pub fn validate_batch(stream: &StreamId, events: &[NewEvent]) -> Result<(), Erro
         return Err(Error::InvalidArgument(format!(
             "append to stream `{stream}` contains event id {} twice (each event of a batch needs its own id)",
             dup.event_id
+        )));
+    }
+    if let Some(plain) = events
+        .iter()
+        .find(|e| crate::personal::mentions(&e.payload, crate::personal::PLAINTEXT_KEY))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "event {} ({}) appended to stream `{stream}` holds personal fields in plaintext: give the store a `factum::personal::Shredder` (`with_shredder`, feature `personal`) so they are stored encrypted",
+            plain.event_id, plain.event_type
         )));
     }
     Ok(())

@@ -330,6 +330,135 @@ struct Kind {
     upcasts: Vec<Upcast>,
     /// Old wire names stored events of this kind may carry (`renamed_from`).
     aliases: Vec<LitStr>,
+    /// Its personal fields (`#[personal(subject = ...)]`), by field name.
+    personal: Vec<Personal>,
+    /// For a struct event with personal fields: its named fields and `#[serde]` attributes,
+    /// coded through a payload struct of the derive's own (as a variant with named fields).
+    fields: Option<(Vec<syn::Field>, Vec<syn::Attribute>)>,
+}
+
+/// `#[personal(subject = customer_id)]` on a field.
+struct Personal {
+    field: Ident,
+    subject: Ident,
+}
+
+const PERSONAL_EXAMPLE: &str = "#[personal(subject = customer_id)]";
+
+/// The `#[personal(...)]` attributes of named `fields`, checked: each names another, non-personal
+/// field as its subject.
+fn parse_personal(cx: &mut Ctxt, fields: &[&syn::Field]) -> Vec<Personal> {
+    let mut out: Vec<(Personal, Span)> = Vec::new();
+    for field in fields {
+        let attrs: Vec<&syn::Attribute> = field
+            .attrs
+            .iter()
+            .filter(|a| a.path().is_ident("personal"))
+            .collect();
+        if attrs.is_empty() {
+            continue;
+        }
+        let Some(ident) = &field.ident else {
+            for a in attrs {
+                cx.error(
+                    a,
+                    "`#[personal]` goes on a named field (of a struct event or of a variant with named fields), not on a tuple field",
+                );
+            }
+            continue;
+        };
+        if attrs.len() > 1 {
+            cx.error(attrs[1], "duplicate `#[personal]`: give it once per field");
+        }
+        let attr = attrs[0];
+        let mut subject = None;
+        if matches!(attr.meta, syn::Meta::Path(_)) {
+            cx.error(
+                attr,
+                format_args!(
+                    "`#[personal]` needs the field holding the data subject's id: `{PERSONAL_EXAMPLE}`"
+                ),
+            );
+            continue;
+        }
+        attr::for_each_meta(cx, std::slice::from_ref(attr), "personal", |cx, meta| {
+            if meta.path.is_ident("subject") {
+                attr::check_duplicate(cx, &meta, &subject);
+                if let Some(s) = attr::ident_value(cx, &meta, "subject = customer_id")? {
+                    subject = Some(s);
+                }
+                Ok(())
+            } else {
+                attr::unknown_key(cx, &meta, "personal", "`subject`")
+            }
+        });
+        let Some(subject) = subject else {
+            if !cx.has_errors() {
+                cx.error(
+                    attr,
+                    format_args!(
+                        "`#[personal]` needs the field holding the data subject's id: `{PERSONAL_EXAMPLE}`"
+                    ),
+                );
+            }
+            continue;
+        };
+        // Serde attributes that would not write the field as one value of its own type.
+        for a in field.attrs.iter().filter(|a| a.path().is_ident("serde")) {
+            let text = a.meta.to_token_stream().to_string();
+            for word in [
+                "flatten",
+                "skip",
+                "with",
+                "serialize_with",
+                "deserialize_with",
+                "skip_serializing",
+                "skip_deserializing",
+                "skip_serializing_if",
+            ] {
+                let hit = text
+                    .split(|c: char| !c.is_alphanumeric() && c != '_')
+                    .any(|w| w == word);
+                if hit {
+                    cx.error(
+                        a,
+                        format_args!(
+                            "`#[serde({word})]` cannot be used on a `#[personal]` field: a personal field is stored as one encrypted value of its own type"
+                        ),
+                    );
+                    break;
+                }
+            }
+        }
+        out.push((
+            Personal {
+                field: ident.clone(),
+                subject,
+            },
+            attr.span(),
+        ));
+    }
+    let names: Vec<&Ident> = fields.iter().filter_map(|f| f.ident.as_ref()).collect();
+    for (p, _) in &out {
+        if !names.contains(&&p.subject) {
+            cx.error(
+                &p.subject,
+                format_args!(
+                    "no field `{}` in this event: `subject` names another field of the same event that holds the data subject's id",
+                    p.subject
+                ),
+            );
+        } else if out.iter().any(|(q, _)| q.field == p.subject) {
+            cx.error(
+                &p.subject,
+                format_args!(
+                    "the subject `{}` is a personal field: the subject id is stored in the clear (it finds the key), so it must be an opaque id that is not personal itself",
+                    p.subject
+                ),
+            );
+        }
+    }
+    out.into_iter().map(|(p, _)| p).collect()
 }
 
 enum Shape {
@@ -380,7 +509,9 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
                 for field in variant.fields.iter() {
                     reject_field_attrs(&mut cx, field);
                 }
-                kinds.push(kind(
+                let fields: Vec<&syn::Field> = variant.fields.iter().collect();
+                let personal = parse_personal(&mut cx, &fields);
+                let mut k = kind(
                     &mut cx,
                     &variant.ident,
                     Some(variant.ident.clone()),
@@ -388,7 +519,9 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
                     attrs,
                     prefix.as_deref(),
                     rule,
-                ));
+                );
+                k.personal = personal;
+                kinds.push(k);
             }
             kinds
         }
@@ -400,8 +533,10 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
             for field in data.fields.iter() {
                 reject_field_attrs(&mut cx, field);
             }
+            let fields: Vec<&syn::Field> = data.fields.iter().collect();
+            let personal = parse_personal(&mut cx, &fields);
             let self_ty: Type = syn::parse_quote!(Self);
-            vec![kind(
+            let mut k = kind(
                 &mut cx,
                 ident,
                 None,
@@ -409,7 +544,18 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
                 attrs,
                 prefix.as_deref(),
                 rule,
-            )]
+            );
+            if !personal.is_empty() {
+                let serde_attrs = input
+                    .attrs
+                    .iter()
+                    .filter(|a| a.path().is_ident("serde"))
+                    .cloned()
+                    .collect();
+                k.fields = Some((data.fields.iter().cloned().collect(), serde_attrs));
+            }
+            k.personal = personal;
+            vec![k]
         }
         Data::Union(data) => {
             cx.error(
@@ -489,6 +635,8 @@ fn kind(
         version,
         upcasts,
         aliases: attrs.renamed_from,
+        personal: Vec::new(),
+        fields: None,
     }
 }
 
@@ -646,16 +794,30 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind], splits: &[Split]) -> To
                     Some(v) => quote!(Self::#v(#value)),
                     None => value,
                 };
-                let encode = quote_spanned!(ty.span()=> #private::encode_json::<#ty>(__payload));
-                encode_arms.push(match &k.variant {
-                    Some(v) => quote!(Self::#v(__payload) => #encode),
-                    None => quote!(__payload => #encode),
-                });
-                let decode = quote_spanned!(ty.span()=> #private::decode_json::<#ty>(__raw)?);
-                let current = construct(decode);
-                decode_arms.push(
-                    quote!((#name_pattern, #version) => ::core::result::Result::Ok(#current)),
-                );
+                if let Some((fields, container)) = &k.fields {
+                    let (encode, decode) = named_codec(
+                        &private,
+                        &serde_crate,
+                        fields,
+                        &k.personal,
+                        container,
+                        &quote!(Self),
+                    );
+                    encode_arms.push(encode);
+                    decode_arms.push(quote!((#name_pattern, #version) => #decode));
+                } else {
+                    let encode =
+                        quote_spanned!(ty.span()=> #private::encode_json::<#ty>(__payload));
+                    encode_arms.push(match &k.variant {
+                        Some(v) => quote!(Self::#v(__payload) => #encode),
+                        None => quote!(__payload => #encode),
+                    });
+                    let decode = quote_spanned!(ty.span()=> #private::decode_json::<#ty>(__raw)?);
+                    let current = construct(decode);
+                    decode_arms.push(
+                        quote!((#name_pattern, #version) => ::core::result::Result::Ok(#current)),
+                    );
+                }
                 // Each older version decodes as its own type, then steps forward one `From` at a
                 // time; a missing link fails on the `upcast_from` entry that needs it.
                 for (i, step) in k.upcasts.iter().enumerate() {
@@ -687,34 +849,16 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind], splits: &[Split]) -> To
             }
             Shape::Named(fields) => {
                 let Some(v) = &k.variant else { continue };
-                let idents: Vec<&Ident> = fields.iter().filter_map(|f| f.ident.as_ref()).collect();
-                let types: Vec<&Type> = fields.iter().map(|f| &f.ty).collect();
-                let serde_attrs: Vec<Vec<&syn::Attribute>> = fields
-                    .iter()
-                    .map(|f| {
-                        f.attrs
-                            .iter()
-                            .filter(|a| a.path().is_ident("serde"))
-                            .collect()
-                    })
-                    .collect();
-                encode_arms.push(quote! {
-                    Self::#v { #(#idents),* } => {
-                        #[derive(#private::serde::Serialize)]
-                        #[serde(crate = #serde_crate)]
-                        struct __Payload<'__a> { #( #(#serde_attrs)* #idents: &'__a #types, )* }
-                        #private::encode_json(&__Payload { #(#idents),* })
-                    }
-                });
-                decode_arms.push(quote! {
-                    (#name_pattern, #version) => {
-                        #[derive(#private::serde::Deserialize)]
-                        #[serde(crate = #serde_crate)]
-                        struct __Payload { #( #(#serde_attrs)* #idents: #types, )* }
-                        let __payload: __Payload = #private::decode_json(__raw)?;
-                        ::core::result::Result::Ok(Self::#v { #(#idents: __payload.#idents),* })
-                    }
-                });
+                let (encode, decode) = named_codec(
+                    &private,
+                    &serde_crate,
+                    fields,
+                    &k.personal,
+                    &[],
+                    &quote!(Self::#v),
+                );
+                encode_arms.push(encode);
+                decode_arms.push(quote!((#name_pattern, #version) => #decode));
             }
             Shape::Unit => {
                 let Some(v) = &k.variant else { continue };
@@ -780,9 +924,18 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind], splits: &[Split]) -> To
         }
     };
 
+    let has_personal = if kinds.iter().any(|k| !k.personal.is_empty()) {
+        quote!(
+            const HAS_PERSONAL_DATA: bool = true;
+        )
+    } else {
+        TokenStream::new()
+    };
+
     quote! {
         #impl_attrs
         impl #krate::Event for #ident {
+            #has_personal
             fn event_type(&self) -> &'static str { #type_body }
             fn schema_version(&self) -> u32 { #version_body }
             fn event_types() -> &'static [&'static str] { &[#(#all_names),*] }
@@ -808,6 +961,82 @@ fn generate(krate: &Path, ident: &Ident, kinds: &[Kind], splits: &[Split]) -> To
             #decode_all
         }
     }
+}
+
+/// The encode arm and the decode expression of an event whose payload is its named `fields`
+/// (`pattern { fields }`), through payload structs of the derive's own; personal fields go out in
+/// their plaintext form and come back through `Opened`.
+fn named_codec(
+    private: &TokenStream,
+    serde_crate: &str,
+    fields: &[syn::Field],
+    personal: &[Personal],
+    container: &[syn::Attribute],
+    pattern: &TokenStream,
+) -> (TokenStream, TokenStream) {
+    let idents: Vec<&Ident> = fields.iter().filter_map(|f| f.ident.as_ref()).collect();
+    let serde_attrs: Vec<Vec<&syn::Attribute>> = fields
+        .iter()
+        .map(|f| {
+            f.attrs
+                .iter()
+                .filter(|a| a.path().is_ident("serde"))
+                .collect()
+        })
+        .collect();
+    let mut out_types = Vec::new();
+    let mut out_values = Vec::new();
+    let mut in_types = Vec::new();
+    let mut in_values = Vec::new();
+    let mut checks = Vec::new();
+    for (field, ident) in fields.iter().zip(&idents) {
+        let ty = &field.ty;
+        match personal.iter().find(|p| &&p.field == ident) {
+            Some(p) => {
+                let subject = &p.subject;
+                checks.push(quote_spanned!(ty.span()=> #private::personal::check_field::<#ty>();));
+                checks.push(
+                    quote_spanned!(subject.span()=> #private::personal::check_subject(#subject);),
+                );
+                out_types.push(quote!(#private::personal::Sealed<'__a, #ty>));
+                out_values.push(quote!(#private::personal::seal(#subject, #ident)));
+                in_types.push(quote!(#private::personal::Opened<#ty>));
+                in_values.push(quote!(__payload.#ident.into_inner()));
+            }
+            None => {
+                out_types.push(quote!(&'__a #ty));
+                out_values.push(quote!(#ident));
+                in_types.push(quote!(#ty));
+                in_values.push(quote!(__payload.#ident));
+            }
+        }
+    }
+    let lifetime = if idents.is_empty() {
+        TokenStream::new()
+    } else {
+        quote!(<'__a>)
+    };
+    let encode = quote! {
+        #pattern { #(#idents),* } => {
+            #(#checks)*
+            #[derive(#private::serde::Serialize)]
+            #[serde(crate = #serde_crate)]
+            #(#container)*
+            struct __Payload #lifetime { #( #(#serde_attrs)* #idents: #out_types, )* }
+            #private::encode_json(&__Payload { #(#idents: #out_values),* })
+        }
+    };
+    let decode = quote! {
+        {
+            #[derive(#private::serde::Deserialize)]
+            #[serde(crate = #serde_crate)]
+            #(#container)*
+            struct __Payload { #( #(#serde_attrs)* #idents: #in_types, )* }
+            let __payload: __Payload = #private::decode_json(__raw)?;
+            ::core::result::Result::Ok(#pattern { #(#idents: #in_values),* })
+        }
+    };
+    (encode, decode)
 }
 
 /// Gives every token of `tokens` the span `span`.

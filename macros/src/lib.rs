@@ -26,7 +26,7 @@ fn run(
 }
 
 /// The derive for factum's `Event` trait.
-#[proc_macro_derive(Event, attributes(event, factum))]
+#[proc_macro_derive(Event, attributes(event, factum, personal))]
 pub fn derive_event(input: TokenStream) -> TokenStream {
     run(input, event::expand)
 }

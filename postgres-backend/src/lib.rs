@@ -88,6 +88,7 @@ mod import;
 mod inbox;
 mod maintenance;
 mod migrate;
+mod personal;
 pub mod projection;
 mod restore;
 pub mod saga;
@@ -106,6 +107,8 @@ pub use import::{ImportOptions, ImportProgress, ImportReport, ImportedEvent};
 pub use inbox::PgInbox;
 pub use maintenance::{Partition, StreamReadPlan};
 pub use migrate::migrate;
+#[cfg(feature = "personal")]
+pub use personal::PgKeyStore;
 pub use restore::RestoreRepair;
 pub use schema::SchemaName;
 pub use service::ServiceRole;

@@ -31,6 +31,9 @@ use crate::schema::SchemaName;
 #[derive(Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
+    /// Encrypts and decrypts personal fields (`with_shredder`, in `personal.rs`).
+    #[cfg(feature = "personal")]
+    shredder: Option<factum::personal::Shredder>,
 }
 
 struct Inner {
@@ -98,7 +101,19 @@ impl PostgresStore {
                 service_checked: tokio::sync::OnceCell::new(),
                 group,
             }),
+            #[cfg(feature = "personal")]
+            shredder: None,
         }
+    }
+
+    #[cfg(feature = "personal")]
+    pub(crate) fn shredder(&self) -> Option<&factum::personal::Shredder> {
+        self.shredder.as_ref()
+    }
+
+    #[cfg(feature = "personal")]
+    pub(crate) fn set_shredder(&mut self, shredder: factum::personal::Shredder) {
+        self.shredder = Some(shredder);
     }
 
     /// Connects to `url` with the default [`PoolConfig`], in the default schema. Does not run
@@ -298,6 +313,7 @@ impl PostgresStore {
         // Checked on the caller's connection, every time: it may be to another database than
         // the store's pool (one round trip for a store opened for a service).
         self.claim_service_on(&mut *conn, "append").await?;
+        let request = self.seal(Some(&mut *conn), request).await?;
         let prepared = Prepared::new(request)?;
         let request = &prepared.request;
         let batch = prepared.batch();
@@ -343,6 +359,7 @@ impl PostgresStore {
 
     async fn append_batch(&self, request: AppendRequest) -> Result<AppendResult, Error> {
         self.ensure_service().await?;
+        let request = self.seal(None, request).await?;
         let prepared = Arc::new(Prepared::new(request)?);
         let request = &prepared.request;
         let stream = &request.stream;
@@ -1600,6 +1617,10 @@ impl EventStore for PostgresStore {
         stream: &'a StreamId,
         after: StreamVersion,
     ) -> PayloadStream<'a> {
+        if self.decrypts() {
+            use futures_util::TryStreamExt as _;
+            return Box::pin(self.read_stream(stream, after).map_ok(EventPayload::from));
+        }
         let rows = sqlx::query(sqlx::AssertSqlSafe(self.inner.sql.read_payloads.as_str()))
             .bind(stream.as_str())
             .bind(to_i64(after.get()))
@@ -1615,11 +1636,15 @@ impl EventStore for PostgresStore {
             .bind(stream.as_str())
             .bind(to_i64(after.get()))
             .fetch(&self.inner.pool);
-        Box::pin(rows.map(|row| {
+        let events = rows.map(|row| {
             row.and_then(|row| EventRow::at(&row, 0))
                 .map_err(|e| to_error(e, "read stream"))
                 .and_then(EventRow::into_recorded)
-        }))
+        });
+        if self.decrypts() {
+            return Box::pin(events.then(move |event| async move { self.open(event?).await }));
+        }
+        Box::pin(events)
     }
 
     async fn head(&self) -> Result<LogPosition, Error> {
@@ -1704,7 +1729,9 @@ impl EventStore for PostgresStore {
                     if events.is_empty() || after == LogPosition::START {
                         self.check_not_restored("read all").await?;
                     }
-                    return events.into_iter().map(EventRow::into_recorded).collect();
+                    let events: Result<Vec<_>, _> =
+                        events.into_iter().map(EventRow::into_recorded).collect();
+                    return self.open_all(events?).await;
                 }
                 tokio::time::sleep(delay).await;
             }

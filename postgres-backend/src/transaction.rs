@@ -97,7 +97,14 @@ impl EventStore for InTransaction<'_> {
                     .collect(),
                 Err(e) => vec![Err(to_error(e, "read stream"))],
             };
-            futures_util::stream::iter(events)
+            let mut opened = Vec::with_capacity(events.len());
+            for event in events {
+                opened.push(match event {
+                    Ok(event) => self.store.open(event).await,
+                    Err(e) => Err(e),
+                });
+            }
+            futures_util::stream::iter(opened)
         };
         Box::pin(futures_util::stream::once(rows).flatten())
     }
@@ -107,6 +114,13 @@ impl EventStore for InTransaction<'_> {
         stream: &'a StreamId,
         after: StreamVersion,
     ) -> PayloadStream<'a> {
+        if self.store.decrypts() {
+            use futures_util::TryStreamExt as _;
+            return Box::pin(
+                self.read_stream(stream, after)
+                    .map_ok(factum::EventPayload::from),
+            );
+        }
         let rows = async move {
             let mut conn = self.conn.lock().await;
             let rows = sqlx::query(sqlx::AssertSqlSafe(self.store.sql_read_payloads()))

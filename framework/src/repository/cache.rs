@@ -19,9 +19,13 @@ pub(super) struct StateCache<A> {
     clone: fn(&A) -> A,
 }
 
+/// When a cached state was decrypted from the store: the shredder's generation then, and the
+/// time (see `Repository::with_shredder`). `None` for states that hold no personal data.
+pub(super) type Stamp = Option<(u64, std::time::Instant)>;
+
 struct Generations<A> {
-    young: HashMap<StreamId, Loaded<A>>,
-    old: HashMap<StreamId, Loaded<A>>,
+    young: HashMap<StreamId, (Loaded<A>, Stamp)>,
+    old: HashMap<StreamId, (Loaded<A>, Stamp)>,
 }
 
 impl<A> StateCache<A> {
@@ -44,8 +48,8 @@ impl<A> StateCache<A> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Removes and returns the state cached for `stream`.
-    pub(super) fn take(&self, stream: &StreamId) -> Option<Loaded<A>> {
+    /// Removes and returns the state cached for `stream`, with its stamp.
+    pub(super) fn take(&self, stream: &StreamId) -> Option<(Loaded<A>, Stamp)> {
         let mut generations = self.lock();
         generations
             .young
@@ -59,13 +63,13 @@ impl<A> StateCache<A> {
     }
 
     /// Caches `loaded` unless a state at least as new is already cached.
-    pub(super) fn put(&self, loaded: Loaded<A>) {
+    pub(super) fn put(&self, loaded: Loaded<A>, stamp: Stamp) {
         let mut generations = self.lock();
         let newer_cached = generations
             .young
             .get(&loaded.stream_id)
             .or_else(|| generations.old.get(&loaded.stream_id))
-            .is_some_and(|cached| cached.version >= loaded.version);
+            .is_some_and(|(cached, _)| cached.version >= loaded.version);
         if newer_cached {
             return;
         }
@@ -73,7 +77,9 @@ impl<A> StateCache<A> {
         if generations.young.len() >= self.half {
             generations.old = std::mem::take(&mut generations.young);
         }
-        generations.young.insert(loaded.stream_id.clone(), loaded);
+        generations
+            .young
+            .insert(loaded.stream_id.clone(), (loaded, stamp));
     }
 
     /// How many states are cached.
@@ -100,8 +106,8 @@ mod tests {
     #[test]
     fn take_removes_the_entry() {
         let cache = StateCache::new(10, Clone::clone);
-        cache.put(loaded("a", 3, 30));
-        let taken = cache.take(&loaded("a", 0, 0).stream_id).expect("cached");
+        cache.put(loaded("a", 3, 30), None);
+        let (taken, _) = cache.take(&loaded("a", 0, 0).stream_id).expect("cached");
         assert_eq!((taken.version.get(), taken.state), (3, 30));
         assert!(cache.take(&taken.stream_id).is_none());
     }
@@ -109,9 +115,9 @@ mod tests {
     #[test]
     fn an_older_state_never_replaces_a_newer_one() {
         let cache = StateCache::new(10, Clone::clone);
-        cache.put(loaded("a", 5, 50));
-        cache.put(loaded("a", 4, 40));
-        let taken = cache.take(&loaded("a", 0, 0).stream_id).expect("cached");
+        cache.put(loaded("a", 5, 50), None);
+        cache.put(loaded("a", 4, 40), None);
+        let (taken, _) = cache.take(&loaded("a", 0, 0).stream_id).expect("cached");
         assert_eq!(taken.version.get(), 5);
     }
 
@@ -119,7 +125,7 @@ mod tests {
     fn stays_within_capacity_and_keeps_recent_entries() {
         let cache = StateCache::new(10, Clone::clone);
         for i in 0..100 {
-            cache.put(loaded(&i.to_string(), 1, i));
+            cache.put(loaded(&i.to_string(), 1, i), None);
             assert!(cache.len() <= 10, "{} entries", cache.len());
         }
         assert!(cache.take(&loaded("99", 0, 0).stream_id).is_some());

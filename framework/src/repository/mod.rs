@@ -244,6 +244,8 @@ pub struct Repository<A: Aggregate, S> {
     snapshots: Option<Snapshots<A>>,
     cache: Option<StateCache<A>>,
     turns: Turns,
+    #[cfg(feature = "personal")]
+    shredder: Option<crate::personal::Shredder>,
 }
 
 impl<A: Aggregate, S: std::fmt::Debug> std::fmt::Debug for Repository<A, S> {
@@ -267,6 +269,8 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             snapshots: None,
             cache: None,
             turns: Turns::default(),
+            #[cfg(feature = "personal")]
+            shredder: None,
         }
     }
 
@@ -298,6 +302,56 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
     {
         self.cache = Some(StateCache::new(capacity, A::clone));
         self
+    }
+
+    /// Tells the state cache (see [`with_cache`](Self::with_cache)) which shredder decrypts this
+    /// repository's store, so that cached states holding personal data are dropped when a
+    /// subject is forgotten, and reloaded (decrypted again) from the store.
+    ///
+    /// When the aggregate's event type has personal fields (`#[personal]`), a cached state is
+    /// dropped when this process forgets any subject or learns that one was forgotten, and
+    /// whenever it is older than the shredder's
+    /// [`max_staleness`](crate::personal::ShredderOptions::max_staleness): so a subject that
+    /// another process forgot stays readable in this cache for at most twice that bound (the
+    /// reload may use a key cached up to that long). Without this call, a cached state keeps
+    /// what it decrypted until it is evicted.
+    ///
+    /// ```
+    /// # use factum::{Aggregate, InMemoryStore, Repository};
+    /// use factum::personal::{InMemoryKeyStore, Shredder};
+    /// # fn build<A: Aggregate + Clone>() {
+    /// let shredder = Shredder::new(InMemoryKeyStore::new());
+    /// let store = InMemoryStore::new().with_shredder(shredder.clone());
+    /// let repository = Repository::<A, _>::new(store).with_cache(10_000).with_shredder(shredder);
+    /// # }
+    /// ```
+    #[cfg(feature = "personal")]
+    #[must_use]
+    pub fn with_shredder(mut self, shredder: crate::personal::Shredder) -> Self {
+        self.shredder = Some(shredder);
+        self
+    }
+
+    /// The stamp of a state decrypted now: `None` when it cannot hold personal data.
+    fn stamp_now(&self) -> cache::Stamp {
+        #[cfg(feature = "personal")]
+        if let Some(shredder) = &self.shredder
+            && <A::Event as Event>::HAS_PERSONAL_DATA
+        {
+            return Some((shredder.generation(), std::time::Instant::now()));
+        }
+        None
+    }
+
+    /// Whether a cached state with `stamp` may still be used.
+    fn still_valid(&self, stamp: cache::Stamp) -> bool {
+        #[cfg(feature = "personal")]
+        if let (Some(shredder), Some((generation, at))) = (&self.shredder, stamp) {
+            return generation == shredder.generation()
+                && at.elapsed() <= shredder.options().staleness();
+        }
+        let _ = stamp;
+        true
     }
 
     /// How many times a command is decided again after a concurrency conflict before the
@@ -437,20 +491,25 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             tracing::Span::current().record("stream", stream_id.as_str());
             // Held until the command is done, retries included.
             let _turn = self.turns.take(&stream_id).await;
-            let cached = self.cache.as_ref().and_then(|cache| cache.take(&stream_id));
+            let cached = self
+                .cache
+                .as_ref()
+                .and_then(|cache| cache.take(&stream_id))
+                .filter(|(_, stamp)| self.still_valid(*stamp));
             if self.cache.is_some() {
                 crate::telemetry::cache_lookup(A::TYPE, cached.is_some());
             }
             // Whether the state may be behind the store without an append having told us so.
             let mut unverified = cached.is_some();
-            let mut loaded = match cached {
-                Some(loaded) => loaded,
+            let (mut loaded, stamp) = match cached {
+                Some(cached) => cached,
                 None => {
+                    let stamp = self.stamp_now();
                     let load_started = std::time::Instant::now();
                     let mut loaded = self.load_snapshot(stream_id).await?;
                     self.catch_up(&mut loaded).await?;
                     crate::telemetry::loaded(A::TYPE, load_started);
-                    loaded
+                    (loaded, stamp)
                 }
             };
             let mut attempts = 1;
@@ -484,17 +543,20 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                             Ok(events) => events,
                             Err(rejection) => {
                                 if let Some(cache) = &self.cache {
-                                    cache.put(loaded);
+                                    cache.put(loaded, stamp);
                                 }
                                 return Err(CommandError::Rejected(rejection));
                             }
                         };
                         if let Some(cache) = &self.cache {
-                            cache.put(Loaded {
-                                stream_id: loaded.stream_id.clone(),
-                                state: cache.copy(&loaded.state),
-                                version: loaded.version,
-                            });
+                            cache.put(
+                                Loaded {
+                                    stream_id: loaded.stream_id.clone(),
+                                    state: cache.copy(&loaded.state),
+                                    version: loaded.version,
+                                },
+                                stamp,
+                            );
                         }
                         return Ok(Committed {
                             stream_id: loaded.stream_id,
@@ -529,11 +591,14 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                     Ok(committed) => {
                         tracing::Span::current().record("attempts", attempts);
                         if let Some(cache) = &self.cache {
-                            cache.put(Loaded {
-                                stream_id: committed.stream_id.clone(),
-                                state: cache.copy(&committed.state),
-                                version: committed.version,
-                            });
+                            cache.put(
+                                Loaded {
+                                    stream_id: committed.stream_id.clone(),
+                                    state: cache.copy(&committed.state),
+                                    version: committed.version,
+                                },
+                                stamp,
+                            );
                         }
                         return Ok(committed);
                     }

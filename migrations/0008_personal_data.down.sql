@@ -1,0 +1,2 @@
+DROP TABLE personal_streams;
+DROP TABLE personal_keys;
