@@ -282,6 +282,27 @@ async fn duplicates_closed_streams_and_wrong_versions_are_refused_and_store_noth
             "{error:?}"
         );
         assert!(error.to_string().contains(&appended.event_id.to_string()));
+        // Personal fields in plaintext form: the import does not encrypt, so it refuses them.
+        let error = import_all(
+            &store,
+            vec![
+                at(&other, 0, raw("{}")),
+                at(
+                    &other,
+                    1,
+                    raw(r#"{"name":{"factum:personal":"Ada","subject":"c-1"}}"#),
+                ),
+            ],
+            10,
+        )
+        .await
+        .expect_err("plaintext personal data");
+        assert!(
+            matches!(&error, Error::InvalidArgument(why)
+                if why.contains("input event #1") && why.contains("plaintext")),
+            "{error:?}"
+        );
+        assert_eq!(store.head().await.expect("head"), head_before, "nothing stored");
         // The same id with another payload in the same stream: not the same event either.
         let mut changed = raw(r#"{"n":99}"#);
         changed.event_id = appended.event_id;
