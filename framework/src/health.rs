@@ -6,7 +6,9 @@
 //! Serve [`is_ready`](Readiness::is_ready) as the status of `/health/ready` and the value itself
 //! (it serialises to `{"ready": .., "checks": [..]}`) as its body; serve [`consumer_live`] of
 //! each consumer as `/health/live`: a consumer that stopped on an error will not recover by
-//! waiting, so restarting the process is the remedy.
+//! waiting, so restarting the process is the remedy. The bus's consumers have theirs:
+//! [`Readiness::inbound`] and [`inbound_live`] for an inbound consumer, [`Readiness::relay`] for a
+//! relay (whose lag and liveness are its subscription's).
 //!
 //! ```
 //! use std::time::Duration;
@@ -32,6 +34,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::bus::{InboundState, InboundStatus, RelayState, RelayStatus};
 use crate::resilience::{CircuitState, Health};
 use crate::subscription::{SubscriptionState, SubscriptionStatus};
 
@@ -125,6 +128,55 @@ impl Readiness {
         self.check(format!("consumer {name}"), ok, detail)
     }
 
+    /// Adds `inbound <name>`: passes while the inbound consumer runs (not waiting out a broker or
+    /// inbox failure) with at most `max_lag` messages waiting for it at the broker. Its
+    /// liveness is [`inbound_live`].
+    ///
+    /// ```
+    /// use factum::bus::{ConsumerConfig, InMemoryInbox, InProcessBus, InboundConsumer};
+    /// use factum::health::{Readiness, inbound_live};
+    ///
+    /// let consumer = InboundConsumer::new(InProcessBus::new(), InMemoryInbox::new(),
+    ///     ConsumerConfig::new("ORDERS", "billing-from-orders"));
+    /// let status = consumer.status().borrow().clone();
+    /// let ready = Readiness::new().inbound(consumer.name(), &status, 1_000);
+    /// assert!(ready.is_ready(), "starting counts as running");
+    /// assert_eq!(ready.checks()[0].detail, "starting, 0 messages waiting");
+    /// assert!(inbound_live(consumer.name(), &status).ok);
+    /// ```
+    #[must_use]
+    pub fn inbound(self, name: &str, status: &InboundStatus, max_lag: u64) -> Self {
+        let (running, state) = describe_inbound(&status.state);
+        let lagging = status.lag_messages > max_lag;
+        let ok = running && !matches!(status.state, InboundState::Retrying(_)) && !lagging;
+        let mut detail = format!("{state}, {} messages waiting", status.lag_messages);
+        if lagging {
+            detail.push_str(&format!(" (more than {max_lag})"));
+        }
+        if status.parked > 0 {
+            detail.push_str(&format!(", {} parked", status.parked));
+        }
+        self.check(format!("inbound {name}"), ok, detail)
+    }
+
+    /// Adds `relay <name>`: passes while the relay's last publish reached the broker (it is not
+    /// retrying one: the bus is connected). Its lag and liveness are those of the subscription
+    /// running it ([`consumer`](Self::consumer), [`consumer_live`]).
+    #[must_use]
+    pub fn relay(self, name: &str, status: &RelayStatus) -> Self {
+        let (ok, detail) = match &status.state {
+            RelayState::Retrying(why) => (false, format!("retrying a publish: {why}")),
+            RelayState::Running => (
+                true,
+                format!(
+                    "publishing, {} published, {} duplicates dropped by the broker",
+                    status.published, status.duplicates
+                ),
+            ),
+        };
+        self.check(format!("relay {name}"), ok, detail)
+    }
+
     /// True when every check passed.
     pub fn is_ready(&self) -> bool {
         self.ready
@@ -141,6 +193,23 @@ impl Readiness {
 pub fn consumer_live(name: &str, status: &SubscriptionStatus) -> Check {
     let (running, state) = describe(&status.state);
     Check::new(format!("consumer {name}"), running, state)
+}
+
+/// Liveness of an inbound consumer: fails once it stopped (on request or on an error); waiting
+/// out a broker or inbox failure (`Retrying`) is alive.
+pub fn inbound_live(name: &str, status: &InboundStatus) -> Check {
+    let (running, state) = describe_inbound(&status.state);
+    Check::new(format!("inbound {name}"), running, state)
+}
+
+fn describe_inbound(state: &InboundState) -> (bool, String) {
+    match state {
+        InboundState::Starting => (true, "starting".into()),
+        InboundState::Running => (true, "running".into()),
+        InboundState::Retrying(why) => (true, format!("retrying: {why}")),
+        InboundState::Stopped => (false, "stopped".into()),
+        InboundState::Failed(why) => (false, format!("failed: {why}")),
+    }
 }
 
 fn describe(state: &SubscriptionState) -> (bool, String) {
@@ -197,6 +266,59 @@ mod tests {
         let live_check = consumer_live("a", &failed);
         assert!(!live_check.ok);
         assert_eq!(live_check.detail, "failed: bad event");
+    }
+
+    fn inbound(state: InboundState, lag_messages: u64) -> InboundStatus {
+        InboundStatus {
+            state,
+            handled: 3,
+            duplicates: 0,
+            parked: 1,
+            redeliveries: 0,
+            lag_messages,
+            last_recorded_at: None,
+        }
+    }
+
+    #[test]
+    fn inbound_consumers_are_ready_while_running_within_their_lag() {
+        let running = inbound(InboundState::Running, 10);
+        let ready = Readiness::new().inbound("feeds", &running, 100);
+        assert!(ready.is_ready());
+        assert_eq!(ready.checks()[0].name, "inbound feeds");
+        assert_eq!(
+            ready.checks()[0].detail,
+            "running, 10 messages waiting, 1 parked"
+        );
+        let behind = Readiness::new().inbound("feeds", &inbound(InboundState::Running, 101), 100);
+        assert!(!behind.is_ready());
+        assert!(behind.checks()[0].detail.contains("(more than 100)"));
+        let retrying = inbound(InboundState::Retrying("broker down".into()), 0);
+        assert!(!Readiness::new().inbound("feeds", &retrying, 100).is_ready());
+        assert!(inbound_live("feeds", &retrying).ok, "waiting out is alive");
+        let failed = inbound_live("feeds", &inbound(InboundState::Failed("inbox".into()), 0));
+        assert!(!failed.ok);
+        assert_eq!(failed.detail, "failed: inbox");
+    }
+
+    #[test]
+    fn a_relay_retrying_a_publish_is_not_ready() {
+        let mut status = RelayStatus {
+            state: RelayState::Running,
+            published: 4,
+            duplicates: 1,
+            skipped: 0,
+            retries: 0,
+            last_recorded_at: None,
+        };
+        assert!(Readiness::new().relay("content", &status).is_ready());
+        status.state = RelayState::Retrying("connection refused".into());
+        let ready = Readiness::new().relay("content", &status);
+        assert!(!ready.is_ready());
+        assert_eq!(
+            ready.checks()[0].detail,
+            "retrying a publish: connection refused"
+        );
     }
 
     #[tokio::test]
