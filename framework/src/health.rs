@@ -2,17 +2,21 @@
 //!
 //! A [`Readiness`] gathers named [`Check`]s: the database (e.g. `factum_postgres::PostgresStore::
 //! readiness_check`: reachable, migrations current), each circuit breaker ([`Readiness::circuit`]:
-//! closed), each consumer ([`Readiness::consumer`]: running, and not lagging more than allowed).
-//! Serve [`is_ready`](Readiness::is_ready) as the status of `/health/ready` and the value itself
-//! (it serialises to `{"ready": .., "checks": [..]}`) as its body; serve [`consumer_live`] of
-//! each consumer as `/health/live`: a consumer that stopped on an error will not recover by
-//! waiting, so restarting the process is the remedy. The bus's consumers have theirs:
-//! [`Readiness::inbound`] and [`inbound_live`] for an inbound consumer, [`Readiness::relay`] for a
-//! relay (whose lag and liveness are its subscription's).
+//! closed), each consumer ([`Readiness::consumer`]: running, and not lagging more than allowed),
+//! the relay ([`Readiness::relay`]: the broker takes its publishes) and each inbound consumer
+//! ([`Readiness::inbound`]: connected to the bus, and not too many messages behind). A
+//! [`Liveness`] gathers the consumers that must not have stopped ([`Liveness::consumer`],
+//! [`Liveness::inbound`]): a consumer that stopped on an error will not recover by waiting, so
+//! restarting the process is the remedy.
+//!
+//! Serve each as the body of its endpoint (they serialise to `{"ready": .., "checks": [..]}` and
+//! `{"live": .., "checks": [..]}`) with [`http_status`](Readiness::http_status) as the status
+//! (200 or 503). With the `axum` feature both are axum responses, so a handler returns them as
+//! they are.
 //!
 //! ```
 //! use std::time::Duration;
-//! use factum::health::{Readiness, consumer_live};
+//! use factum::health::{Liveness, Readiness};
 //! use factum::resilience::Resilience;
 //! use factum::subscription::SubscriptionStatus;
 //! use factum::LogPosition;
@@ -25,7 +29,9 @@
 //!     .circuit(&database.health())
 //!     .consumer("balances", &balances, Duration::from_secs(30));
 //! assert!(ready.is_ready());
-//! assert!(consumer_live("balances", &balances).ok);
+//! assert_eq!(ready.http_status(), 200);
+//! let live = Liveness::new().consumer("balances", &balances);
+//! assert!(live.is_live());
 //! let body = serde_json::to_value(&ready).unwrap();
 //! assert_eq!(body["checks"][1]["name"], "circuit postgres");
 //! ```
@@ -128,53 +134,39 @@ impl Readiness {
         self.check(format!("consumer {name}"), ok, detail)
     }
 
-    /// Adds `inbound <name>`: passes while the inbound consumer runs (not waiting out a broker or
-    /// inbox failure) with at most `max_lag` messages waiting for it at the broker. Its
-    /// liveness is [`inbound_live`].
-    ///
-    /// ```
-    /// use factum::bus::{ConsumerConfig, InMemoryInbox, InProcessBus, InboundConsumer};
-    /// use factum::health::{Readiness, inbound_live};
-    ///
-    /// let consumer = InboundConsumer::new(InProcessBus::new(), InMemoryInbox::new(),
-    ///     ConsumerConfig::new("ORDERS", "billing-from-orders"));
-    /// let status = consumer.status().borrow().clone();
-    /// let ready = Readiness::new().inbound(consumer.name(), &status, 1_000);
-    /// assert!(ready.is_ready(), "starting counts as running");
-    /// assert_eq!(ready.checks()[0].detail, "starting, 0 messages waiting");
-    /// assert!(inbound_live(consumer.name(), &status).ok);
-    /// ```
+    /// Adds `relay`: passes while the broker takes the relay's publishes (a relay waiting out a
+    /// broker outage is not ready: the bus is not connected). Its lag is the subscription's that
+    /// runs it: add that with [`consumer`](Self::consumer).
     #[must_use]
-    pub fn inbound(self, name: &str, status: &InboundStatus, max_lag: u64) -> Self {
-        let (running, state) = describe_inbound(&status.state);
-        let lagging = status.lag_messages > max_lag;
-        let ok = running && !matches!(status.state, InboundState::Retrying(_)) && !lagging;
-        let mut detail = format!("{state}, {} messages waiting", status.lag_messages);
-        if lagging {
-            detail.push_str(&format!(" (more than {max_lag})"));
-        }
-        if status.parked > 0 {
-            detail.push_str(&format!(", {} parked", status.parked));
-        }
-        self.check(format!("inbound {name}"), ok, detail)
+    pub fn relay(self, status: &RelayStatus) -> Self {
+        let (ok, state) = match &status.state {
+            RelayState::Running => (true, "publishing".to_owned()),
+            RelayState::Retrying(why) => (false, format!("retrying: {why}")),
+        };
+        let detail = format!(
+            "{state}, {} published, {} duplicates, {} retries",
+            status.published, status.duplicates, status.retries
+        );
+        self.check("relay", ok, detail)
     }
 
-    /// Adds `relay <name>`: passes while the relay's last publish reached the broker (it is not
-    /// retrying one: the bus is connected). Its lag and liveness are those of the subscription
-    /// running it ([`consumer`](Self::consumer), [`consumer_live`]).
+    /// Adds `inbound <name>`: passes while the inbound consumer runs connected to the bus (not
+    /// waiting out a bus or inbox failure) with at most `max_lag_messages` messages waiting for
+    /// it at the broker. Messages it parked do not fail it: they are in the dead-letter queue,
+    /// which [`InboundStatus::parked`] counts, for an alert of their own.
     #[must_use]
-    pub fn relay(self, name: &str, status: &RelayStatus) -> Self {
-        let (ok, detail) = match &status.state {
-            RelayState::Retrying(why) => (false, format!("retrying a publish: {why}")),
-            RelayState::Running => (
-                true,
-                format!(
-                    "publishing, {} published, {} duplicates dropped by the broker",
-                    status.published, status.duplicates
-                ),
-            ),
-        };
-        self.check(format!("relay {name}"), ok, detail)
+    pub fn inbound(self, name: &str, status: &InboundStatus, max_lag_messages: u64) -> Self {
+        let (running, state) = describe_inbound(&status.state);
+        let lagging = status.lag_messages > max_lag_messages;
+        let ok = running && !matches!(status.state, InboundState::Retrying(_)) && !lagging;
+        let mut detail = format!(
+            "{state}, {} messages behind, {} handled, {} parked",
+            status.lag_messages, status.handled, status.parked
+        );
+        if lagging {
+            detail.push_str(&format!(" (more than {max_lag_messages})"));
+        }
+        self.check(format!("inbound {name}"), ok, detail)
     }
 
     /// True when every check passed.
@@ -182,10 +174,77 @@ impl Readiness {
         self.ready
     }
 
+    /// The HTTP status to serve it with: 200 when ready, else 503 (Service Unavailable: take
+    /// this instance out of the load balancer for now).
+    pub fn http_status(&self) -> u16 {
+        if self.ready { 200 } else { 503 }
+    }
+
     /// The checks, in the order they were added.
     pub fn checks(&self) -> &[Check] {
         &self.checks
     }
+}
+
+/// Whether the service's consumers are still running: the body of `/health/live`. A failed
+/// liveness means a restart is needed (a consumer stopped, on request or on an error, and does
+/// not resume by itself); waiting out a failure that may pass is alive.
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize)]
+pub struct Liveness {
+    live: bool,
+    checks: Vec<Check>,
+}
+
+impl Liveness {
+    /// No checks yet (live).
+    pub fn new() -> Self {
+        Self {
+            live: true,
+            checks: Vec::new(),
+        }
+    }
+
+    /// Adds a check.
+    #[must_use]
+    pub fn with(mut self, check: Check) -> Self {
+        self.live &= check.ok;
+        self.checks.push(check);
+        self
+    }
+
+    /// Adds `consumer <name>` ([`consumer_live`]).
+    #[must_use]
+    pub fn consumer(self, name: &str, status: &SubscriptionStatus) -> Self {
+        self.with(consumer_live(name, status))
+    }
+
+    /// Adds `inbound <name>` ([`inbound_live`]).
+    #[must_use]
+    pub fn inbound(self, name: &str, status: &InboundStatus) -> Self {
+        self.with(inbound_live(name, status))
+    }
+
+    /// True when every check passed.
+    pub fn is_live(&self) -> bool {
+        self.live
+    }
+
+    /// The HTTP status to serve it with: 200 when live, else 503 (restart this instance).
+    pub fn http_status(&self) -> u16 {
+        if self.live { 200 } else { 503 }
+    }
+
+    /// The checks, in the order they were added.
+    pub fn checks(&self) -> &[Check] {
+        &self.checks
+    }
+}
+
+/// Liveness of an inbound consumer: fails once it stopped (on request or on an error); waiting
+/// out a bus or inbox failure is alive.
+pub fn inbound_live(name: &str, status: &InboundStatus) -> Check {
+    let (running, state) = describe_inbound(&status.state);
+    Check::new(format!("inbound {name}"), running, state)
 }
 
 /// Liveness of a consumer: fails once it stopped (on request or on an error), since it does not
@@ -195,11 +254,16 @@ pub fn consumer_live(name: &str, status: &SubscriptionStatus) -> Check {
     Check::new(format!("consumer {name}"), running, state)
 }
 
-/// Liveness of an inbound consumer: fails once it stopped (on request or on an error); waiting
-/// out a broker or inbox failure (`Retrying`) is alive.
-pub fn inbound_live(name: &str, status: &InboundStatus) -> Check {
-    let (running, state) = describe_inbound(&status.state);
-    Check::new(format!("inbound {name}"), running, state)
+fn describe(state: &SubscriptionState) -> (bool, String) {
+    match state {
+        SubscriptionState::Starting => (true, "starting".into()),
+        SubscriptionState::CatchingUp => (true, "catching up".into()),
+        SubscriptionState::Live => (true, "live".into()),
+        SubscriptionState::Standby => (true, "standing by (another instance leads)".into()),
+        SubscriptionState::Retrying(why) => (true, format!("retrying: {why}")),
+        SubscriptionState::Stopped => (false, "stopped".into()),
+        SubscriptionState::Failed(why) => (false, format!("failed: {why}")),
+    }
 }
 
 fn describe_inbound(state: &InboundState) -> (bool, String) {
@@ -212,15 +276,44 @@ fn describe_inbound(state: &InboundState) -> (bool, String) {
     }
 }
 
-fn describe(state: &SubscriptionState) -> (bool, String) {
-    match state {
-        SubscriptionState::Starting => (true, "starting".into()),
-        SubscriptionState::CatchingUp => (true, "catching up".into()),
-        SubscriptionState::Live => (true, "live".into()),
-        SubscriptionState::Standby => (true, "standing by (another instance leads)".into()),
-        SubscriptionState::Retrying(why) => (true, format!("retrying: {why}")),
-        SubscriptionState::Stopped => (false, "stopped".into()),
-        SubscriptionState::Failed(why) => (false, format!("failed: {why}")),
+#[cfg(feature = "axum")]
+mod http {
+    use axum_core::response::{IntoResponse, Response};
+    use http::StatusCode;
+    use http::header::{CONTENT_TYPE, HeaderValue};
+
+    use super::{Liveness, Readiness};
+
+    fn json(status: u16, body: Result<String, serde_json::Error>) -> Response {
+        let (status, body) = match body {
+            Ok(body) => (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                body,
+            ),
+            Err(error) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{{\"error\":\"health check did not serialise: {error}\"}}"),
+            ),
+        };
+        let mut response = (status, body).into_response();
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
+
+    /// `200` or `503` with the checks as JSON (feature `axum`).
+    impl IntoResponse for Readiness {
+        fn into_response(self) -> Response {
+            json(self.http_status(), serde_json::to_string(&self))
+        }
+    }
+
+    /// `200` or `503` with the checks as JSON (feature `axum`).
+    impl IntoResponse for Liveness {
+        fn into_response(self) -> Response {
+            json(self.http_status(), serde_json::to_string(&self))
+        }
     }
 }
 
@@ -271,7 +364,7 @@ mod tests {
     fn inbound(state: InboundState, lag_messages: u64) -> InboundStatus {
         InboundStatus {
             state,
-            handled: 3,
+            handled: 7,
             duplicates: 0,
             parked: 1,
             redeliveries: 0,
@@ -281,43 +374,57 @@ mod tests {
     }
 
     #[test]
-    fn inbound_consumers_are_ready_while_running_within_their_lag() {
-        let running = inbound(InboundState::Running, 10);
-        let ready = Readiness::new().inbound("feeds", &running, 100);
+    fn inbound_consumers_are_ready_while_connected_and_not_far_behind() {
+        let running = inbound(InboundState::Running, 3);
+        let ready = Readiness::new().inbound("audit", &running, 100);
         assert!(ready.is_ready());
-        assert_eq!(ready.checks()[0].name, "inbound feeds");
         assert_eq!(
             ready.checks()[0].detail,
-            "running, 10 messages waiting, 1 parked"
+            "running, 3 messages behind, 7 handled, 1 parked"
         );
-        let behind = Readiness::new().inbound("feeds", &inbound(InboundState::Running, 101), 100);
-        assert!(!behind.is_ready());
-        assert!(behind.checks()[0].detail.contains("(more than 100)"));
-        let retrying = inbound(InboundState::Retrying("broker down".into()), 0);
-        assert!(!Readiness::new().inbound("feeds", &retrying, 100).is_ready());
-        assert!(inbound_live("feeds", &retrying).ok, "waiting out is alive");
-        let failed = inbound_live("feeds", &inbound(InboundState::Failed("inbox".into()), 0));
-        assert!(!failed.ok);
-        assert_eq!(failed.detail, "failed: inbox");
+        let behind = inbound(InboundState::Running, 500);
+        assert!(!Readiness::new().inbound("audit", &behind, 100).is_ready());
+        let disconnected = inbound(InboundState::Retrying("broker down".into()), 0);
+        let ready = Readiness::new().inbound("audit", &disconnected, 100);
+        assert!(!ready.is_ready());
+        assert_eq!(ready.http_status(), 503);
+        let live = Liveness::new().inbound("audit", &disconnected);
+        assert!(live.is_live(), "waiting out the broker is alive");
+        let failed = inbound(InboundState::Failed("inbox schema".into()), 0);
+        let live = Liveness::new()
+            .consumer("balances", &status(SubscriptionState::Live, Duration::ZERO))
+            .inbound("audit", &failed);
+        assert!(!live.is_live());
+        assert_eq!(live.http_status(), 503);
+        assert_eq!(live.checks()[1].detail, "failed: inbox schema");
+        let json = serde_json::to_value(&live).expect("json");
+        assert_eq!(json["live"], false);
+        assert_eq!(json["checks"][0]["ok"], true);
     }
 
     #[test]
-    fn a_relay_retrying_a_publish_is_not_ready() {
-        let mut status = RelayStatus {
+    fn a_relay_waiting_out_the_broker_is_not_ready() {
+        let mut relay = RelayStatus {
             state: RelayState::Running,
-            published: 4,
-            duplicates: 1,
+            published: 40,
+            duplicates: 2,
             skipped: 0,
             retries: 0,
             last_recorded_at: None,
         };
-        assert!(Readiness::new().relay("content", &status).is_ready());
-        status.state = RelayState::Retrying("connection refused".into());
-        let ready = Readiness::new().relay("content", &status);
-        assert!(!ready.is_ready());
+        let ready = Readiness::new().relay(&relay);
+        assert!(ready.is_ready());
         assert_eq!(
             ready.checks()[0].detail,
-            "retrying a publish: connection refused"
+            "publishing, 40 published, 2 duplicates, 0 retries"
+        );
+        relay.state = RelayState::Retrying("connection refused".into());
+        let ready = Readiness::new().relay(&relay);
+        assert!(!ready.is_ready());
+        assert!(
+            ready.checks()[0]
+                .detail
+                .starts_with("retrying: connection refused")
         );
     }
 

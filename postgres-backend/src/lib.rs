@@ -135,3 +135,8 @@ mod projections_chapter {}
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/replay.md")]
 mod replay_chapter {}
+
+/// The book's configuration reference, compiled so its defaults cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/reference/configuration.md")]
+mod configuration_chapter {}

@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use factum::BoxFuture;
 use factum::bus::{InboundStatus, RelayStatus};
-use factum::health::{Check, Readiness, consumer_live, inbound_live};
+use factum::health::{Check, Liveness, Readiness};
 use factum::resilience::Resilience;
 use factum::saga::{SagaState, SagaStatus};
 use factum::subscription::SubscriptionStatus;
@@ -97,7 +97,7 @@ impl ServiceHealth {
         self
     }
 
-    /// Adds a relay (its subscription is added with [`consumer`](Self::consumer)).
+    /// Adds a relay (check `relay`; its subscription is added with [`consumer`](Self::consumer)).
     #[must_use]
     pub fn relay(mut self, name: &str, status: watch::Receiver<RelayStatus>) -> Self {
         self.relays.push((name.to_owned(), status));
@@ -128,8 +128,8 @@ impl ServiceHealth {
         for (name, status) in &self.inbound {
             ready = ready.inbound(name, &status.borrow(), self.max_waiting);
         }
-        for (name, status) in &self.relays {
-            ready = ready.relay(name, &status.borrow());
+        for (_, status) in &self.relays {
+            ready = ready.relay(&status.borrow());
         }
         for (name, status) in &self.sagas {
             ready = ready.with(saga_check(name, &status.borrow()));
@@ -138,27 +138,22 @@ impl ServiceHealth {
     }
 
     /// Liveness: one check per consumer, inbound consumer and saga loop; fails once one stopped.
-    pub fn live(&self) -> Vec<Check> {
-        let mut checks: Vec<Check> = self
-            .consumers
-            .iter()
-            .map(|(name, status)| consumer_live(name, &status.borrow()))
-            .collect();
-        checks.extend(
-            self.inbound
-                .iter()
-                .map(|(name, status)| inbound_live(name, &status.borrow())),
-        );
-        checks.extend(
-            self.sagas
-                .iter()
-                .map(|(name, status)| saga_check(name, &status.borrow())),
-        );
-        checks
+    pub fn live(&self) -> Liveness {
+        let mut live = Liveness::new();
+        for (name, status) in &self.consumers {
+            live = live.consumer(name, &status.borrow());
+        }
+        for (name, status) in &self.inbound {
+            live = live.inbound(name, &status.borrow());
+        }
+        for (name, status) in &self.sagas {
+            live = live.with(saga_check(name, &status.borrow()));
+        }
+        live
     }
 
-    /// `GET /health/ready` (200 or 503, the [`Readiness`] as JSON) and `GET /health/live` (200 or
-    /// 500, the checks as JSON).
+    /// `GET /health/ready` and `GET /health/live`: the [`Readiness`] and the [`Liveness`] as
+    /// JSON, with 200 or 503 (factum's `axum` feature makes them responses).
     pub fn router(self) -> Router {
         Router::new()
             .route("/health/ready", get(ready))
@@ -183,24 +178,12 @@ fn saga_check(name: &str, status: &SagaStatus) -> Check {
     Check::new(format!("saga {name}"), ok, detail)
 }
 
-async fn ready(State(health): State<ServiceHealth>) -> (StatusCode, Json<Readiness>) {
-    let ready = health.ready().await;
-    let code = if ready.is_ready() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(ready))
+async fn ready(State(health): State<ServiceHealth>) -> Readiness {
+    health.ready().await
 }
 
-async fn live(State(health): State<ServiceHealth>) -> (StatusCode, Json<Vec<Check>>) {
-    let checks = health.live();
-    let code = if checks.iter().all(|c| c.ok) {
-        StatusCode::OK
-    } else {
-        StatusCode::INTERNAL_SERVER_ERROR
-    };
-    (code, Json(checks))
+async fn live(State(health): State<ServiceHealth>) -> Liveness {
+    health.live()
 }
 
 /// The graph's query routes: `GET /graph/neighbours/{entity}` (a JSON list of

@@ -8,6 +8,9 @@
 //! Runs on the in-memory stores and the in-process bus: `cargo run -p services`. The same code
 //! runs on PostgreSQL (`PostgresStore`, `PgInbox`) and NATS JetStream (`factum_nats::JetStreamBus`);
 //! see the book's chapter on the event bus.
+//!
+//! At the end it prints what the services' health endpoints serve; `-- --serve 127.0.0.1:8080`
+//! then keeps serving them (`/health/ready`, `/health/live`).
 
 #![allow(clippy::print_stdout)]
 
@@ -19,6 +22,7 @@ use factum::bus::{
     Bus, ConsumerConfig, InMemoryInbox, InProcessBus, InboundConsumer, PublicEvents, Relay,
     ServiceName, StreamConfig,
 };
+use factum::resilience::Resilience;
 use factum::subscription::{EventHandler, Subscription};
 use factum::{BoxError, InMemoryStore, RecordedEvent, Repository};
 
@@ -85,7 +89,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Its relay: a subscription of its log publishing the public events.
     let routes = PublicEvents::new(bank.clone()).publish_event::<AccountEvent>("account")?;
-    let mut relay = Relay::new(bus.clone(), routes);
+    let broker = Resilience::new("bus");
+    let mut relay = Relay::new(bus.clone(), routes).with_resilience(broker.clone());
     let mut subscription =
         Subscription::new(relay.name(), bank_store.clone()).filter(relay.filter());
     subscription.catch_up(&mut relay).await?;
@@ -131,5 +136,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         2,
         "each deposit once"
     );
+
+    // The statements service keeps consuming, as a deployed service does; what its health
+    // endpoints and the bank's serve (`services::router`):
+    let mut inbound = consumer.status();
+    let inbound_status = inbound.clone();
+    let consuming =
+        tokio::spawn(async move { consumer.run(statements, std::future::pending::<()>()).await });
+    inbound
+        .wait_for(|s| s.state == factum::bus::InboundState::Running)
+        .await?;
+    let probes = services::Probes {
+        circuits: vec![broker],
+        relay: Some((relay.status(), subscription.status())),
+        inbound: vec![("statements".into(), inbound_status)],
+        max_lag: (Duration::from_secs(30), 1_000),
+    };
+    let ready = probes.readiness();
+    println!("health: ready = {}", ready.is_ready());
+    for check in ready.checks() {
+        let ok = if check.ok { "ok  " } else { "FAIL" };
+        println!("  {ok} {}: {}", check.name, check.detail);
+    }
+    println!("health: live = {}", probes.liveness().is_live());
+    if let Some(address) = std::env::args().skip_while(|a| a != "--serve").nth(1) {
+        let listener = tokio::net::TcpListener::bind(&address).await?;
+        println!("serving /health/ready and /health/live on http://{address} (Ctrl-C stops)");
+        axum::serve(listener, services::router(probes)).await?;
+    }
+    consuming.abort();
     Ok(())
 }
