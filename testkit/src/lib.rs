@@ -69,6 +69,7 @@ pub mod nats;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod properties;
+pub mod redis;
 pub mod samples;
 
 pub use aggregate::{AggregateFixture, FlowFixture, Outcome};

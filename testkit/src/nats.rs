@@ -72,7 +72,7 @@ fn binary() -> PathBuf {
 /// A port free now and never handed out before in this process: tests run in parallel, and a
 /// port released by one test's probe could otherwise go to two servers (the second one's start
 /// would then find the first one answering, and the two tests would share a broker).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut taken = TAKEN
         .lock()
