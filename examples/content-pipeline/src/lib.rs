@@ -13,7 +13,8 @@
 //!
 //! [`embedded`] runs it all in one process (in-memory stores, the in-process bus):
 //! `cargo run -p content-pipeline`. [`postgres`] runs each service on a PostgreSQL database of its
-//! own, over any bus (NATS JetStream with `factum-nats`). [`http`] serves each service's health
+//! own, over any bus (NATS JetStream with `factum-nats`), realtime's view in Redis
+//! ([`redis_view`], on `factum-redis`). [`http`] serves each service's health
 //! and the graph's queries with axum. The book's chapter "A content pipeline" walks through it.
 
 pub mod content;
@@ -23,6 +24,7 @@ pub mod http;
 pub mod observe;
 pub mod postgres;
 pub mod realtime;
+pub mod redis_view;
 
 /// The book's chapter on this example, compiled so it cannot drift from the code.
 #[cfg(doctest)]

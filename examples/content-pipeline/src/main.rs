@@ -233,7 +233,7 @@ mod servers {
     use content_pipeline::graph;
     use content_pipeline::http::{graph_routes, serve};
     use content_pipeline::observe;
-    use content_pipeline::postgres::{self as pg, ContentService, GraphService, RealtimeService};
+    use content_pipeline::postgres::{self as pg, ContentService, GraphService, RedisRealtimeService};
     use content_pipeline::realtime::{self, RealtimeView};
     use factum::saga::SystemClock;
     use factum_nats::JetStreamBus;
@@ -243,8 +243,9 @@ mod servers {
         let admin = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
         let nats = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+        let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
         let [content_url, graph_url, realtime_url] = pg::create_databases(&admin).await?;
-        println!("databases: {content_url}, {graph_url}, {realtime_url}; bus: {nats}");
+        println!("databases: {content_url}, {graph_url}, {realtime_url}; bus: {nats}; view: {redis}");
         let content_store = pg::connect(&content_url, content::service()).await?;
         let graph_store = pg::connect(&graph_url, graph::service()).await?;
         let realtime_store = pg::connect(&realtime_url, realtime::service()).await?;
@@ -256,8 +257,8 @@ mod servers {
         };
         let content = ContentService::new(content_store.clone(), bus.clone(), SystemClock, connected(&bus));
         let graph = GraphService::new(graph_store.clone(), bus.clone(), connected(&bus)).await?;
-        let start = format!("{}-{}", std::process::id(), chrono_free_now());
-        let realtime = RealtimeService::new(realtime_store.clone(), bus.clone(), &start, connected(&bus));
+        let keyspace = factum_redis::RedisKeyspace::connect(&redis, "pipeline-realtime").await?;
+        let realtime = RedisRealtimeService::new(realtime_store.clone(), bus.clone(), &keyspace, connected(&bus));
         let health = [content.health.clone(), graph.health.clone(), realtime.health.clone()];
         let (graph_view, view) = (graph.graph.clone(), realtime.view.clone());
         let projection = graph.projection_status();
@@ -331,13 +332,5 @@ mod servers {
         outcome?;
         ran?;
         Ok(())
-    }
-
-    /// Milliseconds since the epoch, to name this start.
-    fn chrono_free_now() -> u128 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or_default()
     }
 }

@@ -9,10 +9,11 @@
 //!   in the inbox's transaction ([`PgIndexer`]); the graph read model in its own tables
 //!   ([`PgGraph`], a `PgProjectionRunner`); its relay.
 //! * realtime-communication: sessions in its database; its read model behind the
-//!   [`RealtimeView`](crate::realtime::RealtimeView) seam. Until `factum-redis` is merged, the view
-//!   is [`MemoryRealtime`]: in memory, rebuilt from the bus at every start (its inbound consumers
-//!   get durable names of their own per start, so they read the streams from the beginning, and
-//!   the sessions are read from the log's beginning).
+//!   [`RealtimeView`](crate::realtime::RealtimeView) seam: in Redis with [`RedisRealtimeService`]
+//!   (sessions on `RedisCheckpoints`, feeds on `RedisInbox`: each batch and its checkpoint or
+//!   inbox record in one `MULTI`/`EXEC`), or in memory with [`RealtimeService`], rebuilt from the
+//!   bus at every start (its inbound consumers get durable names of their own per start, so they
+//!   read the streams from the beginning, and the sessions are read from the log's beginning).
 //!
 //! Each service's loops are a future to run ([`ContentService::run`], ...), so a process can run
 //! one service (as the crash test does) or all three.
@@ -38,6 +39,8 @@ use crate::embedded::IDLE;
 use crate::graph::{self, PgGraph, PgIndexer};
 use crate::http::ServiceHealth;
 use crate::realtime::{self, MemoryFeeds, MemoryRealtime, MemorySessions};
+use crate::redis_view::{RedisFeeds, RedisRealtime, RedisSessions};
+use factum_redis::{RedisCheckpoints, RedisInbox, RedisKeyspace};
 
 /// A shutdown signal: true once the service should stop.
 pub type Shutdown = watch::Receiver<bool>;
@@ -295,8 +298,8 @@ impl<B: Bus + Clone + 'static> GraphService<B> {
 // ---------------------------------------------------------------------------------------------
 // realtime-communication.
 
-/// realtime-communication with its sessions on PostgreSQL and its view in memory (until
-/// `factum-redis` is merged; see the module docs).
+/// realtime-communication with its sessions on PostgreSQL and its view in memory, rebuilt from
+/// the bus at each start (see the module docs).
 pub struct RealtimeService<B: Bus> {
     /// Its store.
     pub store: PostgresStore,
@@ -388,6 +391,97 @@ impl<B: Bus + Clone + 'static> RealtimeService<B> {
             },
             from_graph.run(MemoryFeeds(view.clone()), stop(&shutdown)),
             from_content.run(MemoryFeeds(view.clone()), stop(&shutdown)),
+        )
+        .map(drop)
+    }
+}
+
+/// realtime-communication with its sessions on PostgreSQL and its view in Redis
+/// ([`RedisRealtime`]): the sessions projection on `RedisCheckpoints`, the feeds on `RedisInbox`,
+/// each batch applied with its checkpoint or inbox record in one `MULTI`/`EXEC`.
+pub struct RedisRealtimeService<B: Bus> {
+    /// Its store.
+    pub store: PostgresStore,
+    /// Its sessions and feeds.
+    pub view: RedisRealtime,
+    /// Its health.
+    pub health: ServiceHealth,
+    sessions: Subscription<PostgresStore, RedisCheckpoints, PgLease>,
+    from_graph: InboundConsumer<B, RedisInbox>,
+    from_content: InboundConsumer<B, RedisInbox>,
+}
+
+impl<B: Bus + Clone + 'static> RedisRealtimeService<B> {
+    /// Wires realtime-communication on `store`, `bus` and the Redis `keyspace`.
+    pub fn new(
+        store: PostgresStore,
+        bus: B,
+        keyspace: &RedisKeyspace,
+        bus_connected: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Self {
+        let view = RedisRealtime::new(keyspace);
+        let sessions = Subscription::with_checkpoints(
+            "realtime-sessions",
+            store.clone(),
+            RedisCheckpoints::new(keyspace),
+        )
+        .filter(EventFilter::for_event::<realtime::SessionsInput>())
+        .lease(PgLease::new(&store))
+        .idle_backoff(IDLE.0, IDLE.1);
+        let consumer = |stream: &factum::bus::ServiceName, durable: &str, subject: &str| {
+            InboundConsumer::new(
+                bus.clone(),
+                RedisInbox::new(keyspace),
+                ConsumerConfig::new(StreamConfig::for_service(stream).name, durable)
+                    .filter_subject(subject),
+            )
+        };
+        let from_graph = consumer(&graph::service(), "realtime-from-graph", realtime::GRAPH_SUBJECT);
+        let from_content = consumer(
+            &content::service(),
+            "realtime-from-content",
+            realtime::CONTENT_SUBJECT,
+        );
+        let health = ServiceHealth::new(realtime::SERVICE)
+            .probe(database_probe(&store))
+            .probe(bus_probe(bus_connected))
+            .probe({
+                let view = view.clone();
+                move || {
+                    let view = view.clone();
+                    async move { vec![crate::realtime::RealtimeView::check(&view).await] }
+                }
+            })
+            .consumer(sessions.name(), sessions.status())
+            .inbound(from_graph.name(), from_graph.status())
+            .inbound(from_content.name(), from_content.status());
+        Self {
+            store,
+            view,
+            health,
+            sessions,
+            from_graph,
+            from_content,
+        }
+    }
+
+    /// The inbound consumers' statuses (from the graph, from content).
+    pub fn inbound_status(&self) -> [watch::Receiver<factum::bus::InboundStatus>; 2] {
+        [self.from_graph.status(), self.from_content.status()]
+    }
+
+    /// Runs its loops until `shutdown` (or a failure that cannot pass).
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), Error> {
+        let Self {
+            mut sessions,
+            mut from_graph,
+            mut from_content,
+            ..
+        } = self;
+        tokio::try_join!(
+            async { sessions.run(RedisSessions, stop(&shutdown)).await.map(drop) },
+            from_graph.run(RedisFeeds, stop(&shutdown)),
+            from_content.run(RedisFeeds, stop(&shutdown)),
         )
         .map(drop)
     }

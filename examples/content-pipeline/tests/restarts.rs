@@ -1,10 +1,7 @@
-//! The pipeline on three PostgreSQL databases (one per service) and NATS JetStream, with the
-//! knowledge-graph service in a child process killed with `kill -9` mid-run and restarted: the
-//! graph and the feeds end equal to the folds of the services' logs, and to a run of the same
-//! documents without the kill (the embedded pipeline).
-//!
-//! The realtime view is the in-memory one until `factum-redis` is merged (see the crate's
-//! `postgres` module): this test does not cover Redis yet.
+//! The pipeline on three PostgreSQL databases (one per service), NATS JetStream and Redis
+//! (realtime's sessions and feeds), with the knowledge-graph service in a child process killed
+//! with `kill -9` mid-run and restarted: the graph and the feeds end equal to the folds of the
+//! services' logs, and to a run of the same documents without the kill (the embedded pipeline).
 //!
 //! The graph service under test is this test binary itself, re-executed as a child process
 //! running the ignored test `graph_child`.
@@ -15,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use content_pipeline::graph::{self, GraphQueries, PgGraph};
-use content_pipeline::postgres::{self as pg, ContentService, GraphService, RealtimeService};
+use content_pipeline::postgres::{self as pg, ContentService, GraphService, RedisRealtimeService};
 use content_pipeline::realtime::{self, RealtimeView};
 use content_pipeline::{content, embedded, observe};
 use factum::saga::TestClock;
@@ -127,7 +124,13 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
     let content = ContentService::new(content_store.clone(), bus.clone(), clock.clone(), connected(&bus));
     let processing = content.processing.clone();
     let content_health = content.health.clone();
-    let realtime = RealtimeService::new(realtime_store.clone(), bus.clone(), "test", connected(&bus));
+    let keyspace = factum_redis::RedisKeyspace::connect(
+        &factum_testkit::redis::shared_url(),
+        &factum_testkit::redis::namespace("pipeline"),
+    )
+    .await
+    .expect("connect to Redis");
+    let realtime = RedisRealtimeService::new(realtime_store.clone(), bus.clone(), &keyspace, connected(&bus));
     let view = realtime.view.clone();
     let realtime_health = realtime.health.clone();
     // What the test reads of the graph's database (the service itself runs in the child).
@@ -212,6 +215,11 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
             let ready = health.ready().await;
             assert!(ready.is_ready(), "{}: {ready:?}", health.service());
         }
+        let view_check = realtime_health.ready().await;
+        assert!(
+            view_check.checks().iter().any(|c| c.name == "view" && c.ok && c.detail == "redis answers"),
+            "{view_check:?}"
+        );
         let address = serve(content_health.clone().router()).await;
         let (status, body) = get(address, "/health/ready").await;
         assert_eq!(status, 200, "{body}");
