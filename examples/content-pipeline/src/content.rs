@@ -153,7 +153,14 @@ pub fn extract_terms(text: &str) -> Vec<String> {
 pub const TOPICS: &[(&str, &[&str])] = &[
     (
         "computing",
-        &["algorithm", "machine", "program", "computer", "software", "numbers"],
+        &[
+            "algorithm",
+            "machine",
+            "program",
+            "computer",
+            "software",
+            "numbers",
+        ],
     ),
     (
         "physics",
@@ -161,7 +168,14 @@ pub const TOPICS: &[(&str, &[&str])] = &[
     ),
     (
         "biology",
-        &["gene", "cell", "species", "evolution", "organism", "generation"],
+        &[
+            "gene",
+            "cell",
+            "species",
+            "evolution",
+            "organism",
+            "generation",
+        ],
     ),
 ];
 
@@ -395,7 +409,9 @@ impl Job {
                 self.terms = terms.clone();
                 self.status = JobStatus::Extracted;
             }
-            JobEvent::Classified { topic, .. } => self.status = JobStatus::Classified(topic.clone()),
+            JobEvent::Classified { topic, .. } => {
+                self.status = JobStatus::Classified(topic.clone())
+            }
             JobEvent::Retried { attempt, .. } => {
                 self.attempts = *attempt;
                 self.status = JobStatus::Requeued;
@@ -608,7 +624,10 @@ pub fn public_events(service: ServiceName) -> PublicEvents {
             let document = e.stream_id.aggregate_id().to_owned();
             match &e.event {
                 JobEvent::Classified {
-                    topic, title, terms, ..
+                    topic,
+                    title,
+                    terms,
+                    ..
                 } => Some(ContentPublished::Classified {
                     document,
                     title: title.clone(),

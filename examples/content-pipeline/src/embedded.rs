@@ -70,7 +70,11 @@ fn command_error<E: std::error::Error + Send + Sync + 'static>(error: CommandErr
 impl Pipeline {
     /// Submits documents to content-processing; a job whose classification fails waits
     /// `requeue_after` before its second attempt.
-    pub async fn submit(&self, documents: &[Document], requeue_after: Duration) -> Result<(), Error> {
+    pub async fn submit(
+        &self,
+        documents: &[Document],
+        requeue_after: Duration,
+    ) -> Result<(), Error> {
         submit(&self.content, documents, requeue_after).await
     }
 
@@ -90,7 +94,8 @@ impl Pipeline {
     /// failed document handled by realtime-communication.
     pub async fn settled(&self) -> Result<bool, Error> {
         let (done, classified, failed) = observe::jobs_done(&self.content).await?;
-        if !done || observe::count(&self.graph_store, "topic.document_indexed").await? != classified {
+        if !done || observe::count(&self.graph_store, "topic.document_indexed").await? != classified
+        {
             return Ok(false);
         }
         let head = observe::last_position(&self.graph_store, "topic.document_indexed").await?;
@@ -105,14 +110,11 @@ impl Pipeline {
 }
 
 /// Submits `documents` as jobs on `store`.
-pub async fn submit<S: factum::EventStore>(
+pub async fn submit<S: factum::EventStore + Clone>(
     store: &S,
     documents: &[Document],
     requeue_after: Duration,
-) -> Result<(), Error>
-where
-    S: Clone,
-{
+) -> Result<(), Error> {
     let jobs = Repository::<Job, _>::new(store.clone());
     for document in documents {
         jobs.execute(JobCommand::Submit {
@@ -138,7 +140,10 @@ pub async fn open_session<S: factum::EventStore + Clone>(
         .execute(SessionCommand::Open {
             session: session.to_owned(),
             user: user.to_owned(),
-            topics: topics.iter().map(|t| (*t).to_owned()).collect::<BTreeSet<_>>(),
+            topics: topics
+                .iter()
+                .map(|t| (*t).to_owned())
+                .collect::<BTreeSet<_>>(),
             alerts,
         })
         .await
@@ -201,7 +206,7 @@ pub async fn start(clock: impl Clock) -> Result<(Pipeline, Loops), Error> {
         .probe(|| async { vec![factum::health::Check::new("database", true, "in memory")] })
         .probe(|| async { vec![factum::health::Check::new("bus", true, "in process")] })
         .circuit(&bus_circuit)
-        .consumer(&relay_feed.name().to_owned(), relay_feed.status())
+        .consumer(relay_feed.name(), relay_feed.status())
         .relay(&relay.name(), relay.status())
         .consumer(processing_feed.name(), processing_feed.status())
         .saga(&processing.name(), processing.status());

@@ -348,7 +348,11 @@ impl GraphSnapshot {
                 })
             })
             .collect();
-        found.sort_by(|x, y| y.weight.cmp(&x.weight).then_with(|| x.entity.cmp(&y.entity)));
+        found.sort_by(|x, y| {
+            y.weight
+                .cmp(&x.weight)
+                .then_with(|| x.entity.cmp(&y.entity))
+        });
         found
     }
 
@@ -486,11 +490,10 @@ impl PgGraph {
     /// Whether every migration of the graph is applied: the `graph migrations` readiness check.
     pub async fn migrations_check(&self) -> factum::health::Check {
         let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-        let applied: Result<Option<i64>, _> = sqlx::query_scalar(
-            "SELECT max(version) FROM public._sqlx_migrations WHERE success",
-        )
-        .fetch_one(&self.pool)
-        .await;
+        let applied: Result<Option<i64>, _> =
+            sqlx::query_scalar("SELECT max(version) FROM public._sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await;
         match applied {
             Ok(Some(v)) if v == latest => {
                 factum::health::Check::new("graph migrations", true, format!("at {v}"))
@@ -609,14 +612,18 @@ impl GraphQueries for PgGraph {
                 .await
                 .map_err(sql_error("graph snapshot"))?;
         for (entity, topic) in topics {
-            graph.entities.entry(entity).or_default().topics.insert(topic);
+            graph
+                .entities
+                .entry(entity)
+                .or_default()
+                .topics
+                .insert(topic);
         }
-        let edges: Vec<(String, String, i32)> = sqlx::query_as(
-            "SELECT source, target, weight FROM graph.edges WHERE source < target",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(sql_error("graph snapshot"))?;
+        let edges: Vec<(String, String, i32)> =
+            sqlx::query_as("SELECT source, target, weight FROM graph.edges WHERE source < target")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(sql_error("graph snapshot"))?;
         for (a, b, weight) in edges {
             graph.edges.insert((a, b), weight.try_into().unwrap_or(0));
         }

@@ -214,7 +214,10 @@ async fn path<G: GraphQueries>(
         Ok(Some(path)) => Ok(Json(path)),
         Ok(None) => Err((
             StatusCode::NOT_FOUND,
-            format!("no path from {from} to {to} within {} hops", crate::graph::MAX_HOPS),
+            format!(
+                "no path from {from} to {to} within {} hops",
+                crate::graph::MAX_HOPS
+            ),
         )),
         Err(e) => Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }

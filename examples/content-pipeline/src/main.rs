@@ -77,7 +77,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut pushes = pipeline.realtime.subscribe();
     let scenario = async {
         for (session, user, topics, alerts) in SESSIONS {
-            pipeline.open_session(session, user, topics, *alerts).await?;
+            pipeline
+                .open_session(session, user, topics, *alerts)
+                .await?;
         }
         while pipeline.realtime.sessions().await?.len() < SESSIONS.len() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -95,14 +97,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !pipeline.settled().await? {
             if std::env::var_os("PIPELINE_DEBUG").is_some() {
-                eprintln!("not settled: {:?}", content_pipeline::observe::jobs_done(&pipeline.content).await?);
+                eprintln!(
+                    "not settled: {:?}",
+                    content_pipeline::observe::jobs_done(&pipeline.content).await?
+                );
             }
             if tokio::time::Instant::now() > deadline {
                 return Err("the pipeline did not settle within 30 s".into());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        report(&pipeline.content, &pipeline.graph, &pipeline.realtime, &pipeline.health).await?;
+        report(
+            &pipeline.content,
+            &pipeline.graph,
+            &pipeline.realtime,
+            &pipeline.health,
+        )
+        .await?;
         if args.serve {
             let routers = [
                 pipeline.health[0].clone().router(),
@@ -169,16 +180,23 @@ async fn report(
 ) -> Result<(), Box<dyn std::error::Error>> {
     use factum::EventFilter;
     println!("\ncontent-processing, its log:");
-    let jobs = content_pipeline::observe::events(content, &EventFilter::all().with_categories(["job"]))
-        .await?;
+    let jobs =
+        content_pipeline::observe::events(content, &EventFilter::all().with_categories(["job"]))
+            .await?;
     for event in jobs {
         let job = event.decode::<content::JobEvent>()?;
         let what = match &job.event {
-            content::JobEvent::Submitted { document, .. } => format!("submitted {:?}", document.title),
+            content::JobEvent::Submitted { document, .. } => {
+                format!("submitted {:?}", document.title)
+            }
             content::JobEvent::Extracted { terms } => format!("extracted {}", terms.join(", ")),
             content::JobEvent::Classified { topic, relaxed, .. } => format!(
                 "classified as {topic}{}",
-                if *relaxed { " (second, relaxed attempt)" } else { "" }
+                if *relaxed {
+                    " (second, relaxed attempt)"
+                } else {
+                    ""
+                }
             ),
             content::JobEvent::Retried { reason, .. } => format!("re-queued: {reason}"),
             content::JobEvent::Failed { reason } => format!("FAILED: {reason}"),
@@ -199,7 +217,11 @@ async fn report(
             .collect();
         println!("  neighbours of {entity}: {}", names.join(", "));
     }
-    for (from, to) in [("Ada", "Turing"), ("Lovelace", "Darwin"), ("Mendel", "Franklin")] {
+    for (from, to) in [
+        ("Ada", "Turing"),
+        ("Lovelace", "Darwin"),
+        ("Mendel", "Franklin"),
+    ] {
         match graph.shortest_path(from, to).await? {
             Some(path) => println!("  path {from} → {to}: {}", path.join(" → ")),
             None => println!("  path {from} → {to}: none"),
@@ -208,7 +230,10 @@ async fn report(
     println!("\nrealtime-communication, the feeds:");
     for (user, feed) in view.feeds().await? {
         println!("  {user}: {} notifications", feed.len());
-        for notification in feed.iter().filter(|n| matches!(n, content_pipeline::realtime::Notification::Failure { .. })) {
+        for notification in feed
+            .iter()
+            .filter(|n| matches!(n, content_pipeline::realtime::Notification::Failure { .. }))
+        {
             println!("    {notification}");
         }
     }
@@ -233,19 +258,27 @@ mod servers {
     use content_pipeline::graph;
     use content_pipeline::http::{graph_routes, serve};
     use content_pipeline::observe;
-    use content_pipeline::postgres::{self as pg, ContentService, GraphService, RedisRealtimeService};
+    use content_pipeline::postgres::{
+        self as pg, ContentService, GraphService, RedisRealtimeService,
+    };
     use content_pipeline::realtime::{self, RealtimeView};
     use factum::saga::SystemClock;
     use factum_nats::JetStreamBus;
     use tokio::sync::watch;
 
-    pub(crate) async fn run(documents: Vec<Document>, serve_http: bool) -> Result<(), Box<dyn std::error::Error>> {
+    pub(crate) async fn run(
+        documents: Vec<Document>,
+        serve_http: bool,
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let admin = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
         let nats = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
-        let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+        let redis =
+            std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
         let [content_url, graph_url, realtime_url] = pg::create_databases(&admin).await?;
-        println!("databases: {content_url}, {graph_url}, {realtime_url}; bus: {nats}; view: {redis}");
+        println!(
+            "databases: {content_url}, {graph_url}, {realtime_url}; bus: {nats}; view: {redis}"
+        );
         let content_store = pg::connect(&content_url, content::service()).await?;
         let graph_store = pg::connect(&graph_url, graph::service()).await?;
         let realtime_store = pg::connect(&realtime_url, realtime::service()).await?;
@@ -255,11 +288,25 @@ mod servers {
             let bus = bus.clone();
             move || bus.is_connected()
         };
-        let content = ContentService::new(content_store.clone(), bus.clone(), SystemClock, connected(&bus));
+        let content = ContentService::new(
+            content_store.clone(),
+            bus.clone(),
+            SystemClock,
+            connected(&bus),
+        );
         let graph = GraphService::new(graph_store.clone(), bus.clone(), connected(&bus)).await?;
         let keyspace = factum_redis::RedisKeyspace::connect(&redis, "pipeline-realtime").await?;
-        let realtime = RedisRealtimeService::new(realtime_store.clone(), bus.clone(), &keyspace, connected(&bus));
-        let health = [content.health.clone(), graph.health.clone(), realtime.health.clone()];
+        let realtime = RedisRealtimeService::new(
+            realtime_store.clone(),
+            bus.clone(),
+            &keyspace,
+            connected(&bus),
+        );
+        let health = [
+            content.health.clone(),
+            graph.health.clone(),
+            realtime.health.clone(),
+        ];
         let (graph_view, view) = (graph.graph.clone(), realtime.view.clone());
         let projection = graph.projection_status();
         let [from_graph, from_content] = realtime.inbound_status();
@@ -267,14 +314,23 @@ mod servers {
         let scenario = async {
             for (session, user, topics, alerts) in super::SESSIONS {
                 // Opened by an earlier run: fine.
-                let _ = content_pipeline::embedded::open_session(&realtime_store, session, user, topics, *alerts).await;
+                let _ = content_pipeline::embedded::open_session(
+                    &realtime_store,
+                    session,
+                    user,
+                    topics,
+                    *alerts,
+                )
+                .await;
             }
             while view.sessions().await?.len() < super::SESSIONS.len() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             println!("content: submitting {} documents", documents.len());
-            content_pipeline::embedded::submit(&content_store, &documents, super::REQUEUE_AFTER).await?;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            content_pipeline::embedded::submit(&content_store, &documents, super::REQUEUE_AFTER)
+                .await?;
+            let started = tokio::time::Instant::now();
+            let deadline = started + Duration::from_secs(60);
             loop {
                 let (done, classified, failed) = observe::jobs_done(&content_store).await?;
                 let indexed = observe::count(&graph_store, "topic.document_indexed").await?;
@@ -284,12 +340,21 @@ mod servers {
                     let s = s.borrow();
                     (s.handled + s.duplicates) as usize
                 };
-                if done
-                    && indexed == classified
-                    && projection.borrow().position >= head
+                // This process's counters: everything handled since it started...
+                let handled_here = projection.borrow().position >= head
                     && told(&from_graph) >= discovered
-                    && told(&from_content) >= failed
-                {
+                    && told(&from_content) >= failed;
+                // ...or, for a run after an earlier one (nothing new to handle), every consumer
+                // caught up for a while (the inbound consumers refresh their lag each second).
+                let quiet = |s: &watch::Receiver<factum::bus::InboundStatus>| {
+                    let s = s.borrow();
+                    s.state == factum::bus::InboundState::Running && s.lag_messages == 0
+                };
+                let caught_up = started.elapsed() > Duration::from_secs(3)
+                    && projection.borrow().state == factum::subscription::SubscriptionState::Live
+                    && quiet(&from_graph)
+                    && quiet(&from_content);
+                if done && indexed == classified && (handled_here || caught_up) {
                     break;
                 }
                 if tokio::time::Instant::now() > deadline {

@@ -3,7 +3,10 @@
 use factum::{Error, EventFilter, EventStore, LogPosition, RecordedEvent};
 
 /// Every event of `store`'s log that `filter` lets through, in log order.
-pub async fn events<S: EventStore>(store: &S, filter: &EventFilter) -> Result<Vec<RecordedEvent>, Error> {
+pub async fn events<S: EventStore>(
+    store: &S,
+    filter: &EventFilter,
+) -> Result<Vec<RecordedEvent>, Error> {
     let mut all = Vec::new();
     let mut after = LogPosition::START;
     loop {
@@ -18,9 +21,11 @@ pub async fn events<S: EventStore>(store: &S, filter: &EventFilter) -> Result<Ve
 
 /// How many events of `event_type` `store`'s log holds.
 pub async fn count<S: EventStore>(store: &S, event_type: &str) -> Result<usize, Error> {
-    Ok(events(store, &EventFilter::all().with_event_types([event_type]))
-        .await?
-        .len())
+    Ok(
+        events(store, &EventFilter::all().with_event_types([event_type]))
+            .await?
+            .len(),
+    )
 }
 
 /// Whether every submitted job of content's `store` is classified or failed; with how many of
@@ -34,9 +39,14 @@ pub async fn jobs_done<S: EventStore>(store: &S) -> Result<(bool, usize, usize),
 
 /// The position of the last event of `event_type` in `store`'s log (the start when none): how
 /// far a consumer of that type must have come to have seen them all.
-pub async fn last_position<S: EventStore>(store: &S, event_type: &str) -> Result<LogPosition, Error> {
-    Ok(events(store, &EventFilter::all().with_event_types([event_type]))
-        .await?
-        .last()
-        .map_or(LogPosition::START, |e| e.position))
+pub async fn last_position<S: EventStore>(
+    store: &S,
+    event_type: &str,
+) -> Result<LogPosition, Error> {
+    Ok(
+        events(store, &EventFilter::all().with_event_types([event_type]))
+            .await?
+            .last()
+            .map_or(LogPosition::START, |e| e.position),
+    )
 }

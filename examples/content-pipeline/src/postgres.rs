@@ -110,7 +110,11 @@ fn relay_of<B: Bus + Clone>(
     bus: &B,
     store: &PostgresStore,
     routes: PublicEvents,
-) -> (Subscription<PostgresStore, StoreCheckpoints<PostgresStore>, PgLease>, Relay<B>, Resilience) {
+) -> (
+    Subscription<PostgresStore, StoreCheckpoints<PostgresStore>, PgLease>,
+    Relay<B>,
+    Resilience,
+) {
     let resilience = Resilience::new("bus");
     let relay = Relay::new(bus.clone(), routes).with_resilience(resilience.clone());
     // Plain checkpoints: the relay's effects are on the broker (see the bus chapter).
@@ -138,7 +142,10 @@ pub struct ContentService<B: Bus> {
     /// Its health.
     pub health: ServiceHealth,
     feed: Subscription<PostgresStore, PgCheckpoints, PgLease>,
-    relay: (Subscription<PostgresStore, StoreCheckpoints<PostgresStore>, PgLease>, Relay<B>),
+    relay: (
+        Subscription<PostgresStore, StoreCheckpoints<PostgresStore>, PgLease>,
+        Relay<B>,
+    ),
 }
 
 impl<B: Bus + Clone + 'static> ContentService<B> {
@@ -168,7 +175,7 @@ impl<B: Bus + Clone + 'static> ContentService<B> {
             .probe(database_probe(&store))
             .probe(bus_probe(bus_connected))
             .circuit(&circuit)
-            .consumer(&relay_feed.name().to_owned(), relay_feed.status())
+            .consumer(relay_feed.name(), relay_feed.status())
             .relay(&relay.name(), relay.status())
             .consumer(feed.name(), feed.status())
             .saga(&processing.name(), processing.status());
@@ -192,14 +199,20 @@ impl<B: Bus + Clone + 'static> ContentService<B> {
         } = self;
         tokio::try_join!(
             async { relay_feed.run(relay, stop(&shutdown)).await.map(drop) },
-            async { feed.run(processing.clone(), stop(&shutdown)).await.map(drop) },
+            async {
+                feed.run(processing.clone(), stop(&shutdown))
+                    .await
+                    .map(drop)
+            },
             processing.run(PgLease::new(&store), stop(&shutdown)),
         )
         .map(drop)
     }
 }
 
-fn bus_probe(connected: impl Fn() -> bool + Send + Sync + 'static) -> impl Fn() -> BoxCheck + Send + Sync + 'static {
+fn bus_probe(
+    connected: impl Fn() -> bool + Send + Sync + 'static,
+) -> impl Fn() -> BoxCheck + Send + Sync + 'static {
     let connected = std::sync::Arc::new(connected);
     move || {
         let ok = connected();
@@ -207,7 +220,11 @@ fn bus_probe(connected: impl Fn() -> bool + Send + Sync + 'static) -> impl Fn() 
             vec![Check::new(
                 "bus",
                 ok,
-                if ok { "connected" } else { "not connected: retrying" },
+                if ok {
+                    "connected"
+                } else {
+                    "not connected: retrying"
+                },
             )]
         })
     }
@@ -226,7 +243,10 @@ pub struct GraphService<B: Bus> {
     pub health: ServiceHealth,
     inbound: InboundConsumer<B, PgInbox>,
     projection: PgProjectionRunner<PgGraph>,
-    relay: (Subscription<PostgresStore, StoreCheckpoints<PostgresStore>, PgLease>, Relay<B>),
+    relay: (
+        Subscription<PostgresStore, StoreCheckpoints<PostgresStore>, PgLease>,
+        Relay<B>,
+    ),
 }
 
 impl<B: Bus + Clone + 'static> GraphService<B> {
@@ -245,8 +265,8 @@ impl<B: Bus + Clone + 'static> GraphService<B> {
             ConsumerConfig::new(content_stream, "graph-from-content")
                 .filter_subject(graph::CONTENT_SUBJECT),
         );
-        let projection = PgProjectionRunner::new(store.clone(), graph.clone())
-            .idle_backoff(IDLE.0, IDLE.1);
+        let projection =
+            PgProjectionRunner::new(store.clone(), graph.clone()).idle_backoff(IDLE.0, IDLE.1);
         let (relay_feed, relay, circuit) =
             relay_of(&bus, &store, graph::public_events(graph::service()));
         let migrations = graph.clone();
@@ -260,7 +280,7 @@ impl<B: Bus + Clone + 'static> GraphService<B> {
             .circuit(&circuit)
             .inbound(inbound.name(), inbound.status())
             .consumer(projection.name(), projection.status())
-            .consumer(&relay_feed.name().to_owned(), relay_feed.status())
+            .consumer(relay_feed.name(), relay_feed.status())
             .relay(&relay.name(), relay.status());
         Ok(Self {
             store,
@@ -335,11 +355,18 @@ impl<B: Bus + Clone + 'static> RealtimeService<B> {
             InboundConsumer::new(
                 bus.clone(),
                 InMemoryInbox::new(),
-                ConsumerConfig::new(StreamConfig::for_service(stream).name, format!("{durable}-{start}"))
-                    .filter_subject(subject),
+                ConsumerConfig::new(
+                    StreamConfig::for_service(stream).name,
+                    format!("{durable}-{start}"),
+                )
+                .filter_subject(subject),
             )
         };
-        let from_graph = consumer(&graph::service(), "realtime-from-graph", realtime::GRAPH_SUBJECT);
+        let from_graph = consumer(
+            &graph::service(),
+            "realtime-from-graph",
+            realtime::GRAPH_SUBJECT,
+        );
         let from_content = consumer(
             &content::service(),
             "realtime-from-content",
@@ -436,7 +463,11 @@ impl<B: Bus + Clone + 'static> RedisRealtimeService<B> {
                     .filter_subject(subject),
             )
         };
-        let from_graph = consumer(&graph::service(), "realtime-from-graph", realtime::GRAPH_SUBJECT);
+        let from_graph = consumer(
+            &graph::service(),
+            "realtime-from-graph",
+            realtime::GRAPH_SUBJECT,
+        );
         let from_content = consumer(
             &content::service(),
             "realtime-from-content",

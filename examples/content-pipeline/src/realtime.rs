@@ -270,9 +270,8 @@ pub struct Pushed {
 /// The realtime read model's queries, whatever holds it.
 pub trait RealtimeView: Clone + Send + Sync + 'static {
     /// The open sessions, by id.
-    fn sessions(
-        &self,
-    ) -> impl Future<Output = Result<BTreeMap<String, SessionInfo>, Error>> + Send;
+    fn sessions(&self)
+    -> impl Future<Output = Result<BTreeMap<String, SessionInfo>, Error>> + Send;
 
     /// Every user's feed, oldest first.
     fn feeds(

@@ -19,8 +19,7 @@ use factum_redis::redis::{self, AsyncCommands as _};
 use factum_redis::{RedisKeyspace, RedisTx};
 
 use crate::realtime::{
-    Notification, RealtimeInput, RealtimeView, SessionInfo, SessionsInput, notification,
-    recipients,
+    Notification, RealtimeInput, RealtimeView, SessionInfo, SessionsInput, notification, recipients,
 };
 
 fn redis_error(operation: &'static str) -> impl Fn(redis::RedisError) -> Error {

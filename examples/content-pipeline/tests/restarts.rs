@@ -64,7 +64,11 @@ fn without_documents(
                 .into_iter()
                 .map(|n| match n {
                     realtime::Notification::Entity { topic, entity, .. } => {
-                        realtime::Notification::Entity { topic, entity, document: String::new() }
+                        realtime::Notification::Entity {
+                            topic,
+                            entity,
+                            document: String::new(),
+                        }
                     }
                     other => other,
                 })
@@ -77,7 +81,13 @@ fn without_documents(
 
 fn spawn(db: &str, nats: &str) -> (Child, tokio::io::Lines<BufReader<ChildStdout>>) {
     let mut child = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args(["graph_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "graph_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("GRAPH_CHILD_DB", db)
         .env("GRAPH_CHILD_NATS", nats)
         .stdout(Stdio::piped())
@@ -98,7 +108,9 @@ async fn running(lines: &mut tokio::io::Lines<BufReader<ChildStdout>>) {
         }
         panic!("the graph service ended before running");
     };
-    tokio::time::timeout(PATIENCE, next).await.expect("the graph service starts in time");
+    tokio::time::timeout(PATIENCE, next)
+        .await
+        .expect("the graph service starts in time");
 }
 
 async fn kill9(child: &mut Child) {
@@ -110,18 +122,32 @@ async fn kill9(child: &mut Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_kill() {
     let nats = NatsServer::start();
-    let bus = JetStreamBus::connect(&nats.url()).await.expect("connect to NATS");
+    let bus = JetStreamBus::connect(&nats.url())
+        .await
+        .expect("connect to NATS");
     pg::ensure_streams(&bus).await.expect("streams");
-    let (content_db, graph_db, realtime_db) =
-        (TestDatabase::create().await, TestDatabase::create().await, TestDatabase::create().await);
+    let (content_db, graph_db, realtime_db) = (
+        TestDatabase::create().await,
+        TestDatabase::create().await,
+        TestDatabase::create().await,
+    );
     let clock = TestClock::default();
     let connected = |bus: &JetStreamBus| {
         let bus = bus.clone();
         move || bus.is_connected()
     };
-    let content_store = pg::connect(content_db.url(), content::service()).await.expect("content");
-    let realtime_store = pg::connect(realtime_db.url(), realtime::service()).await.expect("realtime");
-    let content = ContentService::new(content_store.clone(), bus.clone(), clock.clone(), connected(&bus));
+    let content_store = pg::connect(content_db.url(), content::service())
+        .await
+        .expect("content");
+    let realtime_store = pg::connect(realtime_db.url(), realtime::service())
+        .await
+        .expect("realtime");
+    let content = ContentService::new(
+        content_store.clone(),
+        bus.clone(),
+        clock.clone(),
+        connected(&bus),
+    );
     let processing = content.processing.clone();
     let content_health = content.health.clone();
     let keyspace = factum_redis::RedisKeyspace::connect(
@@ -130,7 +156,12 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
     )
     .await
     .expect("connect to Redis");
-    let realtime = RedisRealtimeService::new(realtime_store.clone(), bus.clone(), &keyspace, connected(&bus));
+    let realtime = RedisRealtimeService::new(
+        realtime_store.clone(),
+        bus.clone(),
+        &keyspace,
+        connected(&bus),
+    );
     let view = realtime.view.clone();
     let realtime_health = realtime.health.clone();
     // What the test reads of the graph's database (the service itself runs in the child).
@@ -142,7 +173,9 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
     let (stop, stopped) = watch::channel(false);
     let scenario = async {
         for (session, user, topics, alerts) in SESSIONS {
-            embedded::open_session(&realtime_store, session, user, topics, *alerts).await.expect("open");
+            embedded::open_session(&realtime_store, session, user, topics, *alerts)
+                .await
+                .expect("open");
         }
         eventually!(
             "the sessions in the view",
@@ -151,25 +184,43 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
 
         let (mut child, mut lines) = spawn(graph_db.url(), &nats.url());
         running(&mut lines).await;
-        embedded::submit(&content_store, first, REQUEUE_AFTER).await.expect("submit");
+        embedded::submit(&content_store, first, REQUEUE_AFTER)
+            .await
+            .expect("submit");
         eventually!(
             "a few documents indexed by the graph",
-            (observe::count(&graph_store, "topic.document_indexed").await.expect("count") >= 3).then_some(())
+            (observe::count(&graph_store, "topic.document_indexed")
+                .await
+                .expect("count")
+                >= 3)
+                .then_some(())
         );
         // Killed while it works: the rest of the documents arrive while it is down.
         kill9(&mut child).await;
-        embedded::submit(&content_store, second, REQUEUE_AFTER).await.expect("submit");
-        let indexed_while_down = observe::count(&graph_store, "topic.document_indexed").await.expect("count");
+        embedded::submit(&content_store, second, REQUEUE_AFTER)
+            .await
+            .expect("submit");
+        let indexed_while_down = observe::count(&graph_store, "topic.document_indexed")
+            .await
+            .expect("count");
         let (mut child, mut lines) = spawn(graph_db.url(), &nats.url());
         running(&mut lines).await;
 
         // Every job classified or waiting for its second attempt; then the timeouts fire.
         let requeued = eventually!("every job classified or re-queued", {
-            let classified = observe::count(&content_store, "job.classified").await.expect("count");
-            let retried = observe::count(&content_store, "job.retried").await.expect("count");
+            let classified = observe::count(&content_store, "job.classified")
+                .await
+                .expect("count");
+            let retried = observe::count(&content_store, "job.retried")
+                .await
+                .expect("count");
             let mut waiting = 0;
             for document in &documents {
-                waiting += processing.timeouts(&document.id).await.expect("timeouts").len();
+                waiting += processing
+                    .timeouts(&document.id)
+                    .await
+                    .expect("timeouts")
+                    .len();
             }
             (classified + retried == documents.len() && waiting == retried).then_some(retried)
         });
@@ -177,7 +228,11 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
         clock.advance(REQUEUE_AFTER + Duration::from_secs(1));
         eventually!(
             "every job done",
-            observe::jobs_done(&content_store).await.expect("jobs").0.then_some(())
+            observe::jobs_done(&content_store)
+                .await
+                .expect("jobs")
+                .0
+                .then_some(())
         );
 
         // The graph and the feeds reach the folds of the logs...
@@ -192,10 +247,22 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
             (feeds == expected_feeds).then_some(feeds)
         });
         // ...with each document indexed once, although some were handled around the kill.
-        assert!(indexed_while_down < documents.len(), "killed mid-run: {indexed_while_down}");
-        let classified = observe::count(&content_store, "job.classified").await.expect("count");
-        assert_eq!(observe::count(&graph_store, "topic.document_indexed").await.expect("count"), classified);
-        let discovered = observe::count(&graph_store, "topic.entity_discovered").await.expect("count");
+        assert!(
+            indexed_while_down < documents.len(),
+            "killed mid-run: {indexed_while_down}"
+        );
+        let classified = observe::count(&content_store, "job.classified")
+            .await
+            .expect("count");
+        assert_eq!(
+            observe::count(&graph_store, "topic.document_indexed")
+                .await
+                .expect("count"),
+            classified
+        );
+        let discovered = observe::count(&graph_store, "topic.entity_discovered")
+            .await
+            .expect("count");
         let entity_notes: usize = feeds
             .values()
             .flatten()
@@ -204,8 +271,18 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
         assert!(discovered > 0 && entity_notes > 0);
 
         // The shortest path query (a recursive CTE) agrees with a breadth-first walk.
-        for (from, to) in [("Ada", "Darwin"), ("Lovelace", "Franklin"), ("Turing", "Curie"), ("Ada", "Nobody")] {
-            assert_shortest(&graph, from, to, graph_view.shortest_path(from, to).await.expect("path"));
+        for (from, to) in [
+            ("Ada", "Darwin"),
+            ("Lovelace", "Franklin"),
+            ("Turing", "Curie"),
+            ("Ada", "Nobody"),
+        ] {
+            assert_shortest(
+                &graph,
+                from,
+                to,
+                graph_view.shortest_path(from, to).await.expect("path"),
+            );
         }
         let neighbours = graph_view.neighbours("Darwin").await.expect("neighbours");
         assert_eq!(neighbours, graph.neighbours("Darwin"));
@@ -217,21 +294,26 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
         }
         let view_check = realtime_health.ready().await;
         assert!(
-            view_check.checks().iter().any(|c| c.name == "view" && c.ok && c.detail == "redis answers"),
+            view_check
+                .checks()
+                .iter()
+                .any(|c| c.name == "view" && c.ok && c.detail == "redis answers"),
             "{view_check:?}"
         );
         let address = serve(content_health.clone().router()).await;
         let (status, body) = get(address, "/health/ready").await;
         assert_eq!(status, 200, "{body}");
-        assert!(body.contains("\"name\":\"database\"") && body.contains("\"name\":\"bus\""), "{body}");
+        assert!(
+            body.contains("\"name\":\"database\"") && body.contains("\"name\":\"bus\""),
+            "{body}"
+        );
 
         kill9(&mut child).await;
         let _ = stop.send(true);
         (graph, feeds)
     };
-    let services = async {
-        tokio::try_join!(content.run(stopped.clone()), realtime.run(stopped.clone()))
-    };
+    let services =
+        async { tokio::try_join!(content.run(stopped.clone()), realtime.run(stopped.clone())) };
     let (ran, (graph, feeds)) = tokio::join!(services, scenario);
     ran.expect("content and realtime ran");
 
@@ -241,24 +323,43 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
     let (stop, stopped) = watch::channel(false);
     let baseline = async {
         for (session, user, topics, alerts) in SESSIONS {
-            pipeline.open_session(session, user, topics, *alerts).await.expect("open");
+            pipeline
+                .open_session(session, user, topics, *alerts)
+                .await
+                .expect("open");
         }
         eventually!(
             "the sessions in the view",
-            (pipeline.realtime.sessions().await.expect("sessions").len() == SESSIONS.len()).then_some(())
+            (pipeline.realtime.sessions().await.expect("sessions").len() == SESSIONS.len())
+                .then_some(())
         );
-        pipeline.submit(&documents, REQUEUE_AFTER).await.expect("submit");
+        pipeline
+            .submit(&documents, REQUEUE_AFTER)
+            .await
+            .expect("submit");
         eventually!("every job classified or re-queued", {
-            let classified = observe::count(&pipeline.content, "job.classified").await.expect("count");
-            let retried = observe::count(&pipeline.content, "job.retried").await.expect("count");
+            let classified = observe::count(&pipeline.content, "job.classified")
+                .await
+                .expect("count");
+            let retried = observe::count(&pipeline.content, "job.retried")
+                .await
+                .expect("count");
             let mut waiting = 0;
             for document in &documents {
-                waiting += pipeline.processing.timeouts(&document.id).await.expect("timeouts").len();
+                waiting += pipeline
+                    .processing
+                    .timeouts(&document.id)
+                    .await
+                    .expect("timeouts")
+                    .len();
             }
             (classified + retried == documents.len() && waiting == retried).then_some(())
         });
         clock.advance(REQUEUE_AFTER + Duration::from_secs(1));
-        eventually!("settled", pipeline.settled().await.expect("settled").then_some(()));
+        eventually!(
+            "settled",
+            pipeline.settled().await.expect("settled").then_some(())
+        );
         let result = (
             pipeline.graph.snapshot().await.expect("graph"),
             sorted(pipeline.realtime.feeds().await.expect("feeds")),
@@ -271,6 +372,10 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
     assert_eq!(graph, baseline_graph, "the graph");
     // Which document first showed an entity depends on the order the jobs finished in, which
     // differs between two runs; what each user is told about does not.
-    assert_eq!(without_documents(feeds), without_documents(baseline_feeds), "the feeds");
+    assert_eq!(
+        without_documents(feeds),
+        without_documents(baseline_feeds),
+        "the feeds"
+    );
     drop(nats);
 }

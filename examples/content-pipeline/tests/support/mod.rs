@@ -50,7 +50,15 @@ const NAMES: &[&str] = &[
     "Feynman", "Darwin", "Mendel", "Franklin", "Crick", "Watson", "Wallace", "Lamarck", "Pasteur",
 ];
 const KEYWORDS: &[&str] = &[
-    "algorithm", "machine", "program", "energy", "particle", "light", "gene", "cell", "species",
+    "algorithm",
+    "machine",
+    "program",
+    "energy",
+    "particle",
+    "light",
+    "gene",
+    "cell",
+    "species",
 ];
 
 /// The built-in corpus and `extra` generated documents (each with 2 to 5 names and 0 to 3
@@ -67,13 +75,23 @@ pub fn documents(extra: usize) -> Vec<Document> {
     };
     for i in 0..extra {
         let names: BTreeSet<&str> = (0..2 + next(4)).map(|_| NAMES[next(NAMES.len())]).collect();
-        let keywords: Vec<&str> = (0..next(4)).map(|_| KEYWORDS[next(KEYWORDS.len())]).collect();
+        let keywords: Vec<&str> = (0..next(4))
+            .map(|_| KEYWORDS[next(KEYWORDS.len())])
+            .collect();
         let text = format!(
             "{} met. They spoke of {}.",
             names.iter().copied().collect::<Vec<_>>().join(" and "),
-            if keywords.is_empty() { "the weather".to_owned() } else { keywords.join(", ") }
+            if keywords.is_empty() {
+                "the weather".to_owned()
+            } else {
+                keywords.join(", ")
+            }
         );
-        documents.push(Document::new(&format!("gen-{i}"), format!("note {i}"), text));
+        documents.push(Document::new(
+            &format!("gen-{i}"),
+            format!("note {i}"),
+            text,
+        ));
     }
     documents
 }
@@ -129,8 +147,15 @@ pub async fn expected_feeds<C: EventStore, R: EventStore>(
     for event in sessions {
         let decoded = event.decode::<SessionEvent>().expect("a session event");
         match decoded.event {
-            SessionEvent::Opened { user, topics, alerts } => {
-                open.insert(decoded.stream_id.aggregate_id().to_owned(), (user, topics, alerts));
+            SessionEvent::Opened {
+                user,
+                topics,
+                alerts,
+            } => {
+                open.insert(
+                    decoded.stream_id.aggregate_id().to_owned(),
+                    (user, topics, alerts),
+                );
             }
             SessionEvent::Closed => {
                 open.remove(decoded.stream_id.aggregate_id());
@@ -149,11 +174,18 @@ pub async fn expected_feeds<C: EventStore, R: EventStore>(
             JobEvent::Classified { topic, terms, .. } => {
                 for term in terms {
                     if seen.insert((topic.clone(), term.clone())) {
-                        told.push(Notification::Entity { topic: topic.clone(), entity: term, document: job.clone() });
+                        told.push(Notification::Entity {
+                            topic: topic.clone(),
+                            entity: term,
+                            document: job.clone(),
+                        });
                     }
                 }
             }
-            JobEvent::Failed { reason } => told.push(Notification::Failure { document: job, reason }),
+            JobEvent::Failed { reason } => told.push(Notification::Failure {
+                document: job,
+                reason,
+            }),
             _ => {}
         }
     }
@@ -176,7 +208,9 @@ pub async fn expected_feeds<C: EventStore, R: EventStore>(
 }
 
 /// Each user's feed, sorted (notifications from two streams interleave in any order).
-pub fn sorted(mut feeds: BTreeMap<String, Vec<Notification>>) -> BTreeMap<String, Vec<Notification>> {
+pub fn sorted(
+    mut feeds: BTreeMap<String, Vec<Notification>>,
+) -> BTreeMap<String, Vec<Notification>> {
     feeds.values_mut().for_each(|f| f.sort());
     feeds
 }
@@ -191,7 +225,13 @@ pub fn distance(graph: &GraphSnapshot, from: &str, to: &str) -> Option<usize> {
             return Some(d);
         }
         for (a, b) in graph.edges.keys() {
-            let next = if *a == at { b } else if *b == at { a } else { continue };
+            let next = if *a == at {
+                b
+            } else if *b == at {
+                a
+            } else {
+                continue;
+            };
             if seen.insert(next.clone()) {
                 queue.push_back((next.clone(), d + 1));
             }
@@ -207,40 +247,69 @@ pub fn assert_shortest(graph: &GraphSnapshot, from: &str, to: &str, path: Option
     match (expected, path) {
         (None, None) => {}
         (Some(d), Some(path)) => {
-            assert_eq!(path.len(), d + 1, "{from} → {to}: {path:?} is not a shortest path");
+            assert_eq!(
+                path.len(),
+                d + 1,
+                "{from} → {to}: {path:?} is not a shortest path"
+            );
             assert_eq!(path.first().map(String::as_str), Some(from));
             assert_eq!(path.last().map(String::as_str), Some(to));
             for pair in path.windows(2) {
-                let key = if pair[0] < pair[1] { (pair[0].clone(), pair[1].clone()) } else { (pair[1].clone(), pair[0].clone()) };
-                assert!(graph.edges.contains_key(&key), "{from} → {to}: no edge {key:?} in {path:?}");
+                let key = if pair[0] < pair[1] {
+                    (pair[0].clone(), pair[1].clone())
+                } else {
+                    (pair[1].clone(), pair[0].clone())
+                };
+                assert!(
+                    graph.edges.contains_key(&key),
+                    "{from} → {to}: no edge {key:?} in {path:?}"
+                );
             }
         }
-        (expected, path) => panic!("{from} → {to}: expected a path of {expected:?} edges, got {path:?}"),
+        (expected, path) => {
+            panic!("{from} → {to}: expected a path of {expected:?} edges, got {path:?}")
+        }
     }
 }
 
 /// `GET path` over HTTP/1.1 on `address`: the status code and the body.
 pub async fn get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .expect("send the request");
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read the response");
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read the response");
     let status = response
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
 /// Serves `router` on a free port of 127.0.0.1 for the rest of the test.
 pub async fn serve(router: axum::Router) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let address = listener.local_addr().expect("address");
-    tokio::spawn(content_pipeline::http::serve(listener, router, std::future::pending()));
+    tokio::spawn(content_pipeline::http::serve(
+        listener,
+        router,
+        std::future::pending(),
+    ));
     address
 }
