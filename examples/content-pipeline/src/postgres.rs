@@ -262,8 +262,11 @@ impl<B: Bus + Clone + 'static> GraphService<B> {
         let inbound = InboundConsumer::new(
             bus.clone(),
             PgInbox::new(&store),
+            // A message left unacknowledged by a crash comes again after 5 s, not JetStream's
+            // default 30 s (the inbox drops it if its effect had committed).
             ConsumerConfig::new(content_stream, "graph-from-content")
-                .filter_subject(graph::CONTENT_SUBJECT),
+                .filter_subject(graph::CONTENT_SUBJECT)
+                .ack_wait(Duration::from_secs(5)),
         );
         let projection =
             PgProjectionRunner::new(store.clone(), graph.clone()).idle_backoff(IDLE.0, IDLE.1);

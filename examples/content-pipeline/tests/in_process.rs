@@ -98,7 +98,12 @@ async fn the_graph_and_the_feeds_equal_a_fold_of_the_services_events() {
         );
         assert_eq!(graph, expected);
         let feeds = sorted(pipeline.realtime.feeds().await.expect("feeds"));
-        let expected_feeds = expected_feeds(&pipeline.content, &pipeline.realtime_store).await;
+        let expected_feeds = expected_feeds(
+            &pipeline.content,
+            &pipeline.graph_store,
+            &pipeline.realtime_store,
+        )
+        .await;
         assert_eq!(
             expected_feeds.keys().collect::<Vec<_>>(),
             ["ada", "alan", "grace"],

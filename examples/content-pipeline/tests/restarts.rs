@@ -241,7 +241,7 @@ async fn a_graph_service_killed_mid_run_and_restarted_ends_as_a_run_without_the_
             let graph = graph_view.snapshot().await.expect("graph");
             (graph == expected).then_some(graph)
         });
-        let expected_feeds = expected_feeds(&content_store, &realtime_store).await;
+        let expected_feeds = expected_feeds(&content_store, &graph_store, &realtime_store).await;
         let feeds = eventually!("the feeds equal to the fold of the logs", {
             let feeds = sorted(view.feeds().await.expect("feeds"));
             (feeds == expected_feeds).then_some(feeds)

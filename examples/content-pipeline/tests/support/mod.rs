@@ -132,11 +132,14 @@ async fn job_events<S: EventStore>(content: &S) -> Vec<(String, JobEvent)> {
         .collect()
 }
 
-/// The feeds as a fold of content-processing's log (new entities per topic, in the order the
-/// graph receives the classified documents; failed documents) and realtime's (who follows
-/// what), each user's sorted.
-pub async fn expected_feeds<C: EventStore, R: EventStore>(
+/// The feeds as a fold of the logs: realtime's (who follows what), content's (each classified
+/// document's topic and entities; failed documents) and, for which document first showed an
+/// entity in a topic, the order in which the graph indexed the documents (its log: after a crash
+/// the broker may redeliver a message after later ones, so that order is the graph's, not
+/// content's). Each user's feed sorted.
+pub async fn expected_feeds<C: EventStore, G: EventStore, R: EventStore>(
     content: &C,
+    graph: &G,
     realtime: &R,
 ) -> BTreeMap<String, Vec<Notification>> {
     let mut follows: BTreeMap<String, (BTreeSet<String>, bool)> = BTreeMap::new();
@@ -167,26 +170,55 @@ pub async fn expected_feeds<C: EventStore, R: EventStore>(
         entry.0.extend(topics);
         entry.1 |= alerts;
     }
-    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut classified: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
     let mut told: Vec<Notification> = Vec::new();
     for (job, event) in job_events(content).await {
         match event {
             JobEvent::Classified { topic, terms, .. } => {
-                for term in terms {
-                    if seen.insert((topic.clone(), term.clone())) {
-                        told.push(Notification::Entity {
-                            topic: topic.clone(),
-                            entity: term,
-                            document: job.clone(),
-                        });
-                    }
-                }
+                classified.insert(job, (topic, terms));
             }
             JobEvent::Failed { reason } => told.push(Notification::Failure {
                 document: job,
                 reason,
             }),
             _ => {}
+        }
+    }
+    let indexed = observe::events(
+        graph,
+        &EventFilter::all().with_event_types(["topic.document_indexed"]),
+    )
+    .await
+    .expect("read the graph's log");
+    let order: Vec<String> = indexed
+        .iter()
+        .map(|e| {
+            let payload: serde_json::Value =
+                serde_json::from_str(e.payload.get()).expect("a JSON payload");
+            payload["document"]
+                .as_str()
+                .expect("a document id")
+                .to_owned()
+        })
+        .collect();
+    let mut sorted_order = order.clone();
+    sorted_order.sort();
+    assert_eq!(
+        sorted_order,
+        classified.keys().cloned().collect::<Vec<_>>(),
+        "the graph indexed each classified document once"
+    );
+    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+    for document in order {
+        let (topic, terms) = &classified[&document];
+        for term in terms {
+            if seen.insert((topic.clone(), term.clone())) {
+                told.push(Notification::Entity {
+                    topic: topic.clone(),
+                    entity: term.clone(),
+                    document: document.clone(),
+                });
+            }
         }
     }
     let mut feeds = BTreeMap::new();
