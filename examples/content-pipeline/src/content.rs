@@ -135,7 +135,7 @@ const STOPWORDS: &[&str] = &[
 ];
 
 /// The entities of a text: its capitalised words of three letters or more that are not
-/// [stop words](STOPWORDS), deduplicated and sorted.
+/// stop words (The, This, When...), deduplicated and sorted.
 pub fn extract_terms(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|w| {
