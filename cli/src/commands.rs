@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
+use factum::bus::ServiceName;
 use factum::subscription::{DeadLetterStore, ParkedEvent};
 use factum::{EventId, EventStore, GlobalPosition, LogPosition, StreamId, StreamVersion};
 use factum_postgres::projection::Progress;
@@ -24,6 +25,10 @@ pub(crate) struct Args {
     /// The schema of the service's store.
     #[arg(long, env = "FACTUM_SCHEMA", global = true, hide_env_values = true, default_value = SchemaName::DEFAULT)]
     schema: String,
+    /// The service that owns the store: a schema recorded as another service's is refused, and
+    /// `migrate apply` on a new schema records this one as its owner.
+    #[arg(long, env = "FACTUM_SERVICE", global = true, hide_env_values = true)]
+    service: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -205,12 +210,18 @@ pub(crate) async fn execute(
     io: &mut Io<'_>,
 ) -> Result<(), CliError> {
     let schema = SchemaName::new(&args.schema).map_err(CliError::from)?;
+    let service = args
+        .service
+        .as_deref()
+        .map(ServiceName::new)
+        .transpose()
+        .map_err(CliError::from)?;
     let Some(url) = args.database_url.as_deref() else {
         return Err(CliError::new(
             "no database given: pass --database-url or set DATABASE_URL (e.g. postgres://user@host:5432/db)",
         ));
     };
-    let store = connect(url, schema).await?;
+    let store = connect(url, schema, service).await?;
     let mut cx = Context {
         store,
         registry,
@@ -246,14 +257,22 @@ pub(crate) async fn execute(
     report.print(io.out, cx.json)
 }
 
-async fn connect(url: &str, schema: SchemaName) -> Result<PostgresStore, CliError> {
+async fn connect(
+    url: &str,
+    schema: SchemaName,
+    service: Option<ServiceName>,
+) -> Result<PostgresStore, CliError> {
     let config = PoolConfig {
         max_connections: 4,
         acquire_timeout: Duration::from_secs(5),
         application_name: "factum-cli".to_owned(),
         ..PoolConfig::default()
     };
-    PostgresStore::connect_with(url, &config, StoreOptions::default().with_schema(schema))
+    let mut options = StoreOptions::default().with_schema(schema);
+    if let Some(service) = service {
+        options = options.for_service(service);
+    }
+    PostgresStore::connect_with(url, &config, options)
         .await
         .map_err(|e| match e.kind() {
             // Unreachable, refused, timed out: the URL or the server.

@@ -34,8 +34,10 @@
 //! }
 //! ```
 //!
-//! Every command takes `--database-url` (or `DATABASE_URL`) and `--schema` (the service's
-//! schema, default `factum`; or `FACTUM_SCHEMA`); prints a table, or JSON with `--json`; asks
+//! Every command takes `--database-url` (or `DATABASE_URL`), `--schema` (the service's
+//! schema, default `factum`; or `FACTUM_SCHEMA`) and `--service` (the service that owns the
+//! store, refused if the schema is another's; or `FACTUM_SERVICE`); prints a table, or JSON with
+//! `--json`; asks
 //! before it changes or deletes anything unless `--yes` is given (and refuses without `--yes`
 //! when nobody can answer); and reports a failure as one line saying what to do. The book's
 //! [CLI reference](https://factum-rs.github.io/factum/reference/cli.html) lists the commands.

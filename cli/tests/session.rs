@@ -434,6 +434,31 @@ async fn an_operator_session_end_to_end() {
     assert_eq!(partitions.as_array().map(Vec::len), Some(2));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_flag_refuses_another_services_schema() {
+    let session = Session::new().await;
+    session
+        .run(&["--service", "bank", "migrate", "apply", "--yes"])
+        .await;
+    // The owner recorded by the first migrate: the right service goes ahead.
+    let health = session.json(&["--service", "bank", "health"]).await;
+    assert!(health.is_object(), "{health}");
+    // Another service's operator pointed at this schema is stopped, whatever the command.
+    for command in [&["streams", "list"][..], &["migrate", "apply", "--yes"][..]] {
+        let mut args = vec!["--service", "billing"];
+        args.extend_from_slice(command);
+        let error = session
+            .run_answering(&args, false, "")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("`{}` must be refused", args.join(" ")));
+        assert!(
+            error.contains("billing") && error.contains("bank"),
+            "the error names both services: {error}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn usage_errors_say_what_to_do() {
     let registry = Registry::new();

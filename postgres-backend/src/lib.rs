@@ -30,7 +30,9 @@
 //! Every object lives in one schema (default `factum`, see [`SchemaName`]), created by
 //! [`migrate`] from the versioned SQL files of the repository's `migrations/` folder, embedded at
 //! compile time and checksummed (an edited applied migration is an error, not a silent drift).
-//! * `streams(stream_id, category, version, archived)`: the version authority.
+//! * `streams(stream_id, category, version, archived, first_position)`: the version authority;
+//!   `first_position` bounds the stream's positions from below, so stream reads skip older
+//!   partitions.
 //! * `events`: JSONB payload and metadata, event id, correlation/causation ids, recorded-at, a
 //!   global position from a sequence, and the writing transaction's id (`xid8`). Partitioned by
 //!   range of global position, with unique (stream, version) and event-id indexes per partition.
@@ -82,6 +84,7 @@ mod config;
 mod deletion;
 mod error;
 mod group;
+mod import;
 mod inbox;
 mod maintenance;
 mod migrate;
@@ -99,8 +102,9 @@ pub use admin::{ConsumerSummary, MigrationStatus, SnapshotSummary, StreamSummary
 pub use config::{GroupCommit, PoolConfig, StoreOptions};
 pub use deletion::DeletedStream;
 pub use error::RestoreRepairNeeded;
+pub use import::{ImportOptions, ImportProgress, ImportReport, ImportedEvent};
 pub use inbox::PgInbox;
-pub use maintenance::Partition;
+pub use maintenance::{Partition, StreamReadPlan};
 pub use migrate::migrate;
 pub use restore::RestoreRepair;
 pub use schema::SchemaName;
@@ -115,6 +119,12 @@ pub use sqlx;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/postgres.md")]
 mod postgres_chapter {}
+
+/// The book's partitions, archiving and retention chapter, compiled so it cannot drift from the
+/// code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/partitions.md")]
+mod partitions_chapter {}
 
 /// The book's backup and restore chapter, compiled so it cannot drift from the code.
 #[cfg(doctest)]

@@ -60,6 +60,67 @@ fn is_partition_name(name: &str) -> bool {
         .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit()))
 }
 
+/// The condition stream reads add so that partitions below the stream's first position are
+/// never scanned (migration 0009): `$1` is the stream id. The bound comes from the `streams` row
+/// in the same statement, so PostgreSQL prunes at run time (the plan shows the partitions below
+/// it as never executed); a stream without a row reads every partition.
+pub(crate) fn stream_read_pruning(s: &str) -> String {
+    format!(
+        "AND global_position >= (SELECT COALESCE(max(first_position), 0) \
+         FROM {s}.streams WHERE stream_id = $1)"
+    )
+}
+
+/// The name of the constraint that records a detached partition's range on the table itself.
+fn bounds_constraint(name: &str) -> String {
+    format!("{name}_bounds")
+}
+
+/// Parses `CHECK (((global_position >= 10) AND (global_position < 20)))`, the definition of a
+/// bounds constraint, into `(from, to)`.
+fn parse_bounds_constraint(definition: &str) -> Option<(u64, u64)> {
+    let number = |after: &str| -> Option<u64> {
+        let start = definition.find(after)? + after.len();
+        let digits: String = definition[start..]
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    Some((number("global_position >=")?, number("global_position <")?))
+}
+
+/// What [`PostgresStore::stream_read_plan`] found: which partitions a stream read touched.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub struct StreamReadPlan {
+    /// The partitions the read scanned (the default partition is always among them: it can hold
+    /// any position).
+    pub scanned: Vec<String>,
+    /// The partitions in the plan that the read never scanned, pruned at run time because they
+    /// lie wholly below the stream's first position.
+    pub pruned: Vec<String>,
+    /// The plan, as `EXPLAIN (ANALYZE, FORMAT JSON)` printed it.
+    pub explain: serde_json::Value,
+}
+
+/// Collects `(relation, loops)` of every scan node in an `EXPLAIN (FORMAT JSON)` plan.
+fn scans(node: &serde_json::Value, out: &mut Vec<(String, u64)>) {
+    if let Some(relation) = node.get("Relation Name").and_then(|r| r.as_str()) {
+        let loops = node
+            .get("Actual Loops")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        out.push((relation.to_owned(), loops));
+    }
+    if let Some(children) = node.get("Plans").and_then(|p| p.as_array()) {
+        for child in children {
+            scans(child, out);
+        }
+    }
+}
+
 impl PostgresStore {
     /// The partitions of `events`, range partitions in position order, the default one last.
     pub async fn partitions(&self) -> Result<Vec<Partition>, Error> {
@@ -94,11 +155,14 @@ impl PostgresStore {
     ///
     /// Run it periodically with `ahead` well above the events written between two runs, so that
     /// appends land in range partitions rather than the default one. Each new partition gets the
-    /// unique `(stream_id, stream_version)` and `event_id` indexes before it is attached, and is
-    /// attached with `ATTACH PARTITION`, which does not block appends or reads of the other
-    /// partitions (it locks the default partition briefly to check that none of its rows belong
-    /// to the new range). Positions that already went to the default partition stay there: the
-    /// first new range starts above them. Concurrent calls are serialised by an advisory lock.
+    /// unique `(stream_id, stream_version)` and `event_id` indexes before it is attached with
+    /// `ATTACH PARTITION`. When there is something to create, appends wait for the few
+    /// milliseconds that takes (a `SHARE ROW EXCLUSIVE` lock on `events`, waited for at most 5 s):
+    /// the appends in flight finish first, so that none can take a position of the new range
+    /// and still write it to the default partition; reads go on. Positions that already went to
+    /// the default partition stay there: the first new range starts above them (and the attach
+    /// scans the default partition, so keep it empty by running this ahead of need). Concurrent
+    /// calls are serialised by an advisory lock; a call with enough headroom locks nothing.
     ///
     /// ```no_run
     /// # async fn run(store: factum_postgres::PostgresStore) -> Result<(), factum::Error> {
@@ -136,25 +200,47 @@ impl PostgresStore {
             return Ok(Vec::new());
         }
         let last_to = partitions.iter().filter_map(|p| p.to).max().unwrap_or(0);
-        let handed_out: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
-             FROM {s}.events_global_position_seq"
-        )))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(fail)?;
-        let in_default: Option<i64> = if partitions.iter().any(|p| p.is_default) {
-            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT max(global_position) FROM {s}.events_default"
+        // Twice: a look without blocking anyone, and when partitions are to be created, again
+        // under a lock that waits for the appends in flight and holds new ones until the
+        // commit. Without it an append could take a position in the new range and still insert
+        // it into the default partition (its statement planned before the attach), which fails
+        // the attach (positions already in the default partition) or the append.
+        let mut from = 0;
+        let mut target = 0;
+        for locked in [false, true] {
+            if locked {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "LOCK TABLE {s}.events IN SHARE ROW EXCLUSIVE MODE"
+                )))
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+            }
+            let handed_out: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
+                 FROM {s}.events_global_position_seq"
             )))
             .fetch_one(&mut *tx)
             .await
-            .map_err(fail)?
-        } else {
-            None
-        };
-        let target = u64::try_from(handed_out).unwrap_or(0).saturating_add(ahead);
-        let mut from = last_to.max(in_default.map_or(0, |m| u64::try_from(m).unwrap_or(0) + 1));
+            .map_err(fail)?;
+            let in_default: Option<i64> = if partitions.iter().any(|p| p.is_default) {
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT max(global_position) FROM {s}.events_default"
+                )))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(fail)?
+            } else {
+                None
+            };
+            target = u64::try_from(handed_out).unwrap_or(0).saturating_add(ahead);
+            from = last_to.max(in_default.map_or(0, |m| u64::try_from(m).unwrap_or(0) + 1));
+            if from > target {
+                // Enough headroom: nothing to create, nobody held up.
+                tx.commit().await.map_err(fail)?;
+                return Ok(Vec::new());
+            }
+        }
         let mut created = Vec::new();
         while from <= target {
             let to = from + size;
@@ -370,9 +456,279 @@ impl PostgresStore {
         .execute(&mut *tx)
         .await
         .map_err(fail)?;
+        // The range goes with the table (into its dump too), for `attach_partition`. Added NOT
+        // VALID here, which is instant, so that the exclusive lock on `events` is not held while
+        // the table is scanned; validated below, locking only the detached table.
+        let (from, to) = (
+            partition.from.unwrap_or(0),
+            partition.to.unwrap_or(i64::MAX as u64),
+        );
+        let bounds = bounds_constraint(name);
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE {s}.{name} ADD CONSTRAINT {bounds} \
+             CHECK (global_position >= {from} AND global_position < {to}) NOT VALID"
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(fail)?;
         tx.commit().await.map_err(fail)?;
         tracing::info!(schema = %self.schema(), partition = %name, "detached an events partition");
+        // A valid constraint lets a later ATTACH skip its scan of the table. The detach is done
+        // whatever happens here: `attach_partition` validates what is not validated yet.
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE {s}.{name} VALIDATE CONSTRAINT {bounds}"
+        )))
+        .execute(self.pool())
+        .await
+        {
+            tracing::warn!(schema = %self.schema(), partition = %name, error = %e, "the detached partition's range constraint was not validated; attach_partition will");
+        }
         Ok(())
+    }
+
+    /// Attaches a table detached by [`detach_partition`](Self::detach_partition) (and possibly
+    /// dumped, dropped and restored since: see the book's chapter on partitions) back to
+    /// `events`, so that its events are in the log again: stream reads, a replay from the start
+    /// and the re-append check see them. Returns the partition.
+    ///
+    /// The range is the one the table had, recorded on it at detach time as the CHECK constraint
+    /// `<name>_bounds`. Before attaching, the call validates that
+    /// * the table exists in the store's schema, is not attached, and its range overlaps no
+    ///   attached partition;
+    /// * every row lies in the range (the constraint is validated);
+    /// * every stream it holds events of has its row in `streams`, at a version no lower than
+    ///   its events', and was not deleted ([`delete_stream`](Self::delete_stream) does not reach
+    ///   detached events: delete them from the table first);
+    /// * none of its event ids is in the log meanwhile (one index probe per event and partition).
+    ///
+    /// Any failed check is an [`Error::InvalidArgument`] naming the table and what to fix;
+    /// nothing is attached then. The attach itself takes a brief lock on `events` (at most 5 s
+    /// waited for) and scans the default partition for rows in the range, as
+    /// [`ensure_partitions`](Self::ensure_partitions) does.
+    ///
+    /// Re-attached events keep their positions and transaction ids: a subscription whose
+    /// checkpoint is past them does not receive them again (they are history it read before the
+    /// detach); a replay or rebuild from the start reads them in their original order.
+    ///
+    /// ```no_run
+    /// # async fn run(store: factum_postgres::PostgresStore) -> Result<(), factum::Error> {
+    /// store.detach_partition("events_p1000000000").await?;
+    /// // ... later, after restoring the table from cold storage:
+    /// let partition = store.attach_partition("events_p1000000000").await?;
+    /// assert_eq!(partition.from, Some(1_000_000_000));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn attach_partition(&self, name: &str) -> Result<Partition, Error> {
+        let schema = self.schema();
+        let invalid =
+            |why: String| Error::InvalidArgument(format!("cannot attach `{name}`: {why}"));
+        if !is_partition_name(name) {
+            return Err(invalid(format!(
+                "not a name of an events partition (`events_p<first position>`) of {schema}"
+            )));
+        }
+        let fail = |e| to_error(e, "attach partition");
+        let s = schema.quoted();
+        let table = format!("{s}.{name}");
+        let partitions = self.partitions().await?;
+        if partitions.iter().any(|p| p.name == name) {
+            return Err(invalid(format!(
+                "it is attached to {schema}.events already"
+            )));
+        }
+        let found: Option<bool> = sqlx::query_scalar(
+            "SELECT c.relispartition FROM pg_class c WHERE c.oid = to_regclass($1)",
+        )
+        .bind(&table)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(fail)?;
+        match found {
+            None => {
+                return Err(invalid(format!(
+                    "there is no table {schema}.{name}: restore it from its dump first"
+                )));
+            }
+            Some(true) => {
+                return Err(invalid("it is a partition of another table".to_owned()));
+            }
+            Some(false) => {}
+        }
+        let bounds = bounds_constraint(name);
+        let constraint: Option<(String, bool)> = sqlx::query_as(
+            "SELECT pg_get_constraintdef(oid), convalidated FROM pg_constraint \
+             WHERE conrelid = to_regclass($1) AND conname = $2",
+        )
+        .bind(&table)
+        .bind(&bounds)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(fail)?;
+        let named_from: u64 = name["events_p".len()..].parse().unwrap_or(0);
+        let Some((definition, validated)) = constraint else {
+            return Err(invalid(format!(
+                "it has no `{bounds}` constraint recording its range (tables detached before this \
+                 version do not): add it with ALTER TABLE {schema}.{name} ADD CONSTRAINT {bounds} \
+                 CHECK (global_position >= {named_from} AND global_position < <the first position \
+                 of the partition that followed it>)"
+            )));
+        };
+        let Some((from, to)) = parse_bounds_constraint(&definition) else {
+            return Err(invalid(format!(
+                "its `{bounds}` constraint is not a range of global positions: {definition}"
+            )));
+        };
+        if from != named_from || from >= to {
+            return Err(invalid(format!(
+                "its `{bounds}` constraint ({definition}) does not start at the position its name says ({named_from})"
+            )));
+        }
+        let overlaps = |p: &Partition| {
+            !p.is_default && p.from.is_none_or(|f| f < to) && p.to.is_none_or(|t| from < t)
+        };
+        if let Some(other) = partitions.iter().find(|p| overlaps(p)) {
+            return Err(invalid(format!(
+                "its range {from}..{to} overlaps partition `{}` ({:?}..{:?})",
+                other.name, other.from, other.to
+            )));
+        }
+        if !validated {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE {table} VALIDATE CONSTRAINT {bounds}"
+            )))
+            .execute(self.pool())
+            .await
+            .map_err(|e| {
+                invalid(format!(
+                    "some of its rows lie outside its range {from}..{to}: {e}"
+                ))
+            })?;
+        }
+        let stream: Option<(String, Option<i64>, bool, i64)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT d.stream_id, st.version, st.deleted_at IS NOT NULL, max(d.stream_version) \
+                 FROM {table} d LEFT JOIN {s}.streams st USING (stream_id) \
+                 GROUP BY d.stream_id, st.version, st.deleted_at \
+                 HAVING st.version IS NULL OR st.deleted_at IS NOT NULL \
+                     OR max(d.stream_version) > st.version \
+                 LIMIT 1"
+            )))
+            .fetch_optional(self.pool())
+            .await
+            .map_err(fail)?;
+        if let Some((stream, version, deleted, newest)) = stream {
+            return Err(invalid(match (version, deleted) {
+                (None, _) => format!(
+                    "it holds events of stream `{stream}`, which has no row in {schema}.streams (the version authority): restore the streams table with it"
+                ),
+                (Some(_), true) => format!(
+                    "it holds events of stream `{stream}`, which was deleted: delete them from the table first (DELETE FROM {schema}.{name} WHERE stream_id = '{stream}')"
+                ),
+                (Some(version), false) => format!(
+                    "it holds version {newest} of stream `{stream}`, whose row in {schema}.streams is at version {version}"
+                ),
+            }));
+        }
+        let duplicate: Option<(uuid::Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT d.event_id, e.stream_id FROM {table} d \
+             JOIN {s}.events e ON e.event_id = d.event_id LIMIT 1"
+        )))
+        .fetch_optional(self.pool())
+        .await
+        .map_err(fail)?;
+        if let Some((id, stream)) = duplicate {
+            return Err(invalid(format!(
+                "its event {id} is in the log already (stream `{stream}`): event ids are unique across partitions"
+            )));
+        }
+        let mut tx = crate::tx::begin(self.pool()).await.map_err(fail)?;
+        sqlx::query("SET LOCAL lock_timeout = '5s'")
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("factum partitions {schema}"))
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        for statement in [
+            format!(
+                "ALTER TABLE {s}.events ATTACH PARTITION {table} FOR VALUES FROM ({from}) TO ({to})"
+            ),
+            // The partition's own constraint says the same from now on; a later detach adds it
+            // again.
+            format!("ALTER TABLE {table} DROP CONSTRAINT {bounds}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+        }
+        tx.commit().await.map_err(fail)?;
+        tracing::info!(schema = %schema, partition = %name, from, to, "attached an events partition");
+        Ok(Partition {
+            name: name.to_owned(),
+            from: Some(from),
+            to: Some(to),
+            is_default: false,
+        })
+    }
+
+    /// Runs the store's stream read for `stream` under `EXPLAIN ANALYZE` and reports which
+    /// partitions of `events` it scanned and which it pruned: an operator's check that stream
+    /// reads skip the partitions below a stream's first position (see the crate docs and the
+    /// book's chapter on partitions). The read is executed (and its rows discarded).
+    ///
+    /// ```no_run
+    /// # async fn run(store: factum_postgres::PostgresStore) -> Result<(), factum::Error> {
+    /// let stream = factum::StreamId::new("order-17").expect("a valid id");
+    /// let plan = store.stream_read_plan(&stream).await?;
+    /// println!("scanned {:?}, pruned {:?}", plan.scanned, plan.pruned);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn stream_read_plan(&self, stream: &StreamId) -> Result<StreamReadPlan, Error> {
+        let fail = |e| to_error(e, "explain a stream read");
+        let partitions: Vec<String> = self
+            .partitions()
+            .await?
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        let sqlx::types::Json(explain): sqlx::types::Json<serde_json::Value> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF, FORMAT JSON) {}",
+                self.sql_read_stream()
+            )))
+            .bind(stream.as_str())
+            .bind(0_i64)
+            .fetch_one(self.pool())
+            .await
+            .map_err(fail)?;
+        let mut found = Vec::new();
+        if let Some(plans) = explain.as_array() {
+            for plan in plans {
+                if let Some(root) = plan.get("Plan") {
+                    scans(root, &mut found);
+                }
+            }
+        }
+        let (mut scanned, mut pruned) = (Vec::new(), Vec::new());
+        for (relation, loops) in found {
+            if !partitions.contains(&relation) {
+                continue;
+            }
+            let list = if loops > 0 { &mut scanned } else { &mut pruned };
+            if !list.contains(&relation) {
+                list.push(relation);
+            }
+        }
+        Ok(StreamReadPlan {
+            scanned,
+            pruned,
+            explain,
+        })
     }
 }
 
@@ -399,5 +755,12 @@ mod tests {
         assert!(is_partition_name("events_p1000000000"));
         assert!(!is_partition_name("events_default"));
         assert!(!is_partition_name("events_p1; DROP TABLE x"));
+        assert_eq!(
+            parse_bounds_constraint(
+                "CHECK (((global_position >= 1000000000) AND (global_position < 1000000010)))"
+            ),
+            Some((1_000_000_000, 1_000_000_010))
+        );
+        assert_eq!(parse_bounds_constraint("CHECK ((n > 1))"), None);
     }
 }

@@ -1156,14 +1156,13 @@ impl EventRow {
             source: DecodeError::Payload(source),
         };
         let payload = RawValue::from_string(self.payload).map_err(bad)?;
-        let user: Metadata =
-            serde_json::from_str(&self.metadata).map_err(|source| Error::Metadata {
-                stream: stream_id.clone(),
-                version: stream_version,
-                event_type: self.event_type.clone(),
-                position,
-                source,
-            })?;
+        let user = parse_metadata(&self.metadata).map_err(|source| Error::Metadata {
+            stream: stream_id.clone(),
+            version: stream_version,
+            event_type: self.event_type.clone(),
+            position,
+            source,
+        })?;
         Ok(RecordedEvent {
             event_id: EventId::from_uuid(self.event_id),
             stream_id,
@@ -1179,6 +1178,16 @@ impl EventRow {
             },
             recorded_at: self.recorded_at,
         })
+    }
+}
+
+/// User metadata as stored. Most events carry none: the column's `'{}'` (as PostgreSQL prints
+/// an empty `jsonb` object) needs no parser.
+fn parse_metadata(text: &str) -> Result<Metadata, serde_json::Error> {
+    if text == "{}" {
+        Ok(Metadata::new())
+    } else {
+        serde_json::from_str(text)
     }
 }
 
@@ -1206,7 +1215,7 @@ pub(crate) fn payload_from_row(
         position: LogPosition::START,
         source: DecodeError::Payload(source),
     })?;
-    let user: Metadata = serde_json::from_str(&metadata).map_err(|source| Error::Metadata {
+    let user = parse_metadata(&metadata).map_err(|source| Error::Metadata {
         stream: stream.clone(),
         version: stream_version,
         event_type: event_type.clone(),
@@ -1386,6 +1395,8 @@ impl Sql {
 
     fn new(schema: &SchemaName) -> Self {
         let s = schema.quoted();
+        // Stream reads skip the partitions below the stream's first position.
+        let prune = crate::maintenance::stream_read_pruning(&s);
         let insert_many = format!(
             "INSERT INTO {s}.events (stream_id, stream_version, event_id, event_type, \
                  schema_version, payload, metadata, correlation_id, causation_id) \
@@ -1431,9 +1442,11 @@ impl Sql {
                 ));
             }
             format!(
-                "WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, \
-                     pg_snapshot_xmax(pg_current_snapshot()) AS xmax) \
-                 SELECT h.xmin::text::bigint AS horizon, h.xmax::text::bigint AS next_xid, p.* \
+                "WITH s AS MATERIALIZED (SELECT pg_current_snapshot() AS snap), \
+                 h AS MATERIALIZED (SELECT pg_snapshot_xmin(snap) AS xmin, \
+                     pg_snapshot_xmin(snap)::text::bigint AS horizon, \
+                     pg_snapshot_xmax(snap)::text::bigint AS next_xid FROM s) \
+                 SELECT h.horizon, h.next_xid, p.* \
                  FROM h LEFT JOIN LATERAL ( \
                      SELECT {EVENT_COLUMNS_E} FROM {s}.events e WHERE {conditions} \
                      ORDER BY e.transaction_id, e.global_position LIMIT $3 \
@@ -1497,14 +1510,14 @@ impl Sql {
             ),
             read_stream: format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events \
-                 WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
+                 WHERE stream_id = $1 AND stream_version > $2 {prune} ORDER BY stream_version"
             ),
             // Only what folding into state needs, upcasts included (they may read recorded-at
             // and metadata): no event id, no position, no transaction id to convert.
             read_payloads: format!(
                 "SELECT stream_version, event_type, schema_version, payload::text, recorded_at, \
                  metadata::text, correlation_id, causation_id \
-                 FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 \
+                 FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 {prune} \
                  ORDER BY stream_version"
             ),
             read_all: [

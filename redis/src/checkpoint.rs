@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use factum::subscription::{
-    BatchHandler, Begun, DeadLetterStore, ParkedEvent, TransactionalCheckpoint,
+    BatchHandler, Begun, CheckpointStore, DeadLetterStore, ParkedEvent, TransactionalCheckpoint,
 };
 use factum::{
     Error, EventId, EventMetadata, GlobalPosition, LogPosition, RawValue, RecordedEvent, StreamId,
@@ -28,6 +28,8 @@ use crate::{RedisKeyspace, RedisTx};
 ///   [`Begun::Moved`], or makes `EXEC` apply nothing (the commit fails with a transient
 ///   [`SinkError::Moved`](crate::SinkError::Moved) and the consumer resumes from the stored
 ///   checkpoint): two instances may run without a lease and still apply nothing twice.
+///
+/// It is also a plain [`CheckpointStore`] (for a consumer whose effects are elsewhere).
 ///
 /// Parked events go to the hash `{namespace}:factum:parked:{consumer}` (event id → the event
 /// and the error, as JSON), in the same `MULTI`/`EXEC` as the checkpoint that moves past them.
@@ -125,7 +127,8 @@ impl RedisCheckpoints {
             });
         }
         let unpark = redis::cmd("HDEL").arg(&key).arg(&field).to_owned();
-        tx.exec(vec![unpark], "retry a parked event in Redis").await?;
+        tx.exec(vec![unpark], "retry a parked event in Redis")
+            .await?;
         Ok(true)
     }
 }
@@ -150,7 +153,11 @@ fn stored_position(key: &str, value: Value) -> Result<Option<LogPosition>, Error
         Value::Nil => Ok(None),
         Value::BulkString(bytes) => decode_position(key, &bytes).map(Some),
         Value::SimpleString(text) => decode_position(key, text.as_bytes()).map(Some),
-        other => Err(corrupt(key, format!("{other:?}").as_bytes(), "a checkpoint")),
+        other => Err(corrupt(
+            key,
+            format!("{other:?}").as_bytes(),
+            "a checkpoint",
+        )),
     }
 }
 
@@ -224,6 +231,16 @@ impl TransactionalCheckpoint for RedisCheckpoints {
 
     async fn rollback(&self, tx: RedisTx) {
         tx.abandon().await;
+    }
+}
+
+impl CheckpointStore for RedisCheckpoints {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<LogPosition>, Error> {
+        TransactionalCheckpoint::load(self, name).await
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: LogPosition) -> Result<(), Error> {
+        TransactionalCheckpoint::reset(self, name, position).await
     }
 }
 

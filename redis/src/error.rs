@@ -21,7 +21,9 @@ pub enum SinkError {
     },
     /// Redis refused a command of the unit of work when it was queued (a syntax or arity error,
     /// out of memory): nothing was applied. Permanent: fix the handler's command.
-    #[error("Redis refused command {index} ({command}) of the unit of work: {message}; nothing was applied")]
+    #[error(
+        "Redis refused command {index} ({command}) of the unit of work: {message}; nothing was applied"
+    )]
     Refused {
         /// Its index among the unit of work's commands (from 0).
         index: usize,
@@ -57,7 +59,9 @@ pub enum SinkError {
     },
     /// A stored value factum wrote (a checkpoint, a dead letter) is not in the format it writes:
     /// it was changed outside factum.
-    #[error("{key} holds {found:?}, which is not {expected}: it was changed outside factum; repair or delete it")]
+    #[error(
+        "{key} holds {found:?}, which is not {expected}: it was changed outside factum; repair or delete it"
+    )]
     Corrupt {
         /// The key.
         key: String,

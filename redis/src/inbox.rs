@@ -162,9 +162,11 @@ impl Inbox for RedisInbox {
         let mut record = redis::cmd("SET");
         record.arg(&key).arg(Utc::now().timestamp_millis());
         if let Some(retention) = self.retention {
-            record
-                .arg("PX")
-                .arg(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX).max(1));
+            record.arg("PX").arg(
+                u64::try_from(retention.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            );
         }
         tx.push_internal(record);
         Ok(Some(tx))

@@ -61,7 +61,9 @@ impl RedisKeyspace {
     /// later losses are reconnected.
     pub async fn connect(url: &str, namespace: &str) -> Result<Self, Error> {
         let client = Client::open(url).map_err(|e| {
-            Error::InvalidArgument(format!("{url:?} is not a Redis URL the client accepts: {e}"))
+            Error::InvalidArgument(format!(
+                "{url:?} is not a Redis URL the client accepts: {e}"
+            ))
         })?;
         Self::new(client, namespace).await
     }
@@ -134,6 +136,15 @@ impl RedisKeyspace {
                 .await
                 .map_err(|e| to_error(e, "connect to Redis for a unit of work")),
         }
+    }
+
+    /// Forgets the idle dedicated connections (after a failure that closed them all).
+    pub(crate) fn drop_idle(&self) {
+        self.inner
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Takes back a dedicated connection in a clean state (no `WATCH`, no `MULTI`).

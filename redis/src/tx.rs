@@ -71,10 +71,16 @@ impl RedisTx {
         let mut conn = keyspace.dedicated().await?;
         let mut pipe = redis::pipe();
         pipe.cmd("WATCH").arg(key).add_command(probe);
-        let mut replies: Vec<Value> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| to_error(e, "begin a unit of work on Redis"))?;
+        let mut replies: Vec<Value> = match pipe.query_async(&mut conn).await {
+            Ok(replies) => replies,
+            Err(error) => {
+                if crate::error::is_transient(&error) {
+                    // The server went away or restarted: the idle connections are gone too.
+                    keyspace.drop_idle();
+                }
+                return Err(to_error(error, "begin a unit of work on Redis"));
+            }
+        };
         let probed = replies.pop().unwrap_or(Value::Nil);
         Ok((
             Self {
@@ -101,7 +107,7 @@ impl RedisTx {
     /// (`MULTI`, `EXEC`, `WATCH`...) are refused: use [`watch`](Self::watch).
     pub async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T, Error> {
         let name = name_of(cmd);
-        if CONTROL.iter().any(|c| name.as_bytes() == *c) {
+        if CONTROL.contains(&name.as_bytes()) {
             return Err(Error::InvalidArgument(format!(
                 "{name} is not allowed inside a unit of work: it would change the connection's transaction state (use RedisTx::watch to guard keys)"
             )));
@@ -161,10 +167,15 @@ impl RedisTx {
     /// inbox record) in one `MULTI`/`EXEC`. The connection goes back to the pool only when the
     /// exchange completed; otherwise it is dropped, which closes it, and Redis discards a
     /// `MULTI` left open.
-    pub(crate) async fn exec(mut self, last: Vec<Cmd>, operation: &'static str) -> Result<(), Error> {
-        let mut conn = self.conn.take().ok_or_else(|| {
-            Error::permanent(operation, "the unit of work's connection was lost")
-        })?;
+    pub(crate) async fn exec(
+        mut self,
+        last: Vec<Cmd>,
+        operation: &'static str,
+    ) -> Result<(), Error> {
+        let mut conn = self
+            .conn
+            .take()
+            .ok_or_else(|| Error::permanent(operation, "the unit of work's connection was lost"))?;
         let user = std::mem::take(&mut self.pipe);
         let commands: Vec<&Cmd> = user
             .cmd_iter()
@@ -200,17 +211,24 @@ impl RedisTx {
         let reply = match conn.req_packed_command(&redis::cmd("EXEC")).await {
             Ok(reply) => reply,
             Err(error) if crate::error::is_transient(&error) => {
-                return Err(sink_error(SinkError::UnknownOutcome { source: error }, operation));
+                return Err(sink_error(
+                    SinkError::UnknownOutcome { source: error },
+                    operation,
+                ));
             }
             Err(error) => return Err(to_error(error, operation)),
         };
         match reply {
-            Value::Nil => Err(sink_error(
-                SinkError::Moved {
-                    what: std::mem::take(&mut self.guarded),
-                },
-                operation,
-            )),
+            Value::Nil => {
+                // EXEC ended the transaction (and the WATCH): the connection is clean.
+                self.keyspace.give_back(conn);
+                Err(sink_error(
+                    SinkError::Moved {
+                        what: std::mem::take(&mut self.guarded),
+                    },
+                    operation,
+                ))
+            }
             Value::Array(results) => {
                 let failed = results.iter().enumerate().find_map(|(i, r)| match r {
                     Value::ServerError(error) => Some((i, error.to_string())),

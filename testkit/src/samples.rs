@@ -444,6 +444,7 @@ impl fmt::Display for Incompatible {
 }
 
 /// A structural signature of a JSON value: keys and the kinds of values, not the values.
+#[cfg(feature = "postgres")]
 fn shape(value: &serde_json::Value, out: &mut String) {
     use serde_json::Value;
     match value {
@@ -485,6 +486,7 @@ fn shape(value: &serde_json::Value, out: &mut String) {
 
 /// The file name of a sample: `{name}.v{version}.{shape hash}.json` (FNV-1a, stable across
 /// runs and platforms).
+#[cfg(feature = "postgres")]
 fn sample_file_name(event_type: &str, version: u32, payload: &serde_json::Value) -> String {
     let mut signature = String::new();
     shape(payload, &mut signature);

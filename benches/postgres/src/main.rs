@@ -8,6 +8,7 @@
 
 #![allow(clippy::print_stdout, clippy::result_large_err)]
 
+mod import;
 mod peer;
 
 use std::sync::Arc;
@@ -326,7 +327,6 @@ const STORE_COLUMNS: &str = "global_position, transaction_id::text::bigint AS co
     metadata::text AS metadata, correlation_id, causation_id, recorded_at";
 
 /// A row as the store decodes it, for the raw side of (d).
-#[derive(sqlx::FromRow)]
 #[allow(dead_code)]
 struct RawRow {
     global_position: i64,
@@ -343,6 +343,27 @@ struct RawRow {
     recorded_at: DateTime<Utc>,
 }
 
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for RawRow {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        // By index, as the store does: a name lookup per column and row slows long reads.
+        Ok(Self {
+            global_position: row.try_get(0)?,
+            commit_id: row.try_get(1)?,
+            stream_id: row.try_get(2)?,
+            stream_version: row.try_get(3)?,
+            event_id: row.try_get(4)?,
+            event_type: row.try_get(5)?,
+            schema_version: row.try_get(6)?,
+            payload: row.try_get(7)?,
+            metadata: row.try_get(8)?,
+            correlation_id: row.try_get(9)?,
+            causation_id: row.try_get(10)?,
+            recorded_at: row.try_get(11)?,
+        })
+    }
+}
+
 /// Raw sqlx streaming of a stream's rows: the store's columns, decoded as the store decodes
 /// them (payload checked as JSON, metadata parsed), without the store's types around them.
 async fn raw_stream_read(pool: &PgPool, stream: &str) -> usize {
@@ -357,7 +378,12 @@ async fn raw_stream_read(pool: &PgPool, stream: &str) -> usize {
     let mut count = 0;
     while let Some(row) = rows.try_next().await.expect("raw read") {
         let payload = RawValue::from_string(row.payload).expect("json");
-        let metadata: Metadata = serde_json::from_str(&row.metadata).expect("metadata");
+        // As the store does: empty metadata (`{}`) needs no parser.
+        let metadata: Metadata = if row.metadata == "{}" {
+            Metadata::new()
+        } else {
+            serde_json::from_str(&row.metadata).expect("metadata")
+        };
         count += usize::from(!payload.get().is_empty() && metadata.is_empty());
     }
     count
@@ -384,6 +410,173 @@ async fn fill_by_sql(pool: &PgPool, id: &str, n: usize) {
     .execute(pool)
     .await
     .expect("fill");
+}
+
+/// A deposit's payload as stored, about 300 bytes: the amount the aggregate folds, and the
+/// fields a real deposit carries (which decoding skips over). Built in SQL from the row number
+/// `g`.
+const DEPOSIT_FIELDS_SQL: &str = "'amount', 1, 'currency', 'EUR', 'reference', md5(g::text), \
+    'channel', 'mobile', 'description', 'monthly savings', \
+    'counterparty', jsonb_build_object('name', 'Corner Shop Ltd', \
+        'iban', 'PT50000201231234567890154', 'country', 'PT'), \
+    'tags', jsonb_build_array('savings', 'recurring'), 'requested_at', '2026-12-01T10:00:00.000Z'";
+
+/// (d): `account-long` (factum) and `long` (cqrs-es) filled by SQL with `long` deposits of the
+/// same realistic payload; then `reps` alternated repetitions of the raw read against
+/// `read_stream`, and of factum's load against cqrs-es's; medians, with the range of the ratios.
+async fn stream_reads(
+    store: &PostgresStore,
+    repo: &Arc<Repository<Account, PostgresStore>>,
+    pool: &PgPool,
+    peer_pool: &sqlx08::PgPool,
+    long: usize,
+    reps: usize,
+) {
+    let id = "long";
+    let stream = StreamId::new(format!("account-{id}")).expect("id");
+    sqlx::query(
+        "INSERT INTO factum.streams (stream_id, category, version) VALUES ($1, 'account', $2)",
+    )
+    .bind(stream.as_str())
+    .bind(long as i64)
+    .execute(pool)
+    .await
+    .expect("stream row");
+    let fill = format!(
+        "INSERT INTO factum.events (stream_id, stream_version, event_id, event_type, schema_version, payload) \
+         SELECT $1, g, gen_random_uuid(), 'account.deposited', 1, jsonb_build_object({DEPOSIT_FIELDS_SQL}) \
+         FROM generate_series(1, $2::bigint) g"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(fill.as_str()))
+        .bind(stream.as_str())
+        .bind(long as i64)
+        .execute(pool)
+        .await
+        .expect("fill");
+    let peer_fill = format!(
+        "INSERT INTO public.events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         SELECT 'account', $1, g, 'Deposited', '1.0', \
+             jsonb_build_object('Deposited', jsonb_build_object({DEPOSIT_FIELDS_SQL})), '{{}}' \
+         FROM generate_series(1, $2::bigint) g"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(peer_fill.as_str()))
+        .bind(id)
+        .bind(long as i64)
+        .execute(pool)
+        .await
+        .expect("fill cqrs-es");
+    for table in ["factum.events", "public.events"] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
+            .execute(pool)
+            .await
+            .expect("vacuum");
+    }
+    let payload_bytes: i32 = sqlx::query_scalar(
+        "SELECT length(payload::text) FROM factum.events WHERE stream_id = $1 LIMIT 1",
+    )
+    .bind(stream.as_str())
+    .fetch_one(pool)
+    .await
+    .expect("payload size");
+    let peer_store = PersistedEventStore::<PostgresEventRepository, PeerAccount>::new_event_store(
+        PostgresEventRepository::new(peer_pool.clone()),
+    );
+    let per_sec = |started: Instant| long as f64 / started.elapsed().as_secs_f64();
+    // Rates: raw read, read_stream, factum load, cqrs-es load.
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    let (mut read_ratios, mut load_ratios) = (Vec::new(), Vec::new());
+    for rep in 0..reps {
+        // Alternate which side goes first.
+        let mut read = [0.0; 2];
+        for side in [rep % 2, 1 - rep % 2] {
+            let started = Instant::now();
+            if side == 0 {
+                assert_eq!(raw_stream_read(pool, stream.as_str()).await, long);
+            } else {
+                let count = store
+                    .read_stream(&stream, StreamVersion::INITIAL)
+                    .try_fold(0usize, |n, e| async move {
+                        Ok(n + usize::from(e.stream_version.get() > 0))
+                    })
+                    .await
+                    .expect("read");
+                assert_eq!(count, long);
+            }
+            read[side] = per_sec(started);
+        }
+        let mut load = [0.0; 2];
+        for side in [rep % 2, 1 - rep % 2] {
+            let started = Instant::now();
+            if side == 0 {
+                let loaded = repo.load(id).await.expect("load");
+                assert_eq!(loaded.state.balance, long as u64);
+            } else {
+                let mut context = peer_store.load_aggregate(id).await.expect("cqrs-es load");
+                assert_eq!(context.aggregate().balance, long as u64);
+            }
+            load[side] = per_sec(started);
+        }
+        for (i, v) in [read[0], read[1], load[0], load[1]].into_iter().enumerate() {
+            rates[i].push(v);
+        }
+        read_ratios.push(read[1] / read[0]);
+        load_ratios.push(load[0] / load[1]);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [raw, ours_read, ours_load, peer_load] = rates.each_mut().map(median);
+    let read_ratio = median(&mut read_ratios);
+    let load_ratio = median(&mut load_ratios);
+    println!(
+        "| (d) read a {long}-event stream, {payload_bytes}-byte payloads (median of {reps}) | {ours_read:.0} ev/s | raw sqlx, same columns: {raw:.0} ev/s | {:.0}% ({:.0}%–{:.0}%) | 70% | {} |",
+        read_ratio * 100.0,
+        read_ratios[0] * 100.0,
+        read_ratios[reps - 1] * 100.0,
+        if read_ratio >= 0.7 { "met" } else { "missed" }
+    );
+    println!(
+        "| (d) load a {long}-event aggregate, {payload_bytes}-byte payloads (median of {reps}) | {ours_load:.0} ev/s | cqrs-es: {peer_load:.0} ev/s | {load_ratio:.1}x ({:.1}x–{:.1}x) | 3x | {} |",
+        load_ratios[0],
+        load_ratios[reps - 1],
+        if load_ratio >= 3.0 { "met" } else { "missed" }
+    );
+}
+
+/// CPU time used so far by every PostgreSQL server process on this machine, in microseconds
+/// (`utime + stime` of the processes named `postgres`, from `/proc/*/stat`, at 100 ticks/s): the
+/// server side's share of a run, when the server runs here.
+fn server_cpu_us() -> u64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let ticks: u64 = procs
+        .flatten()
+        .filter_map(|p| std::fs::read_to_string(p.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // pid (comm) state ppid ... utime stime: fields 14 and 15, counted after the comm.
+            let (comm, rest) = stat.split_once(") ")?;
+            if !comm.ends_with("(postgres") {
+                return None;
+            }
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks * 10_000
+}
+
+/// Runs `f` (`ops` operations) and returns its rate, with the client's and the server's CPU
+/// time per operation in microseconds.
+async fn with_cpus<F: std::future::Future<Output = f64>>(ops: usize, f: F) -> [f64; 3] {
+    let (client, server) = (process_cpu_us(), server_cpu_us());
+    let rate = f.await;
+    [
+        rate,
+        (process_cpu_us() - client) as f64 / ops as f64,
+        (server_cpu_us() - server) as f64 / ops as f64,
+    ]
 }
 
 /// CPU time used so far by all of this process's threads, in microseconds (from
@@ -473,6 +666,10 @@ async fn main() {
     factum_postgres::migrate(&pool, &SchemaName::new("raw").expect("name"))
         .await
         .expect("raw schema");
+    // `FACTUM_BENCH_ONLY=import`: bulk import against raw COPY, then 1M imported and verified.
+    if std::env::var("FACTUM_BENCH_ONLY").as_deref() == Ok("import") {
+        return import::run(&db, &store, scale).await;
+    }
     sqlx::raw_sql(sqlx::AssertSqlSafe(peer::SCHEMA))
         .execute(&pool)
         .await
@@ -598,6 +795,61 @@ async fn main() {
                 );
             }
         }
+        return;
+    }
+
+    // `FACTUM_BENCH_ONLY=where`: where a 16-client operation's time goes: rate, client CPU and
+    // server CPU per operation, for raw inserts, 1-event appends, uncached and cached commands;
+    // medians of 3 alternated runs. (16 clients on a pool of 24: no client waits for a
+    // connection.)
+    if std::env::var("FACTUM_BENCH_ONLY").as_deref() == Ok("where") {
+        raw_inserts(&pool, 4, 20, "warm").await;
+        factum_appends(&store, 4, 20, "warm").await;
+        factum_commands(&repo, 4, 20, "warm").await;
+        factum_commands(&cached, 4, 20, "warmc").await;
+        let per = (n(400.0) / 10).max(1) * 10;
+        let ops = 16 * per;
+        let mut figures: [Vec<[f64; 3]>; 4] = Default::default();
+        for run in 0..3 {
+            let t = |what: &str| format!("w{what}{run}");
+            figures[0].push(with_cpus(ops, raw_inserts(&pool, 16, per, &t("raw"))).await);
+            figures[1].push(with_cpus(ops, factum_appends(&store, 16, per, &t("app"))).await);
+            figures[2].push(with_cpus(ops, factum_commands(&repo, 16, per, &t("cmd"))).await);
+            figures[3].push(with_cpus(ops, factum_commands(&cached, 16, per, &t("cch"))).await);
+        }
+        println!(
+            "| 16 clients (median of 3) | ops/s | client CPU per op | server CPU per op | wall time per op and client |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for (what, runs) in [
+            "raw single-row inserts",
+            "1-event appends",
+            "uncached commands",
+            "cached commands",
+        ]
+        .into_iter()
+        .zip(&figures)
+        {
+            let median = |i: usize| {
+                let mut v: Vec<f64> = runs.iter().map(|f| f[i]).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            println!(
+                "| {what} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs |",
+                median(0),
+                median(1),
+                median(2),
+                16e6 / median(0)
+            );
+        }
+        return;
+    }
+
+    // `FACTUM_BENCH_ONLY=read`: only (d), the stream read and the aggregate load.
+    if std::env::var("FACTUM_BENCH_ONLY").as_deref() == Ok("read") {
+        header();
+        stream_reads(&store, &repo, &pool, &peer_pool, n(100_000.0), 5).await;
         return;
     }
 
@@ -826,82 +1078,10 @@ async fn main() {
         0.8,
     );
 
-    // (d) one long stream: the store's read against raw streaming of the same rows and columns,
-    // decoded the same way; and a whole aggregate load (read, decode, evolve) against cqrs-es.
-    let long = n(100_000.0);
-    let id = "long";
-    let stream = StreamId::new(format!("account-{id}")).expect("id");
-    let mut version = 0u64;
-    while (version as usize) < long {
-        let size = 1000.min(long - version as usize);
-        store
-            .append(
-                factum::AppendRequest::new(stream.clone(), (0..size).map(|_| deposit(1)).collect())
-                    .expected_version(ExpectedVersion::Exact(StreamVersion::new(version))),
-            )
-            .await
-            .expect("fill");
-        version += size as u64;
-    }
-    sqlx::query(
-        "INSERT INTO public.events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-         SELECT 'account', $1, g, 'Deposited', '1.0', '{\"Deposited\":{\"amount\":1}}', '{}' \
-         FROM generate_series(1, $2::bigint) g",
-    )
-    .bind(id)
-    .bind(long as i64)
-    .execute(&pool)
-    .await
-    .expect("fill cqrs-es");
-    for table in ["factum.events", "public.events"] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
-            .execute(&pool)
-            .await
-            .expect("vacuum");
-    }
-
-    let per_sec = |started: Instant| long as f64 / started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    assert_eq!(raw_stream_read(&pool, stream.as_str()).await, long);
-    let raw = per_sec(started);
-    let started = Instant::now();
-    let count = store
-        .read_stream(&stream, StreamVersion::INITIAL)
-        .try_fold(0usize, |n, e| async move {
-            Ok(n + usize::from(e.stream_version.get() > 0))
-        })
-        .await
-        .expect("read");
-    let ours = per_sec(started);
-    assert_eq!(count, long);
-    row(
-        &format!("(d) read a {long}-event stream"),
-        ours,
-        "raw sqlx, same columns",
-        raw,
-        "ev/s",
-        0.7,
-    );
-
-    let started = Instant::now();
-    let loaded = repo.load(id).await.expect("load");
-    let ours = per_sec(started);
-    assert_eq!(loaded.state.balance, long as u64);
-    let peer_store = PersistedEventStore::<PostgresEventRepository, PeerAccount>::new_event_store(
-        PostgresEventRepository::new(peer_pool.clone()),
-    );
-    let started = Instant::now();
-    let mut context = peer_store.load_aggregate(id).await.expect("cqrs-es load");
-    let peer = per_sec(started);
-    assert_eq!(context.aggregate().balance, long as u64);
-    row(
-        &format!("(d) load a {long}-event aggregate"),
-        ours,
-        "cqrs-es",
-        peer,
-        "ev/s",
-        3.0,
-    );
+    // (d) one long stream with realistic payloads: the store's read against raw streaming of
+    // the same rows and columns, decoded the same way; and a whole aggregate load (read, decode,
+    // evolve) against cqrs-es.
+    stream_reads(&store, &repo, &pool, &peer_pool, n(100_000.0), 5).await;
 
     // Streaming: the peak RSS of a process loading a 1M-event aggregate vs a 10k-event one.
     let (small, big) = (n(10_000.0), n(1_000_000.0));

@@ -279,7 +279,9 @@ impl ConsumerConfig {
         }
     }
 
-    /// Only messages whose subject matches `subject` (may be given several times).
+    /// Only messages whose subject matches `subject`. The in-process bus takes several;
+    /// JetStream (nats-server 2.9) takes one, and `factum-nats` refuses more with
+    /// [`Error::InvalidArgument`].
     #[must_use]
     pub fn filter_subject(mut self, subject: impl Into<String>) -> Self {
         self.filter_subjects.push(subject.into());

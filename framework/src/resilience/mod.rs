@@ -74,7 +74,8 @@ pub enum Operation {
     Read,
     /// Saving or loading a snapshot.
     Snapshot,
-    /// A subscription's poll of the global log.
+    /// A consumer's bookkeeping: saving and loading its checkpoint, parking and listing its dead
+    /// letters. (Its poll of the global log is a [`Read`](Self::Read).)
     SubscriptionPoll,
     /// Publishing to a message broker.
     BrokerPublish,

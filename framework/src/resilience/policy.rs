@@ -183,7 +183,8 @@ pub struct RetryPolicies {
 impl Default for RetryPolicies {
     /// * append: 5 attempts, 50 ms to 2 s, 10 s in all;
     /// * read and snapshot: 4 attempts, 50 ms to 2 s, 10 s in all;
-    /// * subscription poll: 3 attempts, 100 ms to 1 s, 5 s in all (the poll loop itself goes on);
+    /// * subscription poll (a consumer's checkpoints and dead letters): 3 attempts, 100 ms to
+    ///   1 s, 5 s in all (the consumer loop itself goes on);
     /// * broker publish: 6 attempts, 100 ms to 5 s, 30 s in all.
     fn default() -> Self {
         let base = RetryPolicy::new();

@@ -147,12 +147,14 @@ impl Executed {
 #[non_exhaustive]
 pub struct SagaOptions {
     /// Attempts and backoff of a command that fails to execute (a transient failure); once
-    /// spent, its instance is parked. Default: 5 attempts, delays from 1 s doubling to 1 min,
-    /// no time limit. The delays are durable: a retry is due at a stored time.
+    /// spent, its instance is parked. Default: 5 attempts, delays drawn at random up to a bound
+    /// that starts at 1 s and doubles to 1 min. Only the attempts and delays are used (a
+    /// `max_elapsed` is not: the delays are durable, a retry is due at a stored time).
     pub retry: RetryPolicy,
     /// Commands (or timeouts) taken per round (default 100).
     pub batch_size: usize,
-    /// How long [`run`](SagaRuntime::run) waits between rounds when idle (default 200 ms).
+    /// How long [`run`](SagaRuntime::run) waits between rounds when idle, and between tries
+    /// for the lease while another instance holds it (default 200 ms).
     pub poll: Duration,
 }
 

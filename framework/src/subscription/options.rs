@@ -59,9 +59,11 @@ impl Default for ConsumerOptions {
 }
 
 impl ConsumerOptions {
-    /// Where to start (default: [`StartFrom::Checkpoint`]). Any other mode moves the stored
-    /// checkpoint when the consumer starts; once that is stored, later starts of the same
-    /// consumer value (after a lost lease or a store failure) resume from the checkpoint.
+    /// Where to start (default: [`StartFrom::Checkpoint`]). [`StartFrom::Beginning`],
+    /// [`StartFrom::After`] and [`StartFrom::Time`] move the stored checkpoint when the consumer starts;
+    /// [`StartFrom::Now`] does so only when the consumer has no checkpoint yet (an existing one
+    /// is kept). Once stored, later starts of the same consumer value (after a lost lease or a
+    /// store failure) resume from the checkpoint.
     #[must_use]
     pub fn start_from(mut self, start: StartFrom) -> Self {
         self.start = start;

@@ -158,8 +158,9 @@ pub fn fold<'a>(events: impl IntoIterator<Item = &'a RecordedEvent>) -> ReadMode
     let mut totals = BTreeMap::new();
     let mut applied = Vec::new();
     for event in events {
-        *totals.entry(event.stream_id.as_str().to_owned()).or_insert(0) +=
-            amount_of(event).expect("amount");
+        *totals
+            .entry(event.stream_id.as_str().to_owned())
+            .or_insert(0) += amount_of(event).expect("amount");
         applied.push(event.event_id.to_string());
     }
     ReadModel { totals, applied }
