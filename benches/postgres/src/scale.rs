@@ -220,7 +220,10 @@ pub(crate) async fn run() {
         }
     }
     let vacuumed = started.elapsed();
-    let counts = [event_count(empty.pool()).await, event_count(big.pool()).await];
+    let counts = [
+        event_count(empty.pool()).await,
+        event_count(big.pool()).await,
+    ];
     println!(
         "loaded {} events ({} streams) in {:.0} s, VACUUM ANALYZE {:.0} s; databases: {} and {}",
         counts[1],
@@ -230,6 +233,14 @@ pub(crate) async fn run() {
         database_size(empty.pool()).await,
         database_size(big.pool()).await
     );
+    let indexes: String = sqlx::query_scalar(
+        "SELECT pg_size_pretty(sum(pg_indexes_size(i.inhrelid))) FROM pg_inherits i \
+         WHERE i.inhparent = 'factum.events'::regclass",
+    )
+    .fetch_one(big.pool())
+    .await
+    .expect("index size");
+    println!("the large store's event indexes: {indexes}");
     let side = |db: &TestDatabase, streams: u64| Side {
         store: db.store(),
         versions: vec![PER_STREAM; (streams / 2) as usize],
@@ -304,6 +315,26 @@ pub(crate) async fn run() {
                 (true, true) => "met",
                 (true, false) => "missed",
             }
+        );
+    }
+    // Where a stream read's time goes at each size: the store's read statement, planned and run.
+    for (db, side) in [&empty, &big].into_iter().zip(&sides) {
+        let explain = format!(
+            "EXPLAIN (ANALYZE, BUFFERS) SELECT global_position, transaction_id, stream_id, \
+                 stream_version, event_id, event_type, schema_version, payload::text, \
+                 metadata::text, correlation_id, causation_id, recorded_at \
+             FROM factum.events WHERE stream_id = 'account-{}' AND stream_version > 0 \
+             ORDER BY stream_version",
+            side.streams - 1
+        );
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain.as_str()))
+            .fetch_all(db.pool())
+            .await
+            .expect("explain");
+        println!(
+            "stream read at {} streams:\n  {}",
+            side.streams,
+            plan.join("\n  ")
         );
     }
     println!("load average at the end: {}", load_average());
