@@ -10,6 +10,7 @@
 
 mod import;
 mod peer;
+mod scale;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -657,6 +658,11 @@ async fn main() {
     if args.get(1).map(String::as_str) == Some("rss") {
         let n = args[4].parse().expect("n");
         return rss_child(&args[2], &args[3], n).await;
+    }
+    // `FACTUM_BENCH_ONLY=scale`: latency at 10M stored events against a near-empty store, in
+    // databases of its own (see `scale.rs`).
+    if std::env::var("FACTUM_BENCH_ONLY").as_deref() == Ok("scale") {
+        return scale::run().await;
     }
     let scale: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let n = |base: f64| ((base * scale) as usize).max(1);
