@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::resilience::{CircuitState, Health};
 use crate::ReplicaLag;
+use crate::resilience::{CircuitState, Health};
 use crate::subscription::{SubscriptionState, SubscriptionStatus};
 
 /// One named health check and what it found.

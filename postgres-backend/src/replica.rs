@@ -35,8 +35,7 @@ use factum::health::{Check, Readiness};
 use factum::subscription::{CheckpointStore, DeadLetterStore, ParkedEvent};
 use factum::{
     AppendRequest, AppendResult, Error, EventFilter, EventId, EventStore, EventStream,
-    IdempotencyKey, LogPosition, PayloadStream, RecordedEvent, ReplicaLag, StreamId,
-    StreamVersion,
+    IdempotencyKey, LogPosition, PayloadStream, RecordedEvent, ReplicaLag, StreamId, StreamVersion,
 };
 use sqlx::PgPool;
 
@@ -252,7 +251,11 @@ impl PgReader {
         let sent = Instant::now();
         let sample = self.sample().await?;
         let lag = self.judge(&sample, sent)?;
-        self.inner.lag.lock().unwrap_or_else(|p| p.into_inner()).last = Some(lag);
+        self.inner
+            .lag
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last = Some(lag);
         Ok(lag)
     }
 
@@ -338,7 +341,11 @@ impl PgReader {
         match self.sample().await {
             Ok(sample) => {
                 let lag = self.judge(&sample, sent)?;
-                self.inner.lag.lock().unwrap_or_else(|p| p.into_inner()).last = Some(lag);
+                self.inner
+                    .lag
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .last = Some(lag);
             }
             Err(error) => {
                 tracing::debug!(%error, "could not measure the replica lag; keeping the last measurement");
@@ -354,19 +361,19 @@ impl PgReader {
         let Some(replica) = &self.inner.replica else {
             return Ok(true);
         };
-        let target: i64 = sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8")
-            .fetch_one(self.inner.primary.pool())
-            .await
-            .map_err(|e| to_error(e, "read the primary's WAL position"))?;
+        let target: i64 =
+            sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8")
+                .fetch_one(self.inner.primary.pool())
+                .await
+                .map_err(|e| to_error(e, "read the primary's WAL position"))?;
         let started = Instant::now();
         let mut delay = Duration::from_millis(1);
         loop {
-            let replayed: Option<i64> = sqlx::query_scalar(
-                "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8",
-            )
-            .fetch_one(replica.pool())
-            .await
-            .map_err(|e| to_error(e, "read the replica's replay position"))?;
+            let replayed: Option<i64> =
+                sqlx::query_scalar("SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8")
+                    .fetch_one(replica.pool())
+                    .await
+                    .map_err(|e| to_error(e, "read the replica's replay position"))?;
             if replayed.is_some_and(|r| r >= target) {
                 return Ok(true);
             }

@@ -83,7 +83,12 @@ async fn the_standby_snapshot_holds_back_later_commits_until_an_earlier_transact
             let a_request = AppendRequest::new(stream(&format!("a-{round}")), vec![event(1)]);
             let a_id = a_request.events[0].event_id;
             let a_stored = if a_writes_first {
-                Some(store.append_in(&mut a, a_request.clone()).await.expect("A appends"))
+                Some(
+                    store
+                        .append_in(&mut a, a_request.clone())
+                        .await
+                        .expect("A appends"),
+                )
             } else {
                 None
             };
@@ -99,7 +104,10 @@ async fn the_standby_snapshot_holds_back_later_commits_until_an_earlier_transact
             db.wait_for_replay().await;
 
             // B is on the replica, and the replica's snapshot still counts A as in flight.
-            assert!(visible_on(db.replica_pool(), b_id).await, "B is visible on the replica");
+            assert!(
+                visible_on(db.replica_pool(), b_id).await,
+                "B is visible on the replica"
+            );
             let (primary_snapshot, primary_xmin) = snapshot(db.primary_pool()).await;
             let (replica_snapshot, replica_xmin) = snapshot(db.replica_pool()).await;
             eprintln!(
@@ -114,11 +122,17 @@ async fn the_standby_snapshot_holds_back_later_commits_until_an_earlier_transact
                 .read_all(after, 10, &EventFilter::all())
                 .await
                 .expect("read the replica");
-            assert!(page.is_empty(), "round {round}: B read before A ended: {page:?}");
+            assert!(
+                page.is_empty(),
+                "round {round}: B read before A ended: {page:?}"
+            );
             assert_eq!(reader.head().await.expect("head"), after);
 
             if !a_writes_first {
-                store.append_in(&mut a, a_request).await.expect("A appends late");
+                store
+                    .append_in(&mut a, a_request)
+                    .await
+                    .expect("A appends late");
             }
             a.commit().await.expect("commit A");
             db.wait_for_replay().await;
@@ -310,7 +324,10 @@ async fn commands_stay_on_the_primary_while_the_replica_lags_and_the_lag_shows()
             .with_lag_interval(Duration::ZERO);
         let counters = Repository::<Counter, _>::new(store.clone());
         counters
-            .execute(Increment { id: "c1".into(), by: 1 })
+            .execute(Increment {
+                id: "c1".into(),
+                by: 1,
+            })
             .await
             .expect("first command");
         db.wait_for_replay().await;
@@ -319,7 +336,10 @@ async fn commands_stay_on_the_primary_while_the_replica_lags_and_the_lag_shows()
         let mut count = Count(0);
         subscription.catch_up(&mut count).await.expect("catch up");
         assert_eq!(count.0, 1);
-        assert!(subscription.status().borrow().replica_lag.is_some(), "measured as it read");
+        assert!(
+            subscription.status().borrow().replica_lag.is_some(),
+            "measured as it read"
+        );
         db.wait_for_replay().await;
         let caught_up = reader.lag().await.expect("lag");
         assert!(caught_up.is_caught_up(), "{caught_up:?}");
@@ -329,7 +349,10 @@ async fn commands_stay_on_the_primary_while_the_replica_lags_and_the_lag_shows()
         // Commands load from the primary: each sees the previous one at once.
         for by in 2..=4 {
             let done = counters
-                .execute(Increment { id: "c1".into(), by })
+                .execute(Increment {
+                    id: "c1".into(),
+                    by,
+                })
                 .await
                 .expect("command while the replica lags");
             assert_eq!(done.version, StreamVersion::new(by));
@@ -337,7 +360,10 @@ async fn commands_stay_on_the_primary_while_the_replica_lags_and_the_lag_shows()
         }
         let key = IdempotencyKey::new("payment-7").expect("key");
         let keyed = store
-            .append(AppendRequest::new(stream("payments-7"), vec![event(7)]).idempotency_key(key.clone()))
+            .append(
+                AppendRequest::new(stream("payments-7"), vec![event(7)])
+                    .idempotency_key(key.clone()),
+            )
             .await
             .expect("keyed append");
         // The replica does not have them...
@@ -358,12 +384,18 @@ async fn commands_stay_on_the_primary_while_the_replica_lags_and_the_lag_shows()
         // ...but what commands ask of the reader is answered by the primary, or refused.
         let outcome = reader.idempotency_outcome(&key).await.expect("outcome");
         assert_eq!(outcome.map(|o| o.positions), Some(keyed.positions));
-        match reader.append(AppendRequest::new(stream("x-1"), vec![event(0)])).await {
+        match reader
+            .append(AppendRequest::new(stream("x-1"), vec![event(0)]))
+            .await
+        {
             Err(Error::InvalidArgument(why)) => assert!(why.contains("primary"), "{why}"),
             other => panic!("a reader appended: {other:?}"),
         }
         match Repository::<Counter, _>::new(reader.clone())
-            .execute(Increment { id: "c1".into(), by: 5 })
+            .execute(Increment {
+                id: "c1".into(),
+                by: 5,
+            })
             .await
         {
             Err(CommandError::Failed(Error::InvalidArgument(_))) => {}
@@ -376,18 +408,34 @@ async fn commands_stay_on_the_primary_while_the_replica_lags_and_the_lag_shows()
         let lagging = subscription.status().borrow().clone();
         let lag = lagging.replica_lag.expect("lag measured");
         assert!(lag.bytes > 0, "{lag:?}");
-        assert!(lag.time.is_some(), "bounded by the last time it was caught up: {lag:?}");
-        assert_eq!(lagging.lag_events, 0, "the consumer itself is caught up with the replica");
+        assert!(
+            lag.time.is_some(),
+            "bounded by the last time it was caught up: {lag:?}"
+        );
+        assert_eq!(
+            lagging.lag_events, 0,
+            "the consumer itself is caught up with the replica"
+        );
         let ready = Readiness::new().replica("reads", lagging.replica_lag.as_ref(), Duration::ZERO);
         assert!(!ready.is_ready(), "{ready:?}");
         assert!(ready.checks()[0].detail.contains("bytes"), "{ready:?}");
         let check = reader.readiness_check(Duration::ZERO).await;
         assert!(!check.ok, "{check:?}");
         assert!(reader.readiness_check(Duration::from_secs(3600)).await.ok);
-        assert!(!reader.wait_for_primary(Duration::from_millis(50)).await.expect("wait"));
+        assert!(
+            !reader
+                .wait_for_primary(Duration::from_millis(50))
+                .await
+                .expect("wait")
+        );
 
         db.resume_replay().await;
-        assert!(reader.wait_for_primary(Duration::from_secs(60)).await.expect("wait"));
+        assert!(
+            reader
+                .wait_for_primary(Duration::from_secs(60))
+                .await
+                .expect("wait")
+        );
         subscription.catch_up(&mut count).await.expect("catch up");
         assert_eq!(count.0, 5, "three increments and the keyed append");
         assert!(subscription.status().borrow().replica_lag.is_some());

@@ -118,9 +118,10 @@ impl<P: PgProjection> PgProjectionRunner<P> {
     #[must_use]
     pub fn read_from(mut self, reader: PgReader) -> Self {
         let options = self.consumer.consumer_options().clone();
-        self.consumer = Subscription::with_checkpoints(P::NAME, reader.clone(), self.checkpoints.clone())
-            .lease(PgLease::new(&self.store))
-            .options(options);
+        self.consumer =
+            Subscription::with_checkpoints(P::NAME, reader.clone(), self.checkpoints.clone())
+                .lease(PgLease::new(&self.store))
+                .options(options);
         self.reader = reader;
         self
     }

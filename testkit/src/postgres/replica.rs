@@ -444,10 +444,11 @@ impl ReplicatedDatabase {
 }
 
 async fn wait_for_replay(primary: &PgPool, replica: &mut PgConnection) -> Result<(), String> {
-    let target: i64 = sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8")
-        .fetch_one(primary)
-        .await
-        .map_err(|e| format!("primary WAL position: {e}"))?;
+    let target: i64 =
+        sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8")
+            .fetch_one(primary)
+            .await
+            .map_err(|e| format!("primary WAL position: {e}"))?;
     let started = Instant::now();
     loop {
         let replayed: Option<i64> =
