@@ -27,6 +27,8 @@ use factum_testkit::postgres::replica::ReplicatedDatabase;
 use futures_util::TryStreamExt;
 use tokio::sync::watch;
 
+mod projection_support;
+
 fn event(n: u64) -> NewEvent {
     NewEvent {
         event_id: EventId::new(),
@@ -209,6 +211,20 @@ async fn a_subscription_on_the_replica_applies_every_event_once_in_log_order() {
                 .batch_size(17)
                 .idle_backoff(Duration::from_millis(1), Duration::from_millis(20));
         let mut status = subscription.status();
+        // The largest replica lag the status showed while the writers ran.
+        let watcher = {
+            let mut status = subscription.status();
+            tokio::spawn(async move {
+                let (mut bytes, mut time) = (0, Duration::ZERO);
+                while status.changed().await.is_ok() {
+                    if let Some(lag) = status.borrow().replica_lag {
+                        bytes = bytes.max(lag.bytes);
+                        time = time.max(lag.time.unwrap_or_default());
+                    }
+                }
+                (bytes, time)
+            })
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let consumer = tokio::spawn(async move {
             subscription
@@ -281,6 +297,13 @@ async fn a_subscription_on_the_replica_applies_every_event_once_in_log_order() {
         assert!(reached.replica_lag.is_some(), "the status carries the replica lag: {reached:?}");
         let _ = stop.send(());
         consumer.await.expect("consumer task").expect("consumer ran");
+        let (bytes, time) = watcher.await.expect("watcher");
+        eprintln!(
+            "{} events by {WRITERS} writers and 8 late transactions; largest replica lag seen: \
+             {bytes} bytes, at most {} ms",
+            expected.len(),
+            time.as_millis()
+        );
 
         let seen: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM seen ORDER BY n")
             .fetch_all(store.pool())
@@ -471,5 +494,48 @@ async fn a_reader_of_the_primary_reads_it_and_has_no_lag() {
     match PgReader::on_replica(&store, other.pool().clone()).await {
         Err(Error::InvalidArgument(why)) => assert!(why.contains("system identifier"), "{why}"),
         other => panic!("a foreign server was taken for a replica: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_runner_reads_the_replica_and_writes_the_primary() {
+    use factum_postgres::projection::PgProjectionRunner;
+    use projection_support::{Fold, Ledger, append, create_tables, read_model};
+
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let db = ReplicatedDatabase::create().await;
+        let store = db.primary_store();
+        create_tables(store.pool()).await;
+        let mut fold = Fold::default();
+        append(&store, &mut fold, "ledger-1", 1, 5).await;
+        append(&store, &mut fold, "ledger-2", 10, 3).await;
+        db.wait_for_replay().await;
+        db.pause_replay().await;
+        let replicated = read_model_of(&fold);
+        append(&store, &mut fold, "ledger-1", 20, 4).await;
+
+        let reader = db.reader(&store).await.expect("reader");
+        let mut runner = PgProjectionRunner::new(store.clone(), Ledger::default()).read_from(reader);
+        runner.catch_up().await.expect("catch up");
+        // What the replica had, applied on the primary.
+        assert_eq!(read_model(store.pool()).await, replicated);
+        assert!(runner.status().borrow().replica_lag.is_some_and(|l| l.bytes > 0));
+
+        db.resume_replay().await;
+        db.wait_for_replay().await;
+        runner.catch_up().await.expect("catch up");
+        assert_eq!(read_model(store.pool()).await, fold.model);
+    })
+    .await
+    .expect("the test finished in time");
+}
+
+/// A copy of a fold's model.
+fn read_model_of(fold: &projection_support::Fold) -> projection_support::Model {
+    projection_support::Model {
+        total: fold.model.total,
+        count: fold.model.count,
+        streams: fold.model.streams.clone(),
+        applied: fold.model.applied,
     }
 }
