@@ -69,6 +69,10 @@
 //! `idle_in_transaction_session_timeout` ([`PoolConfig`] sets 60 s on its own connections), and
 //! watch [`Health::oldest_open_write`].
 //!
+//! The horizon holds on a hot standby too, so subscriptions, projections and queries can read a
+//! streaming replica through a [`PgReader`] while commands stay on the primary: see the
+//! [`replica`] module.
+//!
 //! The order rests on transaction ids, which belong to the cluster: restored from a logical
 //! backup (`pg_dump`) into another cluster, stored ids may lie ahead of the new cluster's
 //! counter, which would hide every stored event. The store detects it and refuses to read
@@ -117,6 +121,11 @@ pub use sqlx;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/postgres.md")]
 mod postgres_chapter {}
+
+/// The book's read replicas chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/replicas.md")]
+mod replicas_chapter {}
 
 /// The book's backup and restore chapter, compiled so it cannot drift from the code.
 #[cfg(doctest)]
