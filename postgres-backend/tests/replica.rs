@@ -515,11 +515,18 @@ async fn a_projection_runner_reads_the_replica_and_writes_the_primary() {
         append(&store, &mut fold, "ledger-1", 20, 4).await;
 
         let reader = db.reader(&store).await.expect("reader");
-        let mut runner = PgProjectionRunner::new(store.clone(), Ledger::default()).read_from(reader);
+        let mut runner =
+            PgProjectionRunner::new(store.clone(), Ledger::default()).read_from(reader);
         runner.catch_up().await.expect("catch up");
         // What the replica had, applied on the primary.
         assert_eq!(read_model(store.pool()).await, replicated);
-        assert!(runner.status().borrow().replica_lag.is_some_and(|l| l.bytes > 0));
+        assert!(
+            runner
+                .status()
+                .borrow()
+                .replica_lag
+                .is_some_and(|l| l.bytes > 0)
+        );
 
         db.resume_replay().await;
         db.wait_for_replay().await;
@@ -538,4 +545,38 @@ fn read_model_of(fold: &projection_support::Fold) -> projection_support::Model {
         streams: fold.model.streams.clone(),
         applied: fold.model.applied,
     }
+}
+
+#[tokio::test]
+async fn a_promoted_replica_is_refused_not_read_silently() {
+    let db = ReplicatedDatabase::create().await;
+    let store = db.primary_store();
+    let reader = db
+        .reader(&store)
+        .await
+        .expect("reader")
+        .with_lag_interval(Duration::ZERO);
+    assert!(reader.lag().await.expect("lag while a standby").bytes < 1 << 20);
+    db.promote().await;
+    // The old primary still takes writes the promoted server will never see.
+    store
+        .append(AppendRequest::new(stream("after-failover"), vec![event(1)]))
+        .await
+        .expect("append on the old primary");
+    let error = reader
+        .lag()
+        .await
+        .expect_err("a promoted replica is not a replica");
+    assert_eq!(error.kind(), factum::ErrorKind::Permanent, "{error}");
+    let why = std::error::Error::source(&error)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(why.contains("promoted"), "{error}: {why}");
+    let read = reader
+        .read_all(LogPosition::START, 10, &EventFilter::all())
+        .await;
+    assert!(
+        read.is_err(),
+        "a subscription would stall silently on it: {read:?}"
+    );
 }

@@ -424,6 +424,20 @@ impl ReplicatedDatabase {
             .expect("pg_wal_replay_resume");
     }
 
+    /// Promotes the replica to a primary of its own (`pg_promote()`), as a failover would, and
+    /// returns once it accepts writes. The old primary keeps running: the two now diverge.
+    ///
+    /// # Panics
+    /// When the replica refuses or does not finish promoting within 60 s.
+    pub async fn promote(&self) {
+        let mut conn = self.replica_admin().await;
+        let promoted: bool = sqlx::query_scalar("SELECT pg_promote(true, 60)")
+            .fetch_one(&mut conn)
+            .await
+            .expect("pg_promote");
+        assert!(promoted, "the replica did not finish promoting within 60 s");
+    }
+
     /// Waits until the replica has applied everything the primary had written when this was
     /// called.
     ///
