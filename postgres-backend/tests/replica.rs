@@ -166,8 +166,10 @@ impl BatchHandler<PgTx> for Seen {
         events: &[RecordedEvent],
     ) -> Result<(), BatchFailure> {
         for event in events {
-            sqlx::query("INSERT INTO seen (event_id) VALUES ($1)")
+            sqlx::query("INSERT INTO seen (event_id, commit_id, global) VALUES ($1, $2, $3)")
                 .bind(event.event_id.as_uuid())
+                .bind(i64::try_from(event.position.commit).expect("commit"))
+                .bind(i64::try_from(event.position.global.get()).expect("global"))
                 .execute(tx.conn())
                 .await
                 .map_err(BatchFailure::somewhere)?;
@@ -195,7 +197,8 @@ async fn a_subscription_on_the_replica_applies_every_event_once_in_log_order() {
     tokio::time::timeout(Duration::from_secs(180), async {
         let db = ReplicatedDatabase::create().await;
         let store = db.primary_store();
-        sqlx::query("CREATE TABLE seen (n bigserial PRIMARY KEY, event_id uuid NOT NULL UNIQUE)")
+        sqlx::query("CREATE TABLE seen (n bigserial PRIMARY KEY, event_id uuid NOT NULL UNIQUE, \
+             commit_id bigint NOT NULL, global bigint NOT NULL)")
             .execute(store.pool())
             .await
             .expect("create seen");
@@ -289,7 +292,19 @@ async fn a_subscription_on_the_replica_applies_every_event_once_in_log_order() {
             WRITERS * (APPENDS / 3 * 6 + [0, 1, 3][(APPENDS % 3) as usize]) + 16,
             "every append stored"
         );
-        let head = store.head().await.expect("primary head");
+        // The last event in log order. (Not `store.head()`: the consumer's own transaction on
+        // the primary may hold the horizon below it at that moment.)
+        let (last_xid, last_global): (i64, i64) = sqlx::query_as(
+            "SELECT transaction_id::text::bigint, global_position FROM factum.events \
+             ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+        )
+        .fetch_one(store.pool())
+        .await
+        .expect("the last event");
+        let head = LogPosition::new(
+            u64::try_from(last_xid).expect("xid"),
+            factum::GlobalPosition::new(u64::try_from(last_global).expect("position")),
+        );
         let reached = wait_until(&mut status, "the subscription reaches the primary's head", |s| {
             s.position >= head
         })
@@ -309,8 +324,30 @@ async fn a_subscription_on_the_replica_applies_every_event_once_in_log_order() {
             .fetch_all(store.pool())
             .await
             .expect("seen");
-        assert_eq!(seen.len(), expected.len(), "every event once");
-        assert_eq!(seen, expected, "in log order");
+        if seen != expected {
+            let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+                "SELECT s.n, s.commit_id, s.global, e.transaction_id::text::bigint FROM seen s \
+                 JOIN factum.events e ON e.event_id = s.event_id ORDER BY s.n",
+            )
+            .fetch_all(store.pool())
+            .await
+            .expect("seen rows");
+            let missing: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT e.transaction_id::text::bigint, e.global_position FROM factum.events e \
+                 WHERE NOT EXISTS (SELECT 1 FROM seen s WHERE s.event_id = e.event_id) \
+                 ORDER BY 1, 2",
+            )
+            .fetch_all(store.pool())
+            .await
+            .expect("missing");
+            eprintln!("seen {} of {}; missing (xid, global): {missing:?}", seen.len(), expected.len());
+            let first = seen.iter().zip(&expected).position(|(a, b)| a != b).unwrap_or(0);
+            let from = first.saturating_sub(5);
+            panic!(
+                "not in log order from index {first}: seen (n, commit, global, xid) {:?}",
+                &rows[from..(first + 10).min(rows.len())]
+            );
+        }
         // The checkpoint is on the primary, where the reader's consumer wrote it.
         let checkpoint: i64 = sqlx::query_scalar(
             "SELECT global_position FROM factum.subscription_checkpoints WHERE subscription = 'seen'",
