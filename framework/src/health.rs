@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::ReplicaLag;
 use crate::bus::{InboundState, InboundStatus, RelayState, RelayStatus};
 use crate::resilience::{CircuitState, Health};
 use crate::subscription::{SubscriptionState, SubscriptionStatus};
@@ -167,6 +168,43 @@ impl Readiness {
             detail.push_str(&format!(" (more than {max_lag_messages})"));
         }
         self.check(format!("inbound {name}"), ok, detail)
+    }
+
+    /// Adds `replica <name>`: passes while the read replica was last measured caught up, or at
+    /// most `max_lag` behind its primary ([`ReplicaLag::is_within`]). Pass a consumer's
+    /// [`SubscriptionStatus::replica_lag`] or a reader's own measurement (e.g.
+    /// `factum_postgres::PgReader::lag`); `None`, never measured, fails.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use factum::health::Readiness;
+    /// use factum::ReplicaLag;
+    ///
+    /// let lag = ReplicaLag::new(Some(Duration::from_secs(3)), 81_920);
+    /// let ready = Readiness::new().replica("orders", Some(&lag), Duration::from_secs(1));
+    /// assert!(!ready.is_ready());
+    /// assert_eq!(ready.checks()[0].detail, "81920 bytes and at most 3000 ms behind (more than 1000 ms)");
+    /// ```
+    #[must_use]
+    pub fn replica(self, name: &str, lag: Option<&ReplicaLag>, max_lag: Duration) -> Self {
+        let name = format!("replica {name}");
+        let Some(lag) = lag else {
+            return self.check(name, false, "lag not measured yet");
+        };
+        let ok = lag.is_within(max_lag);
+        let mut detail = match lag.time {
+            _ if lag.is_caught_up() => "caught up".to_owned(),
+            Some(time) => format!(
+                "{} bytes and at most {} ms behind",
+                lag.bytes,
+                time.as_millis()
+            ),
+            None => format!("{} bytes behind, for an unknown time", lag.bytes),
+        };
+        if !ok {
+            detail.push_str(&format!(" (more than {} ms)", max_lag.as_millis()));
+        }
+        self.check(name, ok, detail)
     }
 
     /// True when every check passed.

@@ -163,8 +163,8 @@ pub use projection::Projection;
 pub use repository::{CommandContext, Committed, Loaded, Repository, SnapshotPolicy};
 pub use store::{
     AppendRequest, AppendResult, BoxFuture, DynEventStore, DynSnapshotStore, EventFilter,
-    EventPayload, EventStore, EventStream, ExpectedVersion, PayloadStream, SnapshotStore,
-    StoredSnapshot,
+    EventPayload, EventStore, EventStream, ExpectedVersion, PayloadStream, ReplicaLag,
+    SnapshotStore, StoredSnapshot,
 };
 
 /// A JSON payload kept as text: how events and snapshots are stored and handed to

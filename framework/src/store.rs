@@ -22,6 +22,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_core::Stream;
@@ -423,6 +424,65 @@ pub trait EventStore: Send + Sync {
             }
         }
     }
+    /// How far this store's copy of the log trails the primary, when it reads a replica (as
+    /// last measured: no round trip). `None` for a store that reads the primary itself, the
+    /// provided implementation. Subscriptions publish it in
+    /// [`SubscriptionStatus::replica_lag`](crate::subscription::SubscriptionStatus::replica_lag).
+    fn replica_lag(&self) -> Option<ReplicaLag> {
+        None
+    }
+}
+
+/// How far a read replica trails the primary it copies, as last measured by the store that
+/// reads it ([`EventStore::replica_lag`]).
+///
+/// Both figures are what the replica has **applied** (made visible to readers), not merely
+/// received: events committed on the primary within `time` may not be readable yet.
+///
+/// ```
+/// use std::time::Duration;
+/// use factum::ReplicaLag;
+///
+/// let lag = ReplicaLag::new(Some(Duration::from_millis(40)), 16_384);
+/// assert!(!lag.is_caught_up());
+/// assert!(lag.is_within(Duration::from_millis(100)));
+/// assert!(ReplicaLag::new(Some(Duration::ZERO), 0).is_caught_up());
+/// // Behind, by an unknown time: within no bound.
+/// assert!(!ReplicaLag::new(None, 10).is_within(Duration::from_secs(3600)));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub struct ReplicaLag {
+    /// At most this long ago, the replica had applied everything the primary had committed:
+    /// an upper bound on how stale a read may be (zero when caught up). `None` when the replica
+    /// is behind and nothing tells by how long (it applied nothing since it started).
+    pub time: Option<Duration>,
+    /// How much of the primary's log it has not applied yet (for PostgreSQL: bytes of WAL
+    /// between the primary's current position and the replica's replay position).
+    pub bytes: u64,
+    /// When this was measured.
+    pub measured_at: DateTime<Utc>,
+}
+
+impl ReplicaLag {
+    /// A lag measured now.
+    pub fn new(time: Option<Duration>, bytes: u64) -> Self {
+        Self {
+            time,
+            bytes,
+            measured_at: Utc::now(),
+        }
+    }
+
+    /// True when the replica had applied everything the primary had written.
+    pub fn is_caught_up(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// True when the replica is caught up or known to be at most `max` behind.
+    pub fn is_within(&self, max: Duration) -> bool {
+        self.is_caught_up() || self.time.is_some_and(|t| t <= max)
+    }
 }
 
 /// A stored snapshot of an aggregate's state.
@@ -491,6 +551,9 @@ pub trait DynEventStore: Send + Sync {
 
     /// See [`EventStore::position_at`].
     fn position_at_dyn(&self, time: DateTime<Utc>) -> BoxFuture<'_, Result<LogPosition, Error>>;
+
+    /// See [`EventStore::replica_lag`].
+    fn replica_lag_dyn(&self) -> Option<ReplicaLag>;
 }
 
 impl<T: EventStore> DynEventStore for T {
@@ -536,6 +599,10 @@ impl<T: EventStore> DynEventStore for T {
 
     fn position_at_dyn(&self, time: DateTime<Utc>) -> BoxFuture<'_, Result<LogPosition, Error>> {
         Box::pin(self.position_at(time))
+    }
+
+    fn replica_lag_dyn(&self) -> Option<ReplicaLag> {
+        self.replica_lag()
     }
 }
 
@@ -586,6 +653,10 @@ impl EventStore for dyn DynEventStore {
     ) -> impl Future<Output = Result<LogPosition, Error>> + Send {
         self.position_at_dyn(time)
     }
+
+    fn replica_lag(&self) -> Option<ReplicaLag> {
+        self.replica_lag_dyn()
+    }
 }
 
 impl<T: EventStore + ?Sized> EventStore for Arc<T> {
@@ -633,6 +704,10 @@ impl<T: EventStore + ?Sized> EventStore for Arc<T> {
         time: DateTime<Utc>,
     ) -> impl Future<Output = Result<LogPosition, Error>> + Send {
         (**self).position_at(time)
+    }
+
+    fn replica_lag(&self) -> Option<ReplicaLag> {
+        (**self).replica_lag()
     }
 }
 

@@ -71,6 +71,10 @@
 //! `idle_in_transaction_session_timeout` ([`PoolConfig`] sets 60 s on its own connections), and
 //! watch [`Health::oldest_open_write`].
 //!
+//! The horizon holds on a hot standby too, so subscriptions, projections and queries can read a
+//! streaming replica through a [`PgReader`] while commands stay on the primary: see the
+//! [`replica`] module.
+//!
 //! The order rests on transaction ids, which belong to the cluster: restored from a logical
 //! backup (`pg_dump`) into another cluster, stored ids may lie ahead of the new cluster's
 //! counter, which would hide every stored event. The store detects it and refuses to read
@@ -90,6 +94,7 @@ mod maintenance;
 mod migrate;
 mod personal;
 pub mod projection;
+pub mod replica;
 mod restore;
 pub mod saga;
 mod schema;
@@ -109,6 +114,7 @@ pub use maintenance::{Partition, StreamReadPlan};
 pub use migrate::migrate;
 #[cfg(feature = "personal")]
 pub use personal::PgKeyStore;
+pub use replica::PgReader;
 pub use restore::RestoreRepair;
 pub use schema::SchemaName;
 pub use service::ServiceRole;
@@ -128,6 +134,10 @@ mod postgres_chapter {}
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/src/partitions.md")]
 mod partitions_chapter {}
+/// The book's read replicas chapter, compiled so it cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/src/replicas.md")]
+mod replicas_chapter {}
 
 /// The book's backup and restore chapter, compiled so it cannot drift from the code.
 #[cfg(doctest)]

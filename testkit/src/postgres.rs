@@ -33,6 +33,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::sync::OnceCell;
 
+pub mod replica;
+
 const NOT_INSTALLED: &str = "install PostgreSQL (apt-get install -y postgresql) or set DATABASE_URL to a server where the user may CREATE DATABASE";
 
 /// The admin URL of the server every test database is created on (or why there is none).
@@ -232,7 +234,7 @@ fn owner_is_gone(name: &str) -> bool {
     }
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
@@ -276,7 +278,7 @@ fn find_bin_dir() -> Result<PathBuf, String> {
 }
 
 /// A command run as the `postgres` account when we are root (PostgreSQL refuses root).
-fn pg_command(program: &Path, as_postgres: bool) -> Command {
+pub(crate) fn pg_command(program: &Path, as_postgres: bool) -> Command {
     if as_postgres {
         let mut command = Command::new("runuser");
         command.args(["-u", "postgres", "--"]).arg(program);
@@ -286,7 +288,7 @@ fn pg_command(program: &Path, as_postgres: bool) -> Command {
     }
 }
 
-fn run(mut command: Command, what: &str) -> Result<(), String> {
+pub(crate) fn run(mut command: Command, what: &str) -> Result<(), String> {
     let output = command
         .stdin(Stdio::null())
         .output()
@@ -331,7 +333,7 @@ fn remove_stale_clusters(bin: &Path, as_postgres: bool) {
     }
 }
 
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -155,6 +155,10 @@ impl<S: EventStore> EventStore for Resilient<S> {
             .run(Operation::Read, || self.inner.position_at(time))
             .await
     }
+
+    fn replica_lag(&self) -> Option<crate::ReplicaLag> {
+        self.inner.replica_lag()
+    }
 }
 
 impl<S: SnapshotStore> SnapshotStore for Resilient<S> {

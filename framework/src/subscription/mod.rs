@@ -175,6 +175,10 @@ pub struct SubscriptionStatus {
     pub handled: u64,
     /// How many events it parked since it started.
     pub parked: u64,
+    /// How far the replica it reads trails the primary, when its store reads a replica
+    /// ([`EventStore::replica_lag`], refreshed after every read): the staleness that `lag` does
+    /// not show, since `lag` is measured against what the replica has applied.
+    pub replica_lag: Option<crate::ReplicaLag>,
 }
 
 impl SubscriptionStatus {
@@ -189,6 +193,7 @@ impl SubscriptionStatus {
             last_event_at: None,
             handled: 0,
             parked: 0,
+            replica_lag: None,
         }
     }
 
@@ -530,6 +535,7 @@ impl<S: EventStore, C: TransactionalCheckpoint, L: Lease> Subscription<S, C, L> 
                         batch = self.store.read_all(position, limit, &source) => batch,
                     },
                 };
+                self.note_replica_lag();
                 let step = match batch {
                     Err(error)
                         if error.kind() == crate::ErrorKind::BadData
@@ -891,6 +897,16 @@ impl<S: EventStore, C: TransactionalCheckpoint, L: Lease> Subscription<S, C, L> 
             s.advance(event.position, event.recorded_at);
         });
         Ok(Handled::Done(event.position))
+    }
+
+    /// Publishes the store's replica lag, when it changed.
+    fn note_replica_lag(&self) {
+        let lag = self.store.replica_lag();
+        self.status.send_if_modified(|s| {
+            let changed = s.replica_lag != lag;
+            s.replica_lag = lag;
+            changed
+        });
     }
 
     /// Records that `n` events up to `last` were handled and checkpointed.

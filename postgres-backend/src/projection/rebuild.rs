@@ -128,7 +128,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
                 .stop_on_failures();
             let mut consumer = factum::subscription::Subscription::with_checkpoints(
                 name.clone(),
-                self.store.clone(),
+                self.reader.clone(),
                 self.checkpoints.clone(),
             )
             .options(options);

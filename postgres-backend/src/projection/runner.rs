@@ -14,16 +14,19 @@ use tokio::sync::watch;
 
 use super::{PgProjection, ProjectionTx, Tables};
 use crate::error::to_error;
+use crate::replica::PgReader;
 use crate::store::PostgresStore;
 use crate::subscription::{PgCheckpoints, PgLease, PgTx, Sql, commit, rollback};
 
 /// The consumer a runner drives.
-pub(crate) type PgConsumer<L = PgLease> = Subscription<PostgresStore, PgCheckpoints, L>;
+pub(crate) type PgConsumer<L = PgLease> = Subscription<PgReader, PgCheckpoints, L>;
 
 /// Runs a [`PgProjection`] over the global log with exactly-once application. See the
 /// [module docs](super).
 pub struct PgProjectionRunner<P> {
     pub(crate) store: PostgresStore,
+    /// Where the log is read: the primary, or a replica ([`read_from`](Self::read_from)).
+    pub(crate) reader: PgReader,
     pub(crate) projection: P,
     pub(crate) name: String,
     pub(crate) tables: Tables,
@@ -81,11 +84,13 @@ impl<P: PgProjection> PgProjectionRunner<P> {
         }
         let tables = Tables::new(P::TABLES, "").unwrap_or_default();
         let checkpoints = PgCheckpoints::new(&store);
-        let consumer = Subscription::with_checkpoints(P::NAME, store.clone(), checkpoints.clone())
+        let reader = PgReader::primary(&store);
+        let consumer = Subscription::with_checkpoints(P::NAME, reader.clone(), checkpoints.clone())
             .lease(PgLease::new(&store))
             .options(Self::projection_options(ConsumerOptions::default()));
         Self {
             store,
+            reader,
             projection,
             name: P::NAME.to_owned(),
             tables,
@@ -97,11 +102,33 @@ impl<P: PgProjection> PgProjectionRunner<P> {
     fn with_consumer(mut self, f: impl FnOnce(PgConsumer) -> PgConsumer) -> Self {
         // A placeholder while `f` runs: the consumer is moved through the builder.
         let placeholder =
-            Subscription::with_checkpoints("", self.store.clone(), self.checkpoints.clone())
+            Subscription::with_checkpoints("", self.reader.clone(), self.checkpoints.clone())
                 .lease(PgLease::new(&self.store));
         let consumer = std::mem::replace(&mut self.consumer, placeholder);
         self.consumer = f(consumer);
         self
+    }
+
+    /// Reads the log through `reader` (e.g. a [`PgReader::connect`]ed streaming replica), rebuilds
+    /// included; the read model, the checkpoint, dead letters and the lease stay on the runner's
+    /// store. Call it before [`status`](Self::status): the consumer is rebuilt around the reader.
+    ///
+    /// `reader` must read the runner's database (a [`PgReader`] of the same store, or of a store
+    /// on the same database and schema).
+    #[must_use]
+    pub fn read_from(mut self, reader: PgReader) -> Self {
+        let options = self.consumer.consumer_options().clone();
+        self.consumer =
+            Subscription::with_checkpoints(P::NAME, reader.clone(), self.checkpoints.clone())
+                .lease(PgLease::new(&self.store))
+                .options(options);
+        self.reader = reader;
+        self
+    }
+
+    /// Where the runner reads the log.
+    pub fn reader(&self) -> &PgReader {
+        &self.reader
     }
 
     /// Replaces the consumer options (see [`ConsumerOptions`]; the builder methods below are
@@ -224,7 +251,7 @@ impl<P: PgProjection> PgProjectionRunner<P> {
 
     /// The newest settled position of the log.
     pub(crate) async fn head(&self) -> Result<LogPosition, Error> {
-        self.store.head().await
+        self.reader.head().await
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, Error> {
