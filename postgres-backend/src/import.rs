@@ -402,10 +402,9 @@ impl PostgresStore {
             }
             // Personal fields in plaintext form (an event encoded by a derive with
             // `#[personal]`) are refused as appends refuse them: the import does not encrypt.
-            if let Err(Error::InvalidArgument(why)) = factum::validate_batch(
-                &imported.stream_id,
-                std::slice::from_ref(&imported.event),
-            ) {
+            if let Err(Error::InvalidArgument(why)) =
+                factum::validate_batch(&imported.stream_id, std::slice::from_ref(&imported.event))
+            {
                 return Err(Error::InvalidArgument(format!(
                     "input event #{}: {why} (the import stores payloads as given and does not encrypt them: import such events with `append`, or encrypt them before the import); nothing of chunk {number} was stored",
                     first + i as u64

@@ -302,7 +302,11 @@ async fn duplicates_closed_streams_and_wrong_versions_are_refused_and_store_noth
                 if why.contains("input event #1") && why.contains("plaintext")),
             "{error:?}"
         );
-        assert_eq!(store.head().await.expect("head"), head_before, "nothing stored");
+        assert_eq!(
+            store.head().await.expect("head"),
+            head_before,
+            "nothing stored"
+        );
         // The same id with another payload in the same stream: not the same event either.
         let mut changed = raw(r#"{"n":99}"#);
         changed.event_id = appended.event_id;
