@@ -147,6 +147,9 @@ impl PgReader {
     ///
     /// Fails with [`Error::InvalidArgument`] when the server at `url` is not a copy of the
     /// primary's database: another cluster (its system identifier differs) or another database.
+    ///
+    /// Build it from the store as it will be used: a store given a shredder (feature
+    /// `personal`) first, so that reads on the replica decrypt personal fields too.
     pub async fn connect(
         primary: &PostgresStore,
         url: &str,
@@ -187,7 +190,14 @@ impl PgReader {
                 .options()
                 .clone()
                 .with_group_commit(GroupCommit::disabled());
-            PostgresStore::with_options(pool, options)
+            #[allow(unused_mut, reason = "a shredder is carried over with the `personal` feature")]
+            let mut store = PostgresStore::with_options(pool, options);
+            // Reads on the replica decrypt personal fields as the primary's do.
+            #[cfg(feature = "personal")]
+            if let Some(shredder) = primary.shredder() {
+                store.set_shredder(shredder.clone());
+            }
+            store
         });
         Self {
             inner: Arc::new(Inner {
