@@ -135,11 +135,11 @@ impl Readiness {
         self.check(format!("consumer {name}"), ok, detail)
     }
 
-    /// Adds `relay`: passes while the broker takes the relay's publishes (a relay waiting out a
-    /// broker outage is not ready: the bus is not connected). Its lag is the subscription's that
-    /// runs it: add that with [`consumer`](Self::consumer).
+    /// Adds `relay <name>`: passes while the broker takes the relay's publishes (a relay waiting
+    /// out a broker outage is not ready: the bus is not connected). Its lag is the subscription's
+    /// that runs it: add that with [`consumer`](Self::consumer).
     #[must_use]
-    pub fn relay(self, status: &RelayStatus) -> Self {
+    pub fn relay(self, name: &str, status: &RelayStatus) -> Self {
         let (ok, state) = match &status.state {
             RelayState::Running => (true, "publishing".to_owned()),
             RelayState::Retrying(why) => (false, format!("retrying: {why}")),
@@ -148,7 +148,7 @@ impl Readiness {
             "{state}, {} published, {} duplicates, {} retries",
             status.published, status.duplicates, status.retries
         );
-        self.check("relay", ok, detail)
+        self.check(format!("relay {name}"), ok, detail)
     }
 
     /// Adds `inbound <name>`: passes while the inbound consumer runs connected to the bus (not
@@ -450,14 +450,14 @@ mod tests {
             retries: 0,
             last_recorded_at: None,
         };
-        let ready = Readiness::new().relay(&relay);
+        let ready = Readiness::new().relay("orders.relay", &relay);
         assert!(ready.is_ready());
         assert_eq!(
             ready.checks()[0].detail,
             "publishing, 40 published, 2 duplicates, 0 retries"
         );
         relay.state = RelayState::Retrying("connection refused".into());
-        let ready = Readiness::new().relay(&relay);
+        let ready = Readiness::new().relay("orders.relay", &relay);
         assert!(!ready.is_ready());
         assert!(
             ready.checks()[0]

@@ -120,3 +120,56 @@ async fn a_subject_no_stream_captures_stops_the_relay_naming_the_event() {
     );
     assert_eq!(relay.status().borrow().published, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_holding_personal_fields_is_not_published() {
+    let bus = InProcessBus::new();
+    bus.ensure_stream(&StreamConfig::for_service(&orders()))
+        .await
+        .expect("stream");
+    let store = InMemoryStore::new();
+    // A personal field as a store with a shredder keeps it (its ciphertext), published as
+    // stored: the relay refuses, naming the event, rather than send it where a forget cannot
+    // reach.
+    let stored = NewEvent {
+        event_id: factum::EventId::new(),
+        event_type: "order.placed".into(),
+        schema_version: 1,
+        payload: factum::RawValue::from_string(
+            r#"{"total":3,"email":{"factum:encrypted":{"subject":"c-1","data":"AAAA"}}}"#.into(),
+        )
+        .expect("json"),
+        metadata: EventMetadata::default(),
+    };
+    store
+        .append(AppendRequest::new(
+            StreamId::new("order-7").expect("valid"),
+            vec![stored.clone()],
+        ))
+        .await
+        .expect("append");
+    let routes = PublicEvents::new(orders())
+        .publish("order", ["order.placed"])
+        .expect("routes");
+    let mut relay = Relay::new(bus.clone(), routes);
+    let mut subscription = Subscription::new(relay.name(), store.clone())
+        .filter(relay.filter())
+        .handler_retries(1, Duration::ZERO);
+    let err = subscription.catch_up(&mut relay).await.unwrap_err();
+    let text = format!("{err:?}");
+    assert!(text.contains("holds personal fields"), "{text}");
+    assert!(text.contains(&stored.event_id.to_string()), "{text}");
+    assert_eq!(relay.status().borrow().published, 0);
+    let mut consumer = bus
+        .consumer(&ConsumerConfig::new("ORDERS", "check"))
+        .await
+        .expect("consumer");
+    assert!(
+        consumer
+            .fetch(10, Duration::from_millis(50))
+            .await
+            .expect("fetch")
+            .is_empty(),
+        "nothing reached the bus"
+    );
+}

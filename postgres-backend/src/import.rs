@@ -406,7 +406,7 @@ impl PostgresStore {
                 factum::validate_batch(&imported.stream_id, std::slice::from_ref(&imported.event))
             {
                 return Err(Error::InvalidArgument(format!(
-                    "input event #{}: {why} (the import stores payloads as given and does not encrypt them: import such events with `append`, or encrypt them before the import); nothing of chunk {number} was stored",
+                    "input event #{}: {why} (the import stores payloads as given and does not encrypt them: write such events with `append` on a store with a shredder); nothing of chunk {number} was stored",
                     first + i as u64
                 )));
             }

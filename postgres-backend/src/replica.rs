@@ -190,7 +190,10 @@ impl PgReader {
                 .options()
                 .clone()
                 .with_group_commit(GroupCommit::disabled());
-            #[allow(unused_mut, reason = "a shredder is carried over with the `personal` feature")]
+            #[allow(
+                unused_mut,
+                reason = "a shredder is carried over with the `personal` feature"
+            )]
             let mut store = PostgresStore::with_options(pool, options);
             // Reads on the replica decrypt personal fields as the primary's do.
             #[cfg(feature = "personal")]

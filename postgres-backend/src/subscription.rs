@@ -104,7 +104,14 @@ impl DeadLetterStore for PostgresStore {
                 .fetch_all(self.pool())
                 .await
                 .map_err(|e| to_error(e, "list parked events"))?;
-            rows.iter().map(parked_from_row).collect()
+            let mut parked = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let mut event = parked_from_row(row)?;
+                // Decrypted like every read, so a retry handles what the consumer saw.
+                event.event = self.open(event.event).await?;
+                parked.push(event);
+            }
+            Ok(parked)
         }
     }
 
@@ -129,7 +136,8 @@ impl DeadLetterStore for PostgresStore {
                 .await
                 .map_err(|e| to_error(e, "unpark event"))?;
             let Some(row) = row else { return Ok(None) };
-            let parked = parked_from_row(&row)?;
+            let mut parked = parked_from_row(&row)?;
+            parked.event = self.open(parked.event).await?;
             sqlx::query(sqlx::AssertSqlSafe(delete.as_str()))
                 .bind(subscription)
                 .bind(event_id.as_uuid())

@@ -128,8 +128,8 @@ impl ServiceHealth {
         for (name, status) in &self.inbound {
             ready = ready.inbound(name, &status.borrow(), self.max_waiting);
         }
-        for (_, status) in &self.relays {
-            ready = ready.relay(&status.borrow());
+        for (name, status) in &self.relays {
+            ready = ready.relay(name, &status.borrow());
         }
         for (name, status) in &self.sagas {
             ready = ready.with(saga_check(name, &status.borrow()));

@@ -4,13 +4,12 @@
 use customers::{Customer, CustomerCommand, CustomerEvent};
 use factum::personal::{Shredder, SubjectId};
 use factum::{EventStore, Repository, StreamId, StreamVersion};
-use futures_util::TryStreamExt;
 use factum_postgres::PgKeyStore;
 use factum_testkit::postgres::replica::ReplicatedDatabase;
+use futures_util::TryStreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reader_on_the_replica_decrypts_personal_fields_and_reads_placeholders_after_a_forget()
-{
+async fn a_reader_on_the_replica_decrypts_personal_fields_and_reads_placeholders_after_a_forget() {
     let db = ReplicatedDatabase::create().await;
     let plain = db.primary_store();
     plain.migrate().await.expect("migrate");

@@ -42,7 +42,7 @@ impl Probes {
             ready = ready.circuit(&circuit.health());
         }
         if let Some((relay, subscription)) = &self.relay {
-            ready = ready.relay(&relay.borrow()).consumer(
+            ready = ready.relay("bank", &relay.borrow()).consumer(
                 "relay",
                 &subscription.borrow(),
                 self.max_lag.0,

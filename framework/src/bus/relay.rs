@@ -101,7 +101,11 @@ impl PublicEvents {
 
     /// Publishes every wire name of `E` (see [`Event::event_types`]) in streams of `category`,
     /// as stored.
+    ///
+    /// Fails with [`Error::InvalidArgument`] when `E` has personal fields (`#[personal]`): the
+    /// relay never publishes personal data ([`map`](Self::map) it to a contract without them).
     pub fn publish_event<E: Event>(self, category: &str) -> Result<Self, Error> {
+        refuse_personal::<E>("publish_event")?;
         self.publish(category, E::event_types().iter().copied())
     }
 
@@ -121,6 +125,7 @@ impl PublicEvents {
         E: Event,
         P: Event,
     {
+        refuse_personal::<P>("map")?;
         let map: Arc<MapFn> = Arc::new(move |event: &RecordedEvent| {
             let envelope = event.decode::<E>()?;
             match to_public(&envelope) {
@@ -185,8 +190,35 @@ impl PublicEvents {
                 }
             },
         };
+        // Personal data never leaves the service: a broker's retention and other services'
+        // stores are out of reach of `forget_subject`. A public contract leaves those fields out.
+        if [
+            crate::personal::PLAINTEXT_KEY,
+            crate::personal::ENCRYPTED_KEY,
+        ]
+        .iter()
+        .any(|form| crate::personal::mentions(&event.payload, form))
+        {
+            return Err(format!(
+                "event {} ({}, stream `{}` version {}) holds personal fields: the relay does not publish personal data (the broker and other services keep copies `forget_subject` cannot reach); map it to a public contract without them (`PublicEvents::map`)",
+                event.event_id, event.event_type, event.stream_id, event.stream_version
+            )
+            .into());
+        }
         Ok(Some(BusMessage::new(subject, self.service.clone(), event)))
     }
+}
+
+/// Personal data is not published: a public type with personal fields is refused up front (and
+/// an event holding them at run time, see `Relay::message`).
+fn refuse_personal<E: Event>(what: &str) -> Result<(), Error> {
+    if E::HAS_PERSONAL_DATA {
+        return Err(Error::InvalidArgument(format!(
+            "`PublicEvents::{what}`: `{}` has personal fields (`#[personal]`), and the relay never publishes personal data (the broker and other services keep copies `forget_subject` cannot reach): publish a contract without them",
+            std::any::type_name::<E>()
+        )));
+    }
+    Ok(())
 }
 
 /// What a relay is doing.

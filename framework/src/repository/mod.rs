@@ -568,7 +568,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
                         });
                     }
                 };
-                match self.append(context, loaded, events, attempts).await {
+                match self.append(context, loaded, events, attempts, stamp).await {
                     Err(Retry::Conflict(conflict, mut state)) if attempts <= self.max_conflict_retries => {
                         tracing::debug!(error = %conflict, attempts, "conflict; catching up and deciding again");
                         self.catch_up(&mut state).await?;
@@ -618,6 +618,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         loaded: Loaded<A>,
         events: Vec<A::Event>,
         attempts: u32,
+        stamp: cache::Stamp,
     ) -> Result<Committed<A>, Retry<A>> {
         let Loaded {
             stream_id,
@@ -705,7 +706,7 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
             state,
             attempts,
         };
-        self.maybe_snapshot(version, &committed).await;
+        self.maybe_snapshot(version, &committed, stamp).await;
         Ok(committed)
     }
 
@@ -868,10 +869,22 @@ impl<A: Aggregate, S: EventStore> Repository<A, S> {
         })
     }
 
-    async fn maybe_snapshot(&self, before: StreamVersion, committed: &Committed<A>) {
+    /// Saves a snapshot when the policy says so, unless the state was decrypted before a subject
+    /// was forgotten in this process (`stamp` no longer valid): such a state may hold the
+    /// subject's personal data in plaintext, which the forget just erased from the snapshots.
+    async fn maybe_snapshot(
+        &self,
+        before: StreamVersion,
+        committed: &Committed<A>,
+        stamp: cache::Stamp,
+    ) {
         let Some(snapshots) = &self.snapshots else {
             return;
         };
+        if !self.still_valid(stamp) {
+            tracing::debug!(stream = %committed.stream_id, "no snapshot: a subject was forgotten since the state was read");
+            return;
+        }
         if !snapshots.policy.due(before, committed.version) {
             return;
         }
