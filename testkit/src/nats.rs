@@ -165,45 +165,15 @@ impl NatsServer {
             "-sd".to_owned(),
             self.store.display().to_string(),
         ];
-        let child = if self.watched {
-            // The shell's parent is this process: when it is gone, the trap stops the server.
-            Command::new("sh")
-                .arg("-c")
-                .arg(
-                    r#""$0" "$@" & server=$!; trap 'kill -9 $server' EXIT; parent=$PPID; while kill -0 $parent 2>/dev/null && kill -0 $server 2>/dev/null; do sleep 1; done"#,
-                )
-                .arg(&binary)
-                .args(&args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-        } else {
-            Command::new(&binary)
-                .args(&args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-        }
-        .unwrap_or_else(|e| panic!("could not start {}: {e}", binary.display()));
-        self.child = Some(child);
-        let address = format!("127.0.0.1:{}", self.port);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !answers_with_jetstream(&address) {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server on {address} did not answer with JetStream within 15 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // The server that answers must be ours (not one that held the port before).
-        let exited = self
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten());
-        assert!(
-            exited.is_none(),
-            "nats-server for {address} exited ({exited:?}): is the port taken by another server?"
-        );
+        self.child = Some(spawn_server(
+            &binary,
+            &args,
+            self.watched,
+            self.port,
+            "nats-server",
+            "answer with JetStream",
+            answers_with_jetstream,
+        ));
     }
 }
 
@@ -214,4 +184,53 @@ impl Drop for NatsServer {
             let _ = std::fs::remove_dir_all(&self.store);
         }
     }
+}
+
+/// Starts `binary` with `args` for a test server on `port` (when `watched`, under a shell that
+/// kills it once this process is gone), waits up to 15 s until `answers` says it is up, and
+/// checks that the server answering is this one, not another that held the port before.
+pub(crate) fn spawn_server(
+    binary: &std::path::Path,
+    args: &[String],
+    watched: bool,
+    port: u16,
+    name: &str,
+    answering: &str,
+    answers: fn(&str) -> bool,
+) -> Child {
+    let mut child = if watched {
+        // The shell's parent is this process: when it is gone, the trap stops the server.
+        Command::new("sh")
+            .arg("-c")
+            .arg(
+                r#""$0" "$@" & server=$!; trap 'kill -9 $server' EXIT; parent=$PPID; while kill -0 $parent 2>/dev/null && kill -0 $server 2>/dev/null; do sleep 1; done"#,
+            )
+            .arg(binary)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    } else {
+        Command::new(binary)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    }
+    .unwrap_or_else(|e| panic!("could not start {}: {e}", binary.display()));
+    let address = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !answers(&address) {
+        assert!(
+            Instant::now() < deadline,
+            "{name} on {address} did not {answering} within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let exited = child.try_wait().ok().flatten();
+    assert!(
+        exited.is_none(),
+        "{name} for {address} exited ({exited:?}): is the port taken by another server?"
+    );
+    child
 }

@@ -19,10 +19,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Whether a Redis server answers `PING` with `PONG` at `host:port`.
 pub fn answers_ping(address: &str) -> bool {
@@ -161,44 +161,15 @@ impl RedisServer {
             "--appendonly".to_owned(),
             "no".to_owned(),
         ];
-        let child = if self.watched {
-            // The shell's parent is this process: when it is gone, the trap stops the server.
-            Command::new("sh")
-                .arg("-c")
-                .arg(
-                    r#""$0" "$@" & server=$!; trap 'kill -9 $server' EXIT; parent=$PPID; while kill -0 $parent 2>/dev/null && kill -0 $server 2>/dev/null; do sleep 1; done"#,
-                )
-                .arg(&binary)
-                .args(&args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-        } else {
-            Command::new(&binary)
-                .args(&args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-        }
-        .unwrap_or_else(|e| panic!("could not start {}: {e}", binary.display()));
-        self.child = Some(child);
-        let address = format!("127.0.0.1:{}", self.port);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !answers_ping(&address) {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {address} did not answer PING within 15 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let exited = self
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten());
-        assert!(
-            exited.is_none(),
-            "redis-server for {address} exited ({exited:?}): is the port taken by another server?"
-        );
+        self.child = Some(crate::nats::spawn_server(
+            &binary,
+            &args,
+            self.watched,
+            self.port,
+            "redis-server",
+            "answer PING",
+            answers_ping,
+        ));
     }
 }
 
