@@ -1,10 +1,14 @@
 //! Bulk import of existing history (a legacy system's events) through `COPY`.
 //!
-//! The input is read in chunks; each chunk is one transaction that
-//! 1. looks the chunk's event ids up in every partition: an id stored as the same event (same
-//!    stream, type, schema version and payload, and version when the input gives one) is
-//!    skipped, which makes a re-run of an interrupted import safe; any other stored id is an
-//!    error naming it;
+//! The input is read in chunks. Each chunk is read, checked, its event ids looked up in every
+//! partition and its rows encoded while the chunk before it is being stored (on another
+//! connection, so the lookup's time overlaps that chunk's `COPY`); then it is one transaction
+//! that
+//! 1. judges the ids stored before: an id stored as the same event (same stream, type, schema
+//!    version and payload, and version when the input gives one) is skipped, which makes a re-run
+//!    of an interrupted import safe; any other stored id is an error naming it. (A chunk holding
+//!    an id of the chunk stored while it was looked up looks its ids up again, inside its
+//!    transaction, so it never misses one);
 //! 2. creates or locks the `streams` rows of the streams that get events, in stream order, and
 //!    refuses archived and deleted streams;
 //! 3. numbers each stream's events on from the stream's current version, in input order
@@ -229,6 +233,88 @@ enum Fate {
     New(i64),
 }
 
+/// The import's input, read chunk by chunk.
+struct Input<'a, S> {
+    events: std::pin::Pin<&'a mut S>,
+    size: usize,
+    /// The input returned `None`: it is not polled again.
+    ended: bool,
+}
+
+/// A stored event holding an id of a chunk: (event id, stream, version, type, schema version).
+type StoredId = (Uuid, String, i64, String, i32);
+
+/// A chunk read from the input, checked, its ids looked up and its rows encoded (up to the
+/// stream version, which its transaction decides).
+struct Staged {
+    events: Vec<ImportedEvent>,
+    /// The input index of its first event.
+    first: u64,
+    /// Its number, from 1.
+    number: u64,
+    ids: Vec<Uuid>,
+    index_of: HashMap<Uuid, usize>,
+    /// The stored events holding one of its ids, when it was staged.
+    stored: Vec<StoredId>,
+    /// Each row's columns after the stream version, and where each row's ends.
+    tails: Vec<u8>,
+    ends: Vec<usize>,
+    /// Looked up while the chunk before it, holding one of its ids, was being stored: look
+    /// again inside its transaction.
+    look_again: bool,
+}
+
+impl Staged {
+    /// The error of a statement of this chunk that failed (`culprit` names the row, if known).
+    fn failed(&self, source: sqlx::Error, culprit: String) -> Error {
+        // Rolled back by the server, a connection lost before the commit (nothing stored), or
+        // an id stored meanwhile by an append (a re-run judges it): a re-run may succeed.
+        let (retry, source) = match classify(source, Op::Read) {
+            Failure::Transient(e) | Failure::UnknownOutcome(e) | Failure::DuplicateEventId(e) => {
+                (true, e)
+            }
+            other => (false, other.into_source()),
+        };
+        let chunk_failed = ChunkFailed {
+            chunk: self.number,
+            first: self.first,
+            last: self.first + self.events.len() as u64 - 1,
+            culprit,
+            source,
+        };
+        if retry {
+            Error::transient("import", chunk_failed)
+        } else {
+            Error::permanent("import", chunk_failed)
+        }
+    }
+}
+
+/// Why a chunk could not be staged.
+enum Staging {
+    /// Reading input event `index` failed.
+    Input { index: u64, source: BoxError },
+    /// The chunk is refused (a local check, or the id lookup failed).
+    Refused(Error),
+}
+
+impl Staging {
+    /// The import's error, once the chunks before are committed (`committed` events).
+    fn into_error(self, committed: u64) -> Error {
+        match self {
+            Self::Input { index, source } => Error::permanent(
+                "import",
+                InputFailed {
+                    index,
+                    committed,
+                    source,
+                },
+            ),
+            Self::Refused(error) => error,
+        }
+    }
+}
+
 const COPY_COLUMNS: &str = "stream_id, stream_version, event_id, event_type, schema_version, \
     payload, metadata, correlation_id, causation_id, recorded_at";
 
@@ -310,37 +396,28 @@ impl PostgresStore {
         self.ensure_service().await?;
         let started = Instant::now();
         let size = options.chunk_size();
-        let mut events = std::pin::pin!(events);
+        let mut input = Input {
+            events: std::pin::pin!(events),
+            size,
+            ended: false,
+        };
         let mut report = ImportReport::default();
-        let mut chunk = Vec::with_capacity(size.min(100_000));
-        let mut read = 0_u64;
-        let mut ended = false;
-        while !ended {
-            chunk.clear();
-            while chunk.len() < size {
-                match events.next().await {
-                    Some(Ok(event)) => chunk.push(event),
-                    Some(Err(source)) => {
-                        return Err(Error::permanent(
-                            "import",
-                            InputFailed {
-                                index: read + chunk.len() as u64,
-                                committed: read,
-                                source: source.into(),
-                            },
-                        ));
-                    }
-                    None => {
-                        ended = true;
-                        break;
-                    }
-                }
-            }
-            if chunk.is_empty() {
-                break;
-            }
-            let done = self.import_chunk(&chunk, read, report.chunks + 1).await?;
-            read += chunk.len() as u64;
+        let mut staged = self
+            .stage(&mut input, 0, 1)
+            .await
+            .map_err(|e| e.into_error(0))?;
+        while let Some(chunk) = staged.take() {
+            // The next chunk is read, checked, looked up and encoded while this one's
+            // transaction runs (on another connection): the database's time for the lookup then
+            // overlaps the COPY instead of adding to it.
+            let following = chunk.first + chunk.events.len() as u64;
+            let (done, next) = futures_util::future::join(
+                self.import_chunk(&chunk),
+                self.stage(&mut input, following, chunk.number + 1),
+            )
+            .await;
+            let done = done?;
+            let read = following;
             report.chunks += 1;
             report.imported += done.imported;
             report.skipped += done.skipped;
@@ -367,6 +444,12 @@ impl PostgresStore {
                 elapsed,
                 last_position: report.last_position,
             });
+            staged = next.map_err(|e| e.into_error(read))?;
+            if let Some(next) = &mut staged {
+                // Its ids were looked up before this chunk committed: one of them stored by this
+                // chunk would have been missed, so such a chunk looks its ids up again.
+                next.look_again = next.ids.iter().any(|id| chunk.index_of.contains_key(id));
+            }
         }
         report.elapsed = started.elapsed();
         tracing::info!(
@@ -380,108 +463,84 @@ impl PostgresStore {
         Ok(report)
     }
 
-    /// Imports one chunk in one transaction; `first` is the input index of its first event.
-    async fn import_chunk(
+    /// Reads the next chunk from the input, checks it, looks its ids up and encodes its rows:
+    /// `None` once the input is exhausted. `first` is the input index of its first event.
+    async fn stage<S, E>(
         &self,
-        chunk: &[ImportedEvent],
+        input: &mut Input<'_, S>,
         first: u64,
         number: u64,
-    ) -> Result<Chunk, Error> {
-        let s = self.schema().quoted();
-        // Local checks first: nothing reaches the database from a chunk that cannot be stored.
-        let mut ids = Vec::with_capacity(chunk.len());
-        let mut index_of: HashMap<Uuid, usize> = HashMap::with_capacity(chunk.len());
-        for (i, imported) in chunk.iter().enumerate() {
-            let id = imported.event.event_id.as_uuid();
-            if let Some(earlier) = index_of.insert(id, i) {
-                return Err(Error::InvalidArgument(format!(
-                    "event id {id} appears twice in the import (input events #{} and #{}); nothing of chunk {number} was stored",
-                    first + earlier as u64,
-                    first + i as u64
-                )));
+    ) -> Result<Option<Staged>, Staging>
+    where
+        S: Stream<Item = Result<ImportedEvent, E>> + Send,
+        E: Into<BoxError>,
+    {
+        let mut events = Vec::with_capacity(input.size.min(100_000));
+        while !input.ended && events.len() < input.size {
+            match input.events.next().await {
+                Some(Ok(event)) => events.push(event),
+                Some(Err(source)) => {
+                    return Err(Staging::Input {
+                        index: first + events.len() as u64,
+                        source: source.into(),
+                    });
+                }
+                None => input.ended = true,
             }
-            // Personal fields in plaintext form (an event encoded by a derive with
-            // `#[personal]`) are refused as appends refuse them: the import does not encrypt.
-            if let Err(Error::InvalidArgument(why)) =
-                factum::validate_batch(&imported.stream_id, std::slice::from_ref(&imported.event))
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "input event #{}: {why} (the import stores payloads as given and does not encrypt them: write such events with `append` on a store with a shredder); nothing of chunk {number} was stored",
-                    first + i as u64
-                )));
-            }
-            if i32::try_from(imported.event.schema_version).is_err() {
-                return Err(Error::InvalidArgument(format!(
-                    "input event #{} ({id}) has schema version {}, above PostgreSQL's integer range",
-                    first + i as u64,
-                    imported.event.schema_version
-                )));
-            }
-            if imported
-                .version
-                .is_some_and(|v| v == StreamVersion::INITIAL)
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "input event #{} ({id}) asks for version 0 of stream `{}`: versions start at 1",
-                    first + i as u64,
-                    imported.stream_id
-                )));
-            }
-            ids.push(id);
         }
-        let failed = |source: sqlx::Error, culprit: String| {
-            // Rolled back by the server, a connection lost before the commit (nothing stored),
-            // or an id stored meanwhile by an append (a re-run judges it): a re-run may succeed.
-            let (retry, source) = match classify(source, Op::Read) {
-                Failure::Transient(e)
-                | Failure::UnknownOutcome(e)
-                | Failure::DuplicateEventId(e) => (true, e),
-                other => (false, other.into_source()),
-            };
-            let chunk_failed = ChunkFailed {
-                chunk: number,
-                first,
-                last: first + chunk.len() as u64 - 1,
-                culprit,
-                source,
-            };
-            if retry {
-                Error::transient("import", chunk_failed)
-            } else {
-                Error::permanent("import", chunk_failed)
-            }
-        };
+        if events.is_empty() {
+            return Ok(None);
+        }
+        // The checks, the look-up and the encoding run in a task of their own, so that their
+        // CPU time overlaps the chunk being stored (polled by this task) instead of holding it
+        // up on a multi-threaded runtime.
+        let staging = tokio::spawn(prepare(
+            events,
+            first,
+            number,
+            self.pool().clone(),
+            lookup_sql(&self.schema().quoted()),
+        ));
+        let _abort = AbortOnDrop(staging.abort_handle());
+        match staging.await {
+            Ok(staged) => staged.map(Some),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(Staging::Refused(Error::permanent(
+                "import",
+                format!("staging chunk {number} was cancelled: {e}"),
+            ))),
+        }
+    }
+
+    /// Imports one staged chunk in one transaction.
+    async fn import_chunk(&self, staged: &Staged) -> Result<Chunk, Error> {
+        let s = self.schema().quoted();
+        let Staged {
+            events: chunk,
+            first,
+            number,
+            ids,
+            index_of,
+            tails,
+            ends,
+            ..
+        } = staged;
+        let (first, number) = (*first, *number);
+        let failed = |source: sqlx::Error, culprit: String| staged.failed(source, culprit);
         let fail = |e: sqlx::Error| failed(e, String::new());
         let mut tx = crate::tx::begin(self.pool()).await.map_err(fail)?;
 
         // 1. Ids stored before: the same event is skipped, anything else is refused.
         let mut fates: Vec<Option<Fate>> = vec![None; chunk.len()];
-        // The rows' columns after the version are encoded while the database looks the ids up.
-        let lookup =
-            sqlx::query_as::<_, (Uuid, String, i64, String, i32)>(sqlx::AssertSqlSafe(format!(
-                "SELECT event_id, stream_id, stream_version, event_type, schema_version \
-                 FROM {s}.events WHERE event_id = ANY($1)"
-            )))
-            .bind(&ids)
-            .fetch_all(&mut *tx);
-        let encode = async {
-            let mut tails = Vec::with_capacity(chunk.len() * 420);
-            let mut ends = Vec::with_capacity(chunk.len());
-            for (i, imported) in chunk.iter().enumerate() {
-                encode_tail(&mut tails, imported).map_err(|e| (i, e))?;
-                ends.push(tails.len());
-            }
-            Ok::<_, (usize, String)>((tails, ends))
+        let looked_again;
+        let stored = if staged.look_again {
+            looked_again = stored_ids(&mut *tx, &lookup_sql(&s), ids)
+                .await
+                .map_err(fail)?;
+            &looked_again
+        } else {
+            &staged.stored
         };
-        let (stored, encoded) = futures_util::future::join(lookup, encode).await;
-        let stored = stored.map_err(fail)?;
-        let (tails, ends) = encoded.map_err(|(i, e)| {
-            Error::InvalidArgument(format!(
-                "input event #{} ({}): {e}; nothing of chunk {number} was stored",
-                first + i as u64,
-                ids[i]
-            ))
-        })?;
         if !stored.is_empty() {
             let found: Vec<usize> = stored.iter().map(|row| index_of[&row.0]).collect();
             let payloads: Vec<&str> = found
@@ -499,21 +558,21 @@ impl PostgresStore {
             .await
             .map_err(fail)?;
             for (id, stream, version, event_type, schema_version) in stored {
-                let i = index_of[&id];
+                let i = index_of[id];
                 let imported = &chunk[i];
                 let same = stream == imported.stream_id.as_str()
-                    && event_type == imported.event.event_type
-                    && i64::from(schema_version) == i64::from(imported.event.schema_version)
-                    && !differ.contains(&id)
+                    && *event_type == imported.event.event_type
+                    && i64::from(*schema_version) == i64::from(imported.event.schema_version)
+                    && !differ.contains(id)
                     && imported
                         .version
-                        .is_none_or(|v| i64::try_from(v.get()) == Ok(version));
+                        .is_none_or(|v| i64::try_from(v.get()) == Ok(*version));
                 if !same {
                     tracing::warn!(%id, input = first + i as u64, stored_stream = %stream, stored_version = version, "an imported event id is stored as another event");
                     return Err(Error::DuplicateEventId {
                         stream: imported.stream_id.clone(),
-                        event_id: EventId::from_uuid(id),
-                        existing_stream: StreamId::new(stream)
+                        event_id: EventId::from_uuid(*id),
+                        existing_stream: StreamId::new(stream.clone())
                             .unwrap_or_else(|_| imported.stream_id.clone()),
                     });
                 }
@@ -704,6 +763,120 @@ impl PostgresStore {
             positions: low.zip(high),
         })
     }
+}
+
+/// Aborts a spawned task when dropped (the import's future was dropped).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The statement finding the stored events holding one of the ids in `$1`, in every partition.
+fn lookup_sql(s: &str) -> String {
+    format!(
+        "SELECT event_id, stream_id, stream_version, event_type, schema_version \
+         FROM {s}.events WHERE event_id = ANY($1)"
+    )
+}
+
+/// The stored events holding one of `ids`.
+async fn stored_ids<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    sql: &str,
+    ids: &[Uuid],
+) -> Result<Vec<StoredId>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(ids)
+        .fetch_all(conn)
+        .await
+}
+
+/// Checks a chunk read from the input, looks its ids up and encodes its rows.
+async fn prepare(
+    events: Vec<ImportedEvent>,
+    first: u64,
+    number: u64,
+    pool: sqlx::PgPool,
+    lookup: String,
+) -> Result<Staged, Staging> {
+    // Local checks first: nothing reaches the database from a chunk that cannot be stored.
+    let mut ids = Vec::with_capacity(events.len());
+    let mut index_of: HashMap<Uuid, usize> = HashMap::with_capacity(events.len());
+    for (i, imported) in events.iter().enumerate() {
+        let id = imported.event.event_id.as_uuid();
+        if let Some(earlier) = index_of.insert(id, i) {
+            return Err(Staging::Refused(Error::InvalidArgument(format!(
+                "event id {id} appears twice in the import (input events #{} and #{}); nothing of chunk {number} was stored",
+                first + earlier as u64,
+                first + i as u64
+            ))));
+        }
+        // Personal fields in plaintext form (an event encoded by a derive with `#[personal]`)
+        // are refused as appends refuse them: the import does not encrypt.
+        if let Err(Error::InvalidArgument(why)) =
+            factum::validate_batch(&imported.stream_id, std::slice::from_ref(&imported.event))
+        {
+            return Err(Staging::Refused(Error::InvalidArgument(format!(
+                "input event #{}: {why} (the import stores payloads as given and does not encrypt them: write such events with `append` on a store with a shredder); nothing of chunk {number} was stored",
+                first + i as u64
+            ))));
+        }
+        if i32::try_from(imported.event.schema_version).is_err() {
+            return Err(Staging::Refused(Error::InvalidArgument(format!(
+                "input event #{} ({id}) has schema version {}, above PostgreSQL's integer range",
+                first + i as u64,
+                imported.event.schema_version
+            ))));
+        }
+        if imported
+            .version
+            .is_some_and(|v| v == StreamVersion::INITIAL)
+        {
+            return Err(Staging::Refused(Error::InvalidArgument(format!(
+                "input event #{} ({id}) asks for version 0 of stream `{}`: versions start at 1",
+                first + i as u64,
+                imported.stream_id
+            ))));
+        }
+        ids.push(id);
+    }
+    let mut staged = Staged {
+        events,
+        first,
+        number,
+        ids,
+        index_of,
+        stored: Vec::new(),
+        tails: Vec::new(),
+        ends: Vec::new(),
+        look_again: false,
+    };
+    // The rows' columns after the version are encoded while the database looks the ids up.
+    let lookup = stored_ids(&pool, &lookup, &staged.ids);
+    let encode = async {
+        let mut tails = Vec::with_capacity(staged.events.len() * 420);
+        let mut ends = Vec::with_capacity(staged.events.len());
+        for (i, imported) in staged.events.iter().enumerate() {
+            encode_tail(&mut tails, imported).map_err(|e| (i, e))?;
+            ends.push(tails.len());
+        }
+        Ok::<_, (usize, String)>((tails, ends))
+    };
+    let (stored, encoded) = futures_util::future::join(lookup, encode).await;
+    let (tails, ends) = encoded.map_err(|(i, e)| {
+        Staging::Refused(Error::InvalidArgument(format!(
+            "input event #{} ({}): {e}; nothing of chunk {number} was stored",
+            first + i as u64,
+            staged.ids[i]
+        )))
+    })?;
+    staged.stored = stored.map_err(|e| Staging::Refused(staged.failed(e, String::new())))?;
+    staged.tails = tails;
+    staged.ends = ends;
+    Ok(staged)
 }
 
 fn position(p: i64) -> GlobalPosition {

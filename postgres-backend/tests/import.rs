@@ -13,7 +13,7 @@ use factum::{
 use factum_postgres::{ImportOptions, ImportProgress, ImportedEvent, PostgresStore};
 use factum_testkit::conformance::verify_log;
 use factum_testkit::postgres::TestDatabase;
-use futures_util::stream;
+use futures_util::{StreamExt, stream};
 
 async fn bounded<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(180), f)
@@ -412,6 +412,68 @@ async fn duplicates_closed_streams_and_wrong_versions_are_refused_and_store_noth
             (2, 1, 0)
         );
         assert_eq!(store.stream_version(&live).await.expect("v").get(), 4);
+    })
+    .await;
+}
+
+/// An id in a chunk that the chunk before it stores: the next chunk is looked up while that one
+/// is still being stored (pipelined), so it must look again rather than miss it. The same event
+/// again is skipped; another event under the id is refused, and the chunk before it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_stored_by_the_chunk_before_is_judged_like_any_stored_id() {
+    bounded(async {
+        let db = TestDatabase::create().await;
+        let store = db.store();
+        let at = |stream: &StreamId, n: u64, event: NewEvent| {
+            ImportedEvent::new(stream.clone(), event, recorded_at(n))
+        };
+        let a = stream_id("ledger-a");
+        let (e1, e2, e3) = (raw(r#"{"n":1}"#), raw(r#"{"n":2}"#), raw(r#"{"n":3}"#));
+        // Chunks of two: [e1, e2] then [e2 again, e3].
+        let (report, progress) = import_all(
+            &store,
+            vec![
+                at(&a, 0, e1.clone()),
+                at(&a, 1, e2.clone()),
+                at(&a, 1, e2.clone()),
+                at(&a, 2, e3.clone()),
+            ],
+            2,
+        )
+        .await
+        .expect("the repeat is skipped");
+        assert_eq!((report.imported, report.skipped, report.chunks), (3, 1, 2));
+        assert_eq!(progress.len(), 2);
+        let versions: Vec<(EventId, u64)> = store
+            .read_stream(&a, StreamVersion::INITIAL)
+            .map(|e| {
+                let e = e.expect("event");
+                (e.event_id, e.stream_version.get())
+            })
+            .collect::<Vec<_>>()
+            .await;
+        assert_eq!(
+            versions,
+            [(e1.event_id, 1), (e2.event_id, 2), (e3.event_id, 3)]
+        );
+
+        // [f1, f2] then [f2 with another payload]: the second chunk is refused by name.
+        let b = stream_id("ledger-b");
+        let (f1, f2) = (raw(r#"{"n":1}"#), raw(r#"{"n":2}"#));
+        let mut changed = raw(r#"{"n":99}"#);
+        changed.event_id = f2.event_id;
+        let error = import_all(
+            &store,
+            vec![at(&b, 0, f1), at(&b, 1, f2.clone()), at(&b, 2, changed)],
+            2,
+        )
+        .await
+        .expect_err("another event under a stored id");
+        assert!(
+            matches!(&error, Error::DuplicateEventId { event_id, .. } if *event_id == f2.event_id),
+            "{error:?}"
+        );
+        assert_eq!(store.stream_version(&b).await.expect("v").get(), 2);
     })
     .await;
 }
