@@ -3,10 +3,13 @@
 //! added delay).
 //!
 //! No background task: the caller whose append finds a free statement slot runs it itself; when
-//! a statement returns, the caller that ran it takes the next group from the queue and hands it
-//! to one of its members, which runs it as the group's leader and replies to the others. A
-//! leader whose caller is cancelled drops the others' reply channels; they then treat the
-//! statement as an unknown outcome and settle it by event id, like a lost connection.
+//! a statement returns, its slot goes to the oldest waiting append, which leads the next group:
+//! it lets the tasks already woken run first (one yield, no timer), then gathers what is waiting
+//! at that moment (the appends of the statement that just returned are back by then, so a
+//! closed loop of clients does not split into alternating halves), runs the statement and
+//! replies to the others. A leader whose caller is cancelled before it gathers frees the slot
+//! for the next one; after it gathers, it drops the others' reply channels, and they then treat
+//! the statement as an unknown outcome and settle it by event id, like a lost connection.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -42,16 +45,10 @@ pub(crate) struct Waiting {
 pub(crate) enum Reply {
     /// Its statement ran (alone or in a group): the outcome.
     Done(Tried),
-    /// It leads a group: run the statement for itself and the others, then reply to them.
-    Lead(Lead),
-}
-
-/// A group handed to its leader, with the statement slot it holds: dropped unused (its leader's
-/// caller cancelled before it looked), it still frees the slot, and the others then see their
-/// reply channels closed.
-pub(crate) struct Lead {
-    pub(crate) others: Vec<Waiting>,
-    pub(crate) slot: Slot,
+    /// It leads the next group: gather the others ([`Queue::gather`]), run the statement for
+    /// itself and them, then reply to them. The slot is the statement slot it holds: dropped
+    /// unused (its caller cancelled), it frees the slot for the next waiting append.
+    Lead(Slot),
 }
 
 /// Where [`Queue::enter`] put an append.
@@ -84,12 +81,12 @@ impl Queue {
     pub(crate) fn enter(&self, prepared: &Arc<Prepared>) -> Entry {
         let stream = &prepared.request.stream;
         let mut state = self.lock();
-        let idle = !state.busy.contains(stream)
-            && !state
-                .waiting
-                .iter()
-                .any(|w| &w.prepared.request.stream == stream);
-        if idle && state.in_flight < self.max_in_flight {
+        // A free slot goes to a newcomer only when nobody waits: the waiting ones get the slots
+        // as statements return, so none is overtaken.
+        if state.waiting.is_empty()
+            && state.in_flight < self.max_in_flight
+            && !state.busy.contains(stream)
+        {
             state.in_flight += 1;
             state.busy.insert(stream.clone());
             return Entry::Now;
@@ -102,53 +99,53 @@ impl Queue {
         Entry::Queued(receive)
     }
 
-    /// Ends the statement for `streams`, and hands the slots that frees to the next groups.
+    /// Ends the statement for `streams`, and hands the slots that frees to leaders of the next
+    /// groups: as many as the waiting appends need (a group holds up to `max_batch`).
     fn finish(self: &Arc<Self>, streams: &[StreamId]) {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         state.in_flight -= 1;
         for stream in streams {
             state.busy.remove(stream);
         }
-        while state.in_flight < self.max_in_flight {
-            let mut group = self.take_group(&mut state);
-            if group.is_empty() {
+        state.waiting.retain(|w| !w.reply.is_closed());
+        let mut groups = state.waiting.len().div_ceil(self.max_batch);
+        while groups > 0 && state.in_flight < self.max_in_flight {
+            let Some(at) = state
+                .waiting
+                .iter()
+                .position(|w| !state.busy.contains(&w.prepared.request.stream))
+            else {
                 return;
-            }
-            // The first member still waiting leads; the others are its group.
-            loop {
-                if group.is_empty() {
+            };
+            let Some(leader) = state.waiting.remove(at) else {
+                return;
+            };
+            let stream = leader.prepared.request.stream.clone();
+            state.in_flight += 1;
+            state.busy.insert(stream.clone());
+            match leader.reply.send(Reply::Lead(Slot::new(self, vec![stream.clone()]))) {
+                Ok(()) => groups -= 1,
+                // Its caller is gone (cancelled): its append is not run. The slot is accounted
+                // for here, under the lock: it must not release itself.
+                Err(Reply::Lead(slot)) => {
+                    slot.disarm();
                     state.in_flight -= 1;
-                    break;
+                    state.busy.remove(&stream);
                 }
-                let leader = group.remove(0);
-                let streams = std::iter::once(&leader)
-                    .chain(&group)
-                    .map(|w| w.prepared.request.stream.clone())
-                    .collect();
-                let lead = Lead {
-                    others: group,
-                    slot: Slot::new(self, streams),
-                };
-                match leader.reply.send(Reply::Lead(lead)) {
-                    Ok(()) => break,
-                    // Its caller is gone (cancelled): its append is not run. The slot is
-                    // accounted for here, under the lock: it must not release itself.
-                    Err(Reply::Lead(Lead { others, slot })) => {
-                        slot.disarm();
-                        state.busy.remove(&leader.prepared.request.stream);
-                        group = others;
-                    }
-                    Err(Reply::Done(_)) => unreachable!("a lead was sent"),
-                }
+                Err(Reply::Done(_)) => unreachable!("a lead was sent"),
             }
         }
     }
 
-    /// The next group: the oldest waiting appends whose streams are idle, one per stream and
-    /// idempotency key, at most `max_batch`; it takes their slot and marks their streams busy.
-    fn take_group(&self, state: &mut State) -> Vec<Waiting> {
+    /// The others of the group `own` leads on `slot`: the oldest waiting appends whose streams
+    /// are idle, one per stream and idempotency key, at most `max_batch` with `own`; their
+    /// streams are marked busy and released with the slot.
+    pub(crate) fn gather(&self, slot: &mut Slot, own: &Prepared) -> Vec<Waiting> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let mut group = Vec::new();
-        let mut keys: HashSet<IdempotencyKey> = HashSet::new();
+        let mut keys: HashSet<IdempotencyKey> = own.request.idempotency_key.iter().cloned().collect();
         let mut kept = VecDeque::with_capacity(state.waiting.len());
         while let Some(waiting) = state.waiting.pop_front() {
             if waiting.reply.is_closed() {
@@ -160,8 +157,10 @@ impl Queue {
                 .idempotency_key
                 .as_ref()
                 .is_none_or(|k| !keys.contains(k));
-            if group.len() < self.max_batch && !state.busy.contains(&request.stream) && key_free {
+            if group.len() + 1 < self.max_batch && !state.busy.contains(&request.stream) && key_free
+            {
                 state.busy.insert(request.stream.clone());
+                slot.streams.push(request.stream.clone());
                 if let Some(key) = &request.idempotency_key {
                     keys.insert(key.clone());
                 }
@@ -171,9 +170,6 @@ impl Queue {
             }
         }
         state.waiting = kept;
-        if !group.is_empty() {
-            state.in_flight += 1;
-        }
         group
     }
 }
@@ -268,16 +264,24 @@ mod tests {
         Slot::new(queue, vec![p.request.stream.clone()])
     }
 
-    /// The group handed to this waiter, with the other members' streams.
-    fn lead(receive: &mut oneshot::Receiver<Reply>) -> (Vec<String>, Lead) {
+    /// The slot handed to this waiter, and the group it gathers: the other members' streams.
+    fn lead(
+        queue: &Arc<Queue>,
+        receive: &mut oneshot::Receiver<Reply>,
+        own: &str,
+    ) -> (Vec<String>, Vec<Waiting>, Slot) {
         match receive.try_recv() {
-            Ok(Reply::Lead(lead)) => (
-                lead.others
-                    .iter()
-                    .map(|w| w.prepared.request.stream.as_str().to_owned())
-                    .collect(),
-                lead,
-            ),
+            Ok(Reply::Lead(mut slot)) => {
+                let others = queue.gather(&mut slot, &prepared(own, None));
+                (
+                    others
+                        .iter()
+                        .map(|w| w.prepared.request.stream.as_str().to_owned())
+                        .collect(),
+                    others,
+                    slot,
+                )
+            }
             Ok(Reply::Done(_)) => panic!("expected to lead, was answered"),
             Err(e) => panic!("expected to lead: {e:?}"),
         }
@@ -294,19 +298,36 @@ mod tests {
         // The first statement returns: the oldest waiting request leads a group of the others
         // (the second `s-a` request among them: its stream's earlier append is done).
         drop(first);
-        let (others, group) = lead(&mut b);
-        assert_eq!(others, ["s-a", "s-c"]);
         assert!(a2.try_recv().is_err() && c.try_recv().is_err());
+        // Appends that arrive before the leader gathers join its group.
+        let _e = queued(queue.enter(&prepared("s-e", None)));
+        let (others, group, slot) = lead(&queue, &mut b, "s-b");
+        assert_eq!(others, ["s-a", "s-c", "s-e"]);
         // While that group is in flight, another `s-a` request waits for the next statement.
         let mut a3 = queued(queue.enter(&prepared("s-a", None)));
         let mut d = queued(queue.enter(&prepared("s-d", None)));
         drop(group);
-        let (others, next) = lead(&mut a3);
+        drop(slot);
+        let (others, _group, next) = lead(&queue, &mut a3, "s-a");
         assert_eq!(others, ["s-d"]);
         assert!(d.try_recv().is_err());
         drop(next);
         // All done: the next append goes out at once.
         drop(now(&queue, "s-a"));
+    }
+
+    #[test]
+    fn a_newcomer_never_overtakes_waiting_appends() {
+        let queue = Arc::new(Queue::new(64, 2));
+        let first = now(&queue, "s-1");
+        let second = now(&queue, "s-2");
+        let mut waiting = queued(queue.enter(&prepared("s-3", None)));
+        drop(first);
+        // A slot is free, but it went to the waiting append: a newcomer queues behind it.
+        let _late = queued(queue.enter(&prepared("s-4", None)));
+        let (others, _group, _slot) = lead(&queue, &mut waiting, "s-3");
+        assert_eq!(others, ["s-4"]);
+        drop(second);
     }
 
     #[test]
@@ -321,42 +342,51 @@ mod tests {
         drop(cancelled);
         drop(first);
         // Leader `s-k1`; `s-k2` has the same key, so it waits; the cap is 3 requests.
-        let (others, group) = lead(&mut k1);
-        assert_eq!(others, ["s-y", "s-z"]);
+        let mut slot = match k1.try_recv() {
+            Ok(Reply::Lead(slot)) => slot,
+            _ => panic!("expected to lead"),
+        };
+        let others = queue.gather(&mut slot, &prepared("s-k1", Some("key")));
+        let streams: Vec<&str> = others
+            .iter()
+            .map(|w| w.prepared.request.stream.as_str())
+            .collect();
+        assert_eq!(streams, ["s-y", "s-z"]);
         assert!(k2.try_recv().is_err() && y.try_recv().is_err() && z.try_recv().is_err());
-        drop(group);
-        let (others, _alone) = lead(&mut k2);
+        drop(others);
+        drop(slot);
+        let (others, _group, _alone) = lead(&queue, &mut k2, "s-k2");
         assert!(others.is_empty());
     }
 
     #[test]
-    fn a_leader_that_is_gone_hands_the_group_on() {
+    fn a_leader_that_is_gone_hands_the_slot_on() {
         let queue = Arc::new(Queue::new(64, 1));
         let first = now(&queue, "s-1");
         let gone = queued(queue.enter(&prepared("s-2", None)));
         let mut next = queued(queue.enter(&prepared("s-3", None)));
         let mut last = queued(queue.enter(&prepared("s-4", None)));
-        // Cancelled after it was queued but before the slot frees: the group skips it.
+        // Cancelled after it was queued but before the slot frees: the slot skips it.
         drop(gone);
         drop(first);
-        let (others, _group) = lead(&mut next);
+        let (others, _group, _slot) = lead(&queue, &mut next, "s-3");
         assert_eq!(others, ["s-4"]);
         assert!(last.try_recv().is_err());
     }
 
     #[test]
-    fn a_lead_dropped_unread_frees_the_slot_and_closes_the_others() {
+    fn a_lead_dropped_unread_frees_the_slot_for_the_next() {
         let queue = Arc::new(Queue::new(64, 1));
         let first = now(&queue, "s-1");
         let leader = queued(queue.enter(&prepared("s-2", None)));
         let mut member = queued(queue.enter(&prepared("s-3", None)));
         drop(first);
-        // The leader's caller is cancelled after the lead was sent, before it read it.
+        // The leader's caller is cancelled after the slot was sent, before it gathered: the
+        // next waiting append leads instead, and nothing is lost.
         drop(leader);
-        assert!(
-            matches!(member.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
-            "the member learns its statement will not run as planned"
-        );
+        let (others, _group, slot) = lead(&queue, &mut member, "s-3");
+        assert!(others.is_empty());
+        drop(slot);
         // The slot and the streams are free again.
         drop(now(&queue, "s-2"));
         drop(now(&queue, "s-3"));

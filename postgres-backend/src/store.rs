@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::config::{PoolConfig, StoreOptions};
 use crate::error::{Failure, Op, RestoreRepairNeeded, classify, to_error};
-use crate::group::{self, Entry, Lead, Queue, Reply, Shared, Slot, Waiting};
+use crate::group::{self, Entry, Queue, Reply, Shared, Slot, Waiting};
 use crate::migrate::{latest_version, migrate};
 use crate::schema::SchemaName;
 
@@ -480,7 +480,13 @@ impl PostgresStore {
             }
             Entry::Queued(reply) => match reply.await {
                 Ok(Reply::Done(tried)) => tried,
-                Ok(Reply::Lead(lead)) => self.lead(prepared, lead).await,
+                Ok(Reply::Lead(mut slot)) => {
+                    // The appends woken with the statement that freed the slot run first and
+                    // queue again, so the group gathers them too.
+                    tokio::task::yield_now().await;
+                    let others = queue.gather(&mut slot, prepared);
+                    self.lead(prepared, others, slot).await
+                }
                 Err(_) => Tried::Unknown(group::leader_gone()),
             },
         }
@@ -499,15 +505,7 @@ impl PostgresStore {
     /// deadlock, a unique violation, a payload it refused) stored nothing, so every member then
     /// runs its own statement, concurrently, and gets its own verdict; one whose outcome is
     /// unknown leaves every member's outcome unknown, each settled by its own event ids.
-    async fn lead(&self, own: &Arc<Prepared>, lead: Lead) -> Tried {
-        let Lead {
-            others,
-            slot: _slot,
-        } = lead;
-        let others: Vec<Waiting> = others
-            .into_iter()
-            .filter(|w| !w.reply.is_closed())
-            .collect();
+    async fn lead(&self, own: &Arc<Prepared>, others: Vec<Waiting>, _slot: Slot) -> Tried {
         if others.is_empty() {
             return self.alone(own).await;
         }

@@ -813,15 +813,21 @@ async fn main() {
         factum_appends(&store, 4, 20, "warm").await;
         factum_commands(&repo, 4, 20, "warm").await;
         factum_commands(&cached, 4, 20, "warmc").await;
+        let grouped = db.store_with(
+            factum_postgres::StoreOptions::default()
+                .with_group_commit(factum_postgres::GroupCommit::enabled()),
+        );
+        factum_appends(&grouped, 4, 20, "warmg").await;
         let per = (n(400.0) / 10).max(1) * 10;
         let ops = 16 * per;
-        let mut figures: [Vec<[f64; 3]>; 4] = Default::default();
+        let mut figures: [Vec<[f64; 3]>; 5] = Default::default();
         for run in 0..3 {
             let t = |what: &str| format!("w{what}{run}");
             figures[0].push(with_cpus(ops, raw_inserts(&pool, 16, per, &t("raw"))).await);
             figures[1].push(with_cpus(ops, factum_appends(&store, 16, per, &t("app"))).await);
             figures[2].push(with_cpus(ops, factum_commands(&repo, 16, per, &t("cmd"))).await);
             figures[3].push(with_cpus(ops, factum_commands(&cached, 16, per, &t("cch"))).await);
+            figures[4].push(with_cpus(ops, factum_appends(&grouped, 16, per, &t("grp"))).await);
         }
         println!(
             "| 16 clients (median of 3) | ops/s | client CPU per op | server CPU per op | wall time per op and client |"
@@ -832,6 +838,7 @@ async fn main() {
             "1-event appends",
             "uncached commands",
             "cached commands",
+            "1-event appends, group commit on",
         ]
         .into_iter()
         .zip(&figures)
