@@ -124,7 +124,10 @@ impl Queue {
             let stream = leader.prepared.request.stream.clone();
             state.in_flight += 1;
             state.busy.insert(stream.clone());
-            match leader.reply.send(Reply::Lead(Slot::new(self, vec![stream.clone()]))) {
+            match leader
+                .reply
+                .send(Reply::Lead(Slot::new(self, vec![stream.clone()])))
+            {
                 Ok(()) => groups -= 1,
                 // Its caller is gone (cancelled): its append is not run. The slot is accounted
                 // for here, under the lock: it must not release itself.
@@ -145,7 +148,8 @@ impl Queue {
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut group = Vec::new();
-        let mut keys: HashSet<IdempotencyKey> = own.request.idempotency_key.iter().cloned().collect();
+        let mut keys: HashSet<IdempotencyKey> =
+            own.request.idempotency_key.iter().cloned().collect();
         let mut kept = VecDeque::with_capacity(state.waiting.len());
         while let Some(waiting) = state.waiting.pop_front() {
             if waiting.reply.is_closed() {

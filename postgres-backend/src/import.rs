@@ -326,6 +326,8 @@ impl PostgresStore {
     /// The input is read in chunks of [`ImportOptions::chunk_size`] events, each one
     /// transaction, committed in input order; global positions follow the input order, so give
     /// the events in the legacy system's global order (each stream's events in stream order).
+    /// While a chunk is stored, the next one is read, checked and its ids looked up (on a second
+    /// connection of the pool), so an import uses two connections at once.
     /// Per chunk:
     /// * **Stream versions** continue each stream's current version, in input order, without
     ///   gaps (an event given [`at_version`](ImportedEvent::at_version) must land there, else

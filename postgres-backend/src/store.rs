@@ -1475,8 +1475,6 @@ impl Sql {
                 format!("NOT EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY($4::uuid[]))")
             }
         };
-        // A keyed append also requires the key to be new, and records it from the inserted rows
-        // in the same statement (a data-modifying CTE runs whether or not the query reads it).
         // A keyed append also requires the key to be new, and records it (with the version before
         // the batch and its size, both known from the bump) in the same statement: a
         // data-modifying CTE runs whether or not the query reads it.
