@@ -239,8 +239,13 @@ async fn a_runner_killed_repeatedly_mid_batch_ends_equal_to_a_fold_of_the_events
                 .batch_size(250)
                 .standby_poll(Duration::from_millis(10));
             let task = tokio::spawn(async move { runner.catch_up().await });
-            tokio::time::sleep(Duration::from_millis(20 + rng.below(120))).await;
-            task.abort();
+            if kills < 20 {
+                // After 20 kills the runner is let finish: how far one gets before its kill
+                // depends on the machine (a TLS handshake per new connection in a debug build
+                // takes most of the window).
+                tokio::time::sleep(Duration::from_millis(20 + rng.below(120))).await;
+                task.abort();
+            }
             match task.await {
                 Ok(result) => {
                     result.expect("catch up");
