@@ -2,7 +2,7 @@
 //!
 //! An event store outlives every version of the code that writes it. Keep a folder of sample
 //! payloads, one file per stored (wire name, schema version) and payload shape, exported from a
-//! real database ([`export`], feature `postgres`), and check in a test that the current code
+//! real database (`export`, feature `postgres`), and check in a test that the current code
 //! still decodes and upcasts every one of them:
 //!
 //! ```
@@ -25,7 +25,7 @@
 //!   store holds ([`CompatibilityCheck::expect_stored`]) that has no sample.
 //!
 //! # The sample files
-//! One JSON object per file, as [`export`] writes it:
+//! One JSON object per file, as `export` (feature `postgres`) writes it:
 //!
 //! ```json
 //! {
@@ -508,7 +508,7 @@ fn sample_file_name(event_type: &str, version: u32, payload: &serde_json::Value)
     format!("{name}.v{version}.{:08x}.json", hash >> 32)
 }
 
-/// What an [`export`] did.
+/// What an `export` (feature `postgres`) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Exported {
