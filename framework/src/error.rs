@@ -363,6 +363,18 @@ impl<E> CommandError<E> {
     }
 }
 
+/// An error with its causes, `: `-separated (for a dead letter, a status, a health detail).
+pub(crate) fn render(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,6 +143,7 @@ impl Readiness {
         let (ok, state) = match &status.state {
             RelayState::Running => (true, "publishing".to_owned()),
             RelayState::Retrying(why) => (false, format!("retrying: {why}")),
+            RelayState::Failed(why) => (false, format!("failed: {why}")),
         };
         let detail = format!(
             "{state}, {} published, {} duplicates, {} retries",
@@ -464,6 +465,10 @@ mod tests {
                 .detail
                 .starts_with("retrying: connection refused")
         );
+        relay.state = RelayState::Failed("event 7 holds personal fields".into());
+        let ready = Readiness::new().relay("orders.relay", &relay);
+        assert!(!ready.is_ready());
+        assert!(ready.checks()[0].detail.starts_with("failed: event 7"));
     }
 
     #[tokio::test]

@@ -4,8 +4,10 @@
 use std::time::Duration;
 
 use factum::bus::{
-    Bus, BusConsumer, ConsumerConfig, InProcessBus, PublicEvents, Relay, ServiceName, StreamConfig,
+    Bus, BusConsumer, ConsumerConfig, InProcessBus, PublicEvents, Relay, RelayState, ServiceName,
+    StreamConfig,
 };
+use factum::health::Readiness;
 use factum::subscription::Subscription;
 use factum::{
     AppendRequest, Envelope, EventMetadata, EventStore, InMemoryStore, NewEvent, StreamId,
@@ -119,6 +121,11 @@ async fn a_subject_no_stream_captures_stops_the_relay_naming_the_event() {
         "{err:?}"
     );
     assert_eq!(relay.status().borrow().published, 0);
+    let state = relay.status().borrow().state.clone();
+    assert!(
+        matches!(&state, RelayState::Failed(why) if why.contains("no stream captures subject")),
+        "{state:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,6 +167,18 @@ async fn an_event_holding_personal_fields_is_not_published() {
     assert!(text.contains("holds personal fields"), "{text}");
     assert!(text.contains(&stored.event_id.to_string()), "{text}");
     assert_eq!(relay.status().borrow().published, 0);
+    // Its health says so (a relay that stopped is not ready), naming the event.
+    let state = relay.status().borrow().state.clone();
+    assert!(
+        matches!(&state, RelayState::Failed(why)
+            if why.contains(&stored.event_id.to_string()) && why.contains("personal")),
+        "{state:?}"
+    );
+    assert!(
+        !Readiness::new()
+            .relay("orders", &relay.status().borrow())
+            .is_ready()
+    );
     let mut consumer = bus
         .consumer(&ConsumerConfig::new("ORDERS", "check"))
         .await

@@ -726,7 +726,8 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
                         return Err(error);
                     }
                     tracing::error!(consumer = %name, %error, "parking a message that keeps failing");
-                    let parked = ParkedMessage::new(&name, delivery, render(&error), attempts);
+                    let parked =
+                        ParkedMessage::new(&name, delivery, crate::error::render(&error), attempts);
                     if !self.park(parked, stop).await? {
                         return Ok(Outcome::Stopped);
                     }
@@ -778,16 +779,4 @@ fn handler_error(consumer: &str, message: &BusMessage, attempts: u32, source: Bo
         attempts,
         source,
     }
-}
-
-/// An error with its causes, for a dead letter.
-fn render(error: &Error) -> String {
-    let mut out = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }

@@ -231,6 +231,11 @@ pub enum RelayState {
     /// batch again with backoff (100 ms doubling to 10 s) until the broker takes it. The message
     /// says why.
     Retrying(String),
+    /// Its last batch failed with an error that waiting does not cure: an event it cannot map
+    /// or must not publish (personal fields, a subject no stream captures), or a broker refusal.
+    /// The subscription running it then parks the event or stops, by its policy; a later batch
+    /// published sets it back to [`Running`](Self::Running). The message says what and where.
+    Failed(String),
 }
 
 /// A relay's health, published as it runs ([`Relay::status`]). Its lag (events and seconds
@@ -367,6 +372,31 @@ impl<B: Bus> Relay<B> {
     }
 }
 
+impl<B> Relay<B> {
+    /// A batch that failed as a whole (the broker refused it): the state says so.
+    fn failed(&self, error: BoxError) -> BatchFailure {
+        let why = crate::error::render(&*error);
+        self.status
+            .send_modify(|s| s.state = RelayState::Failed(why));
+        BatchFailure::somewhere(error)
+    }
+
+    /// Event `i` of the batch cannot be published: the state names it.
+    fn failed_at(&self, i: usize, event: &RecordedEvent, error: BoxError) -> BatchFailure {
+        let why = format!(
+            "event {} ({}, stream `{}`, position {}): {}",
+            event.event_id,
+            event.event_type,
+            event.stream_id,
+            event.position,
+            crate::error::render(&*error)
+        );
+        self.status
+            .send_modify(|s| s.state = RelayState::Failed(why));
+        BatchFailure::at(i, error)
+    }
+}
+
 fn waits_out(error: &Error) -> bool {
     matches!(
         error.kind(),
@@ -391,16 +421,12 @@ impl<B: Bus, Tx: Send + ?Sized> BatchHandler<Tx> for Relay<B> {
                 Err(error) => {
                     // Publish what comes before the event that failed, so the checkpoint can
                     // move up to it.
-                    self.publish(&messages)
-                        .await
-                        .map_err(BatchFailure::somewhere)?;
-                    return Err(BatchFailure::at(i, error));
+                    self.publish(&messages).await.map_err(|e| self.failed(e))?;
+                    return Err(self.failed_at(i, event, error));
                 }
             }
         }
-        self.publish(&messages)
-            .await
-            .map_err(BatchFailure::somewhere)?;
+        self.publish(&messages).await.map_err(|e| self.failed(e))?;
         if skipped > 0 {
             self.status.send_modify(|s| s.skipped += skipped);
         }

@@ -37,8 +37,9 @@ pub fn record_relay_metrics(name: &str, status: &RelayStatus) {
     let current = match status.state {
         RelayState::Running => "running",
         RelayState::Retrying(_) => "retrying",
+        RelayState::Failed(_) => "failed",
     };
-    for state in ["running", "retrying"] {
+    for state in ["running", "retrying", "failed"] {
         metrics::gauge!("factum_relay_state", "relay" => name.clone(), "state" => state)
             .set(if state == current { 1.0 } else { 0.0 });
     }

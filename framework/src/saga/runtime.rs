@@ -606,7 +606,7 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
         let may_pass = error
             .downcast_ref::<Error>()
             .is_some_and(|e| retries_after(e) || e.is_conflict());
-        let rendered = render(&*error);
+        let rendered = crate::error::render(&*error);
         let delay = may_pass
             .then(|| self.options.retry.backoff().nth(attempts as usize - 1))
             .flatten();
@@ -694,7 +694,7 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
                         claimed.key,
                         claimed.name,
                         claimed.due_at,
-                        render(&*error)
+                        crate::error::render(&*error)
                     ),
                 ));
             }
@@ -818,15 +818,4 @@ where
         }
         Ok(())
     }
-}
-
-fn render(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

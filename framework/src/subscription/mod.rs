@@ -881,7 +881,7 @@ impl<S: EventStore, C: TransactionalCheckpoint, L: Lease> Subscription<S, C, L> 
         let parked = ParkedEvent {
             subscription: self.name.clone(),
             event: event.clone(),
-            error: render(&*source),
+            error: crate::error::render(&*source),
             attempts,
             parked_at: Utc::now(),
         };
@@ -974,15 +974,4 @@ impl<F: Future<Output = ()>> Shutdown<F> {
             self.done = true;
         }
     }
-}
-
-fn render(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
