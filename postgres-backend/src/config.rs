@@ -126,13 +126,14 @@ pub struct StoreOptions {
     outcome_check_timeout: Duration,
     read_settle_timeout: Duration,
     group_commit: GroupCommit,
+    batched_reads: BatchedReads,
 }
 
 impl Default for StoreOptions {
     /// Schema `factum`; retries by the default [`Operation::Append`] policy of
     /// [`RetryPolicies`](factum::resilience::RetryPolicies) (5 attempts, 50 ms to 2 s, 10 s in
     /// all); outcome checks for at most 10 s; `read_all` waits at most 250 ms; no group commit
-    /// ([`GroupCommit::default`]).
+    /// ([`GroupCommit::default`]) and no batched reads ([`BatchedReads::default`]).
     fn default() -> Self {
         Self {
             schema: SchemaName::default(),
@@ -141,6 +142,7 @@ impl Default for StoreOptions {
             outcome_check_timeout: Duration::from_secs(10),
             read_settle_timeout: Duration::from_millis(250),
             group_commit: GroupCommit::default(),
+            batched_reads: BatchedReads::default(),
         }
     }
 }
@@ -228,6 +230,19 @@ impl StoreOptions {
     /// How concurrent appends share statements.
     pub fn group_commit(&self) -> GroupCommit {
         self.group_commit
+    }
+
+    /// Whether and how concurrent stream reads (aggregate loads) share statements (default:
+    /// [`BatchedReads::default`], off). See [`BatchedReads`].
+    #[must_use]
+    pub fn with_batched_reads(mut self, batched_reads: BatchedReads) -> Self {
+        self.batched_reads = batched_reads;
+        self
+    }
+
+    /// How concurrent stream reads share statements.
+    pub fn batched_reads(&self) -> BatchedReads {
+        self.batched_reads
     }
 
     /// How long `read_all` waits for transactions in flight when it was called.
@@ -351,6 +366,122 @@ impl GroupCommit {
     }
 
     /// Whether appends are grouped at all.
+    pub fn is_enabled(&self) -> bool {
+        self.max_batch > 1
+    }
+}
+
+/// Batched reads: how a [`PostgresStore`](crate::PostgresStore) combines concurrent stream reads
+/// ([`read_stream_payloads`](factum::EventStore::read_stream_payloads), what a
+/// [`Repository`](factum::Repository) loads an aggregate with) into shared statements. Off by
+/// default ([`BatchedReads::default`]); turn it on with [`StoreOptions::with_batched_reads`] and
+/// [`BatchedReads::enabled`].
+///
+/// The same natural batching as [`GroupCommit`]: while
+/// [`max_in_flight`](Self::max_in_flight) read statements of the store are in flight, further
+/// reads queue, and when one returns the queued ones go out together as one statement, at most
+/// [`max_batch`](Self::max_batch) of them; a read that finds a free slot goes out at once. On a
+/// busy store this turns many index look-ups of one stream each into one statement, which costs
+/// the server far less per stream (the book's PostgreSQL chapter has the measurements,
+/// `FACTUM_BENCH_ONLY=group`).
+///
+/// What a reader sees does not change: each stream's events in version order, from one snapshot
+/// of the database, exactly as its own statement would return them. A statement returns at most
+/// [`rows_per_stream`](Self::rows_per_stream) events of each stream; a longer stream goes on
+/// with a statement of its own from where that left off (a later snapshot, which may hold newer
+/// events: a read of a stream has never promised to stop at the events stored when it began). A
+/// batched statement that fails sends each of its reads to run its own statement, so every
+/// caller gets the error of its own read. Reads of a store with a shredder (`with_shredder`,
+/// feature `personal`), which decrypt every event, are not batched.
+///
+/// ```
+/// use factum_postgres::{BatchedReads, StoreOptions};
+///
+/// let options = StoreOptions::default().with_batched_reads(
+///     BatchedReads::enabled().with_max_batch(32).with_rows_per_stream(64),
+/// );
+/// assert!(options.batched_reads().is_enabled());
+/// assert_eq!(options.batched_reads().max_batch(), 32);
+/// assert_eq!(options.batched_reads().max_in_flight(), 2);
+/// assert_eq!(options.batched_reads().rows_per_stream(), 64);
+///
+/// // The default: one statement per read.
+/// assert!(!StoreOptions::default().batched_reads().is_enabled());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchedReads {
+    max_batch: usize,
+    max_in_flight: usize,
+    rows_per_stream: usize,
+}
+
+impl Default for BatchedReads {
+    /// Off: every read is a statement of its own.
+    fn default() -> Self {
+        Self::disabled()
+    }
+}
+
+impl BatchedReads {
+    /// Off: every read is a statement of its own.
+    pub fn disabled() -> Self {
+        Self {
+            max_batch: 1,
+            max_in_flight: 2,
+            rows_per_stream: 128,
+        }
+    }
+
+    /// On, with at most 64 reads per statement, 2 statements in flight and 128 events of each
+    /// stream per statement. (Fewer statements in flight than group commit's 4: a read does not
+    /// wait for a flush to disk, so reads keep fewer statements busy and need a lower bar to
+    /// start queueing.)
+    pub fn enabled() -> Self {
+        Self {
+            max_batch: 64,
+            ..Self::disabled()
+        }
+    }
+
+    /// At most `reads` per statement (1 turns batched reads off).
+    #[must_use]
+    pub fn with_max_batch(mut self, reads: usize) -> Self {
+        self.max_batch = reads.max(1);
+        self
+    }
+
+    /// At most `statements` batched read statements of the store in flight at once (minimum
+    /// 1); reads beyond them queue and go out together.
+    #[must_use]
+    pub fn with_max_in_flight(mut self, statements: usize) -> Self {
+        self.max_in_flight = statements.max(1);
+        self
+    }
+
+    /// At most `events` of each stream per statement (minimum 1); the rest of a longer stream
+    /// is read by a statement of its own.
+    #[must_use]
+    pub fn with_rows_per_stream(mut self, events: usize) -> Self {
+        self.rows_per_stream = events.max(1);
+        self
+    }
+
+    /// The most reads one statement carries.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// The most read statements in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// The most events of one stream one statement returns.
+    pub fn rows_per_stream(&self) -> usize {
+        self.rows_per_stream
+    }
+
+    /// Whether reads are batched at all.
     pub fn is_enabled(&self) -> bool {
         self.max_batch > 1
     }

@@ -1,15 +1,16 @@
-//! Group commit: appends to other streams that arrive while an append statement is in flight
-//! queue, and go out together as one statement when it returns (natural batching: no timer, no
-//! added delay).
+//! Natural batching of statements: requests that arrive while a statement of their kind is in
+//! flight queue, and go out together as one statement when it returns (no timer, no added
+//! delay). Group commit batches appends; batched reads batch stream reads (loads).
 //!
-//! No background task: the caller whose append finds a free statement slot runs it itself; when
-//! a statement returns, its slot goes to the oldest waiting append, which leads the next group:
-//! it lets the tasks already woken run first (one yield, no timer), then gathers what is waiting
-//! at that moment (the appends of the statement that just returned are back by then, so a
-//! closed loop of clients does not split into alternating halves), runs the statement and
+//! No background task: the caller whose request finds a free statement slot runs it itself;
+//! when a statement returns, its slot goes to the oldest waiting request, which leads the next
+//! group: it lets the tasks already woken run first (one yield, no timer), then gathers what is
+//! waiting at that moment (the requests of the statement that just returned are back by then,
+//! so a closed loop of clients does not split into alternating halves), runs the statement and
 //! replies to the others. A leader whose caller is cancelled before it gathers frees the slot
-//! for the next one; after it gathers, it drops the others' reply channels, and they then treat
-//! the statement as an unknown outcome and settle it by event id, like a lost connection.
+//! for the next one; after it gathers, it drops the others' reply channels: an append then
+//! treats the statement as an unknown outcome and settles it by event id, like a lost
+//! connection; a read runs its own statement.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -17,49 +18,63 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use factum::{BoxError, IdempotencyKey, StreamId};
 use tokio::sync::oneshot;
 
-use crate::store::{Prepared, Tried};
+/// A request that can share a statement with others of its kind.
+pub(crate) trait Member: Send + Sync + 'static {
+    /// What a member whose statement ran receives.
+    type Outcome: Send + 'static;
 
-/// The queue of one store's appends waiting for a statement slot.
-pub(crate) struct Queue {
-    state: Mutex<State>,
+    /// The stream of a request that must be alone for its stream: in at most one statement in
+    /// flight and never twice in one (appends). `None`: any number may share (reads).
+    fn exclusive_stream(&self) -> Option<&StreamId>;
+
+    /// An idempotency key that must not appear twice in one statement.
+    fn key(&self) -> Option<&IdempotencyKey> {
+        None
+    }
+}
+
+/// The queue of one store's requests of one kind waiting for a statement slot.
+pub(crate) struct Queue<M: Member> {
+    state: Mutex<State<M>>,
     max_batch: usize,
     max_in_flight: usize,
 }
 
-struct State {
-    waiting: VecDeque<Waiting>,
-    /// Statements in flight (each of one append or of a group).
+struct State<M: Member> {
+    waiting: VecDeque<Waiting<M>>,
+    /// Statements in flight (each of one request or of a group).
     in_flight: usize,
-    /// The streams of the appends in flight: a stream has at most one append in flight, so two
-    /// requests for one stream are never merged into one statement and keep their order.
+    /// The exclusive streams of the requests in flight: such a stream has at most one request
+    /// in flight, so two appends to one stream are never merged into one statement and keep
+    /// their order.
     busy: HashSet<StreamId>,
 }
 
-/// An append waiting in the queue, with the channel its outcome goes to.
-pub(crate) struct Waiting {
-    pub(crate) prepared: Arc<Prepared>,
-    pub(crate) reply: oneshot::Sender<Reply>,
+/// A request waiting in the queue, with the channel its outcome goes to.
+pub(crate) struct Waiting<M: Member> {
+    pub(crate) member: Arc<M>,
+    pub(crate) reply: oneshot::Sender<Reply<M>>,
 }
 
-/// What a waiting append receives.
-pub(crate) enum Reply {
+/// What a waiting request receives.
+pub(crate) enum Reply<M: Member> {
     /// Its statement ran (alone or in a group): the outcome.
-    Done(Tried),
+    Done(M::Outcome),
     /// It leads the next group: gather the others ([`Queue::gather`]), run the statement for
     /// itself and them, then reply to them. The slot is the statement slot it holds: dropped
-    /// unused (its caller cancelled), it frees the slot for the next waiting append.
-    Lead(Slot),
+    /// unused (its caller cancelled), it frees the slot for the next waiting request.
+    Lead(Slot<M>),
 }
 
-/// Where [`Queue::enter`] put an append.
-pub(crate) enum Entry {
-    /// A slot was free and its stream idle: run the statement now, holding the slot.
-    Now,
+/// Where [`Queue::enter`] put a request.
+pub(crate) enum Entry<M: Member> {
+    /// A slot was free (and its stream idle): run the statement now, holding the slot.
+    Now(Slot<M>),
     /// Queued behind a statement in flight: the reply comes here.
-    Queued(oneshot::Receiver<Reply>),
+    Queued(oneshot::Receiver<Reply<M>>),
 }
 
-impl Queue {
+impl<M: Member> Queue<M> {
     pub(crate) fn new(max_batch: usize, max_in_flight: usize) -> Self {
         Self {
             state: Mutex::new(State {
@@ -72,35 +87,36 @@ impl Queue {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State<M>> {
         // Every critical section leaves the state consistent, so a poisoned lock is usable.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes a slot for `prepared` now, or queues it.
-    pub(crate) fn enter(&self, prepared: &Arc<Prepared>) -> Entry {
-        let stream = &prepared.request.stream;
+    /// Takes a slot for `member` now, or queues it.
+    pub(crate) fn enter(self: &Arc<Self>, member: &Arc<M>) -> Entry<M> {
+        let stream = member.exclusive_stream();
         let mut state = self.lock();
         // A free slot goes to a newcomer only when nobody waits: the waiting ones get the slots
         // as statements return, so none is overtaken.
         if state.waiting.is_empty()
             && state.in_flight < self.max_in_flight
-            && !state.busy.contains(stream)
+            && stream.is_none_or(|s| !state.busy.contains(s))
         {
             state.in_flight += 1;
-            state.busy.insert(stream.clone());
-            return Entry::Now;
+            let streams: Vec<StreamId> = stream.cloned().into_iter().collect();
+            state.busy.extend(streams.iter().cloned());
+            return Entry::Now(Slot::new(self, streams));
         }
         let (reply, receive) = oneshot::channel();
         state.waiting.push_back(Waiting {
-            prepared: Arc::clone(prepared),
+            member: Arc::clone(member),
             reply,
         });
         Entry::Queued(receive)
     }
 
     /// Ends the statement for `streams`, and hands the slots that frees to leaders of the next
-    /// groups: as many as the waiting appends need (a group holds up to `max_batch`).
+    /// groups: as many as the waiting requests need (a group holds up to `max_batch`).
     fn finish(self: &Arc<Self>, streams: &[StreamId]) {
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -111,61 +127,68 @@ impl Queue {
         state.waiting.retain(|w| !w.reply.is_closed());
         let mut groups = state.waiting.len().div_ceil(self.max_batch);
         while groups > 0 && state.in_flight < self.max_in_flight {
-            let Some(at) = state
-                .waiting
-                .iter()
-                .position(|w| !state.busy.contains(&w.prepared.request.stream))
-            else {
+            let Some(at) = state.waiting.iter().position(|w| {
+                w.member
+                    .exclusive_stream()
+                    .is_none_or(|s| !state.busy.contains(s))
+            }) else {
                 return;
             };
             let Some(leader) = state.waiting.remove(at) else {
                 return;
             };
-            let stream = leader.prepared.request.stream.clone();
+            let streams: Vec<StreamId> = leader
+                .member
+                .exclusive_stream()
+                .cloned()
+                .into_iter()
+                .collect();
             state.in_flight += 1;
-            state.busy.insert(stream.clone());
+            state.busy.extend(streams.iter().cloned());
             match leader
                 .reply
-                .send(Reply::Lead(Slot::new(self, vec![stream.clone()])))
+                .send(Reply::Lead(Slot::new(self, streams.clone())))
             {
                 Ok(()) => groups -= 1,
-                // Its caller is gone (cancelled): its append is not run. The slot is accounted
+                // Its caller is gone (cancelled): its request is not run. The slot is accounted
                 // for here, under the lock: it must not release itself.
                 Err(Reply::Lead(slot)) => {
                     slot.disarm();
                     state.in_flight -= 1;
-                    state.busy.remove(&stream);
+                    for stream in &streams {
+                        state.busy.remove(stream);
+                    }
                 }
                 Err(Reply::Done(_)) => unreachable!("a lead was sent"),
             }
         }
     }
 
-    /// The others of the group `own` leads on `slot`: the oldest waiting appends whose streams
-    /// are idle, one per stream and idempotency key, at most `max_batch` with `own`; their
-    /// streams are marked busy and released with the slot.
-    pub(crate) fn gather(&self, slot: &mut Slot, own: &Prepared) -> Vec<Waiting> {
+    /// The others of the group `own` leads on `slot`: the oldest waiting requests whose
+    /// exclusive streams are idle, one per such stream and idempotency key, at most `max_batch`
+    /// with `own`; their streams are marked busy and released with the slot.
+    pub(crate) fn gather(&self, slot: &mut Slot<M>, own: &M) -> Vec<Waiting<M>> {
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut group = Vec::new();
-        let mut keys: HashSet<IdempotencyKey> =
-            own.request.idempotency_key.iter().cloned().collect();
+        let mut keys: HashSet<IdempotencyKey> = own.key().into_iter().cloned().collect();
         let mut kept = VecDeque::with_capacity(state.waiting.len());
         while let Some(waiting) = state.waiting.pop_front() {
             if waiting.reply.is_closed() {
                 // Cancelled while queued: never sent.
                 continue;
             }
-            let request = &waiting.prepared.request;
-            let key_free = request
-                .idempotency_key
-                .as_ref()
-                .is_none_or(|k| !keys.contains(k));
-            if group.len() + 1 < self.max_batch && !state.busy.contains(&request.stream) && key_free
-            {
-                state.busy.insert(request.stream.clone());
-                slot.streams.push(request.stream.clone());
-                if let Some(key) = &request.idempotency_key {
+            let member = &waiting.member;
+            let key_free = member.key().is_none_or(|k| !keys.contains(k));
+            let stream_free = member
+                .exclusive_stream()
+                .is_none_or(|s| !state.busy.contains(s));
+            if group.len() + 1 < self.max_batch && stream_free && key_free {
+                if let Some(stream) = member.exclusive_stream() {
+                    state.busy.insert(stream.clone());
+                    slot.streams.push(stream.clone());
+                }
+                if let Some(key) = member.key() {
                     keys.insert(key.clone());
                 }
                 group.push(waiting);
@@ -180,14 +203,14 @@ impl Queue {
 
 /// A statement slot for some streams: released (and handed on) when dropped, also when the
 /// caller holding it is cancelled mid-statement.
-pub(crate) struct Slot {
-    queue: Option<Arc<Queue>>,
+pub(crate) struct Slot<M: Member> {
+    queue: Option<Arc<Queue<M>>>,
     streams: Vec<StreamId>,
 }
 
-impl Slot {
-    /// The slot a caller took with [`Entry::Now`] (or one for a group being handed on).
-    pub(crate) fn new(queue: &Arc<Queue>, streams: Vec<StreamId>) -> Self {
+impl<M: Member> Slot<M> {
+    /// A slot held for `streams` (taken by [`Queue::enter`] or handed on by a finished one).
+    fn new(queue: &Arc<Queue<M>>, streams: Vec<StreamId>) -> Self {
         Self {
             queue: Some(Arc::clone(queue)),
             streams,
@@ -200,7 +223,7 @@ impl Slot {
     }
 }
 
-impl Drop for Slot {
+impl<M: Member> Drop for Slot<M> {
     fn drop(&mut self) {
         if let Some(queue) = self.queue.take() {
             queue.finish(&self.streams);
@@ -234,7 +257,14 @@ pub(crate) fn leader_gone() -> BoxError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Prepared;
     use factum::{AppendRequest, EventId, NewEvent};
+
+    type Queue = super::Queue<Prepared>;
+    type Slot = super::Slot<Prepared>;
+    type Entry = super::Entry<Prepared>;
+    type Reply = super::Reply<Prepared>;
+    type Waiting = super::Waiting<Prepared>;
 
     fn prepared(stream: &str, key: Option<&str>) -> Arc<Prepared> {
         let event = NewEvent {
@@ -254,18 +284,16 @@ mod tests {
     fn queued(entry: Entry) -> oneshot::Receiver<Reply> {
         match entry {
             Entry::Queued(receive) => receive,
-            Entry::Now => panic!("expected to queue"),
+            Entry::Now(_) => panic!("expected to queue"),
         }
     }
 
     /// Takes the first slot for `stream`, as an append on an idle store does.
     fn now(queue: &Arc<Queue>, stream: &str) -> Slot {
-        let p = prepared(stream, None);
-        assert!(
-            matches!(queue.enter(&p), Entry::Now),
-            "expected a free slot"
-        );
-        Slot::new(queue, vec![p.request.stream.clone()])
+        match queue.enter(&prepared(stream, None)) {
+            Entry::Now(slot) => slot,
+            Entry::Queued(_) => panic!("expected a free slot"),
+        }
     }
 
     /// The slot handed to this waiter, and the group it gathers: the other members' streams.
@@ -280,7 +308,7 @@ mod tests {
                 (
                     others
                         .iter()
-                        .map(|w| w.prepared.request.stream.as_str().to_owned())
+                        .map(|w| w.member.request.stream.as_str().to_owned())
                         .collect(),
                     others,
                     slot,
@@ -353,7 +381,7 @@ mod tests {
         let others = queue.gather(&mut slot, &prepared("s-k1", Some("key")));
         let streams: Vec<&str> = others
             .iter()
-            .map(|w| w.prepared.request.stream.as_str())
+            .map(|w| w.member.request.stream.as_str())
             .collect();
         assert_eq!(streams, ["s-y", "s-z"]);
         assert!(k2.try_recv().is_err() && y.try_recv().is_err() && z.try_recv().is_err());
@@ -376,6 +404,38 @@ mod tests {
         let (others, _group, _slot) = lead(&queue, &mut next, "s-3");
         assert_eq!(others, ["s-4"]);
         assert!(last.try_recv().is_err());
+    }
+
+    #[test]
+    fn reads_of_one_stream_share_a_statement() {
+        use crate::reads::BatchedRead;
+        use factum::StreamVersion;
+        let read = |after: u64| {
+            Arc::new(BatchedRead {
+                stream: StreamId::new("s-r").expect("id"),
+                after: StreamVersion::new(after),
+            })
+        };
+        let queue = Arc::new(super::Queue::<BatchedRead>::new(64, 1));
+        let first = match queue.enter(&read(0)) {
+            super::Entry::Now(slot) => slot,
+            super::Entry::Queued(_) => panic!("expected a free slot"),
+        };
+        // A read does not make its stream busy: more reads of it queue behind the slot, not
+        // behind the stream, and all go out together.
+        let mut leader = match queue.enter(&read(0)) {
+            super::Entry::Queued(receive) => receive,
+            super::Entry::Now(_) => panic!("expected to queue"),
+        };
+        let _second = queue.enter(&read(5));
+        let _third = queue.enter(&read(9));
+        drop(first);
+        let Ok(super::Reply::Lead(mut slot)) = leader.try_recv() else {
+            panic!("expected to lead");
+        };
+        let others = queue.gather(&mut slot, &read(0));
+        let afters: Vec<u64> = others.iter().map(|w| w.member.after.get()).collect();
+        assert_eq!(afters, [5, 9]);
     }
 
     #[test]

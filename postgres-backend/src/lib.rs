@@ -94,6 +94,7 @@ mod maintenance;
 mod migrate;
 mod personal;
 pub mod projection;
+mod reads;
 pub mod replica;
 mod restore;
 pub mod saga;
@@ -105,7 +106,7 @@ mod transaction;
 mod tx;
 
 pub use admin::{ConsumerSummary, MigrationStatus, SnapshotSummary, StreamSummary};
-pub use config::{GroupCommit, PoolConfig, StoreOptions};
+pub use config::{BatchedReads, GroupCommit, PoolConfig, StoreOptions};
 pub use deletion::DeletedStream;
 pub use error::RestoreRepairNeeded;
 pub use import::{ImportOptions, ImportProgress, ImportReport, ImportedEvent};

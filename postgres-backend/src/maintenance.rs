@@ -64,10 +64,11 @@ fn is_partition_name(name: &str) -> bool {
 /// never scanned (migration 0009): `$1` is the stream id. The bound comes from the `streams` row
 /// in the same statement, so PostgreSQL prunes at run time (the plan shows the partitions below
 /// it as never executed); a stream without a row reads every partition.
-pub(crate) fn stream_read_pruning(s: &str) -> String {
+/// `stream` is the SQL that names the stream read (`$1`, or a column).
+pub(crate) fn stream_read_pruning(s: &str, stream: &str) -> String {
     format!(
         "AND global_position >= (SELECT COALESCE(max(first_position), 0) \
-         FROM {s}.streams WHERE stream_id = $1)"
+         FROM {s}.streams WHERE stream_id = {stream})"
     )
 }
 

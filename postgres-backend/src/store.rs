@@ -16,12 +16,14 @@ use factum::{
 };
 use futures_util::StreamExt;
 use sqlx::PgPool;
+use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 use crate::config::{PoolConfig, StoreOptions};
 use crate::error::{Failure, Op, RestoreRepairNeeded, classify, to_error};
-use crate::group::{self, Entry, Queue, Reply, Shared, Slot, Waiting};
+use crate::group::{self, Entry, Member, Queue, Reply, Shared, Slot, Waiting};
 use crate::migrate::{latest_version, migrate};
+use crate::reads::{self, BatchedRead};
 use crate::schema::SchemaName;
 
 /// The PostgreSQL event store and snapshot store.
@@ -43,7 +45,9 @@ struct Inner {
     /// Set once the schema's owner was checked against `options.service()`.
     service_checked: tokio::sync::OnceCell<()>,
     /// The group-commit queue, when group commit is on.
-    group: Option<Arc<Queue>>,
+    group: Option<Arc<Queue<Prepared>>>,
+    /// The batched-reads queue, when batched reads are on.
+    reads: Option<Arc<Queue<BatchedRead>>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -93,6 +97,10 @@ impl PostgresStore {
             let group = options.group_commit();
             Arc::new(Queue::new(group.max_batch(), group.max_in_flight()))
         });
+        let reads = options.batched_reads().is_enabled().then(|| {
+            let reads = options.batched_reads();
+            Arc::new(Queue::new(reads.max_batch(), reads.max_in_flight()))
+        });
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -100,6 +108,7 @@ impl PostgresStore {
                 sql,
                 service_checked: tokio::sync::OnceCell::new(),
                 group,
+                reads,
             }),
             #[cfg(feature = "personal")]
             shredder: None,
@@ -474,10 +483,7 @@ impl PostgresStore {
             return self.alone(prepared).await;
         };
         match queue.enter(prepared) {
-            Entry::Now => {
-                let _slot = Slot::new(queue, vec![prepared.request.stream.clone()]);
-                self.alone(prepared).await
-            }
+            Entry::Now(_slot) => self.alone(prepared).await,
             Entry::Queued(reply) => match reply.await {
                 Ok(Reply::Done(tried)) => tried,
                 Ok(Reply::Lead(mut slot)) => {
@@ -505,12 +511,17 @@ impl PostgresStore {
     /// deadlock, a unique violation, a payload it refused) stored nothing, so every member then
     /// runs its own statement, concurrently, and gets its own verdict; one whose outcome is
     /// unknown leaves every member's outcome unknown, each settled by its own event ids.
-    async fn lead(&self, own: &Arc<Prepared>, others: Vec<Waiting>, _slot: Slot) -> Tried {
+    async fn lead(
+        &self,
+        own: &Arc<Prepared>,
+        others: Vec<Waiting<Prepared>>,
+        _slot: Slot<Prepared>,
+    ) -> Tried {
         if others.is_empty() {
             return self.alone(own).await;
         }
         let members: Vec<&Prepared> = std::iter::once(&**own)
-            .chain(others.iter().map(|w| &*w.prepared))
+            .chain(others.iter().map(|w| &*w.member))
             .collect();
         match self.try_group(&members).await {
             Ok(mut results) => {
@@ -632,6 +643,134 @@ impl PostgresStore {
                 ))
             })
             .collect())
+    }
+
+    /// A stream read in a statement of its own.
+    fn read_payloads_alone<'a>(
+        &'a self,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> PayloadStream<'a> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(self.inner.sql.read_payloads.as_str()))
+            .bind(stream.as_str())
+            .bind(to_i64(after.get()))
+            .fetch(&self.inner.pool);
+        Box::pin(rows.map(move |row| {
+            let row = row.map_err(|e| to_error(e, "read stream"))?;
+            payload_from_row(stream, &row)
+        }))
+    }
+
+    /// A stream read through the batched-reads queue: its rows come from a statement it shares
+    /// with the reads queued with it (at most `rows_per_stream` of them; a longer stream goes on
+    /// alone from there), or, when that statement failed, from a statement of its own.
+    fn batched_read<'a>(
+        &'a self,
+        queue: &'a Arc<Queue<BatchedRead>>,
+        stream: &'a StreamId,
+        after: StreamVersion,
+    ) -> PayloadStream<'a> {
+        let read = async move {
+            let own = Arc::new(BatchedRead {
+                stream: stream.clone(),
+                after,
+            });
+            let limit = self.inner.options.batched_reads().rows_per_stream();
+            let rows = match queue.enter(&own) {
+                Entry::Now(slot) => {
+                    // Nobody waits: the read's own statement, which costs the server less than
+                    // a batch of one.
+                    let rows = sqlx::query(sqlx::AssertSqlSafe(
+                        self.inner.sql.read_payloads_first.as_str(),
+                    ))
+                    .bind(stream.as_str())
+                    .bind(to_i64(after.get()))
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .fetch_all(&self.inner.pool)
+                    .await;
+                    drop(slot);
+                    match rows {
+                        Ok(rows) => Some(rows),
+                        Err(e) => {
+                            let failed: PayloadStream<'a> = Box::pin(futures_util::stream::once(
+                                std::future::ready(Err(to_error(e, "read stream"))),
+                            ));
+                            return failed;
+                        }
+                    }
+                }
+                Entry::Queued(reply) => match reply.await {
+                    Ok(Reply::Done(rows)) => rows,
+                    Ok(Reply::Lead(mut slot)) => {
+                        // As for group commit: the reads woken with the statement that freed
+                        // the slot queue again first, so the batch gathers them too.
+                        tokio::task::yield_now().await;
+                        let others = queue.gather(&mut slot, &own);
+                        self.read_batch(&own, others, slot).await
+                    }
+                    // The leader was cancelled: read alone.
+                    Err(_) => None,
+                },
+            };
+            let Some(rows) = rows else {
+                return self.read_payloads_alone(stream, after);
+            };
+            let rest = match reads::last_version(&rows) {
+                Ok(Some(last)) if rows.len() >= limit => self.read_payloads_alone(stream, last),
+                Ok(_) => Box::pin(futures_util::stream::empty()),
+                Err(e) => Box::pin(futures_util::stream::once(std::future::ready(Err(
+                    to_error(e, "read stream"),
+                )))),
+            };
+            let batch =
+                futures_util::stream::iter(rows).map(move |row| payload_from_row(stream, &row));
+            let events: PayloadStream<'a> = Box::pin(batch.chain(rest));
+            events
+        };
+        Box::pin(futures_util::stream::once(read).flatten())
+    }
+
+    /// Runs the batched read statement for `own` and `others`, replies to the others, and
+    /// returns `own`'s rows; `None` (to everyone) when the statement failed, so that each read
+    /// runs its own statement and meets its own error.
+    async fn read_batch(
+        &self,
+        own: &BatchedRead,
+        others: Vec<Waiting<BatchedRead>>,
+        slot: Slot<BatchedRead>,
+    ) -> Option<Vec<PgRow>> {
+        let members: Vec<&BatchedRead> = std::iter::once(own)
+            .chain(others.iter().map(|w| &*w.member))
+            .collect();
+        let streams: Vec<&str> = members.iter().map(|r| r.stream.as_str()).collect();
+        let afters: Vec<i64> = members.iter().map(|r| to_i64(r.after.get())).collect();
+        let limit = self.inner.options.batched_reads().rows_per_stream();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(self.inner.sql.read_batch.as_str()))
+            .bind(&streams)
+            .bind(&afters)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(streams.len() as i64)
+            .fetch_all(&self.inner.pool)
+            .await
+            .and_then(|rows| reads::split(rows, members.len()));
+        drop(slot);
+        match rows {
+            Ok(each) => {
+                let mut each = each.into_iter();
+                let own = each.next();
+                for (waiting, rows) in others.into_iter().zip(each) {
+                    let _ = waiting.reply.send(Reply::Done(Some(rows)));
+                }
+                own
+            }
+            Err(e) => {
+                tracing::debug!(reads = members.len(), error = %e, "batched read failed; each read runs alone");
+                for waiting in others {
+                    let _ = waiting.reply.send(Reply::Done(None));
+                }
+                None
+            }
+        }
     }
 
     async fn connection(
@@ -929,6 +1068,18 @@ pub(crate) struct Prepared {
     ids: Vec<Uuid>,
     schema_versions: Vec<i32>,
     metadata: Vec<String>,
+}
+
+impl Member for Prepared {
+    type Outcome = Tried;
+
+    fn exclusive_stream(&self) -> Option<&StreamId> {
+        Some(&self.request.stream)
+    }
+
+    fn key(&self) -> Option<&IdempotencyKey> {
+        self.request.idempotency_key.as_ref()
+    }
 }
 
 impl Prepared {
@@ -1278,6 +1429,10 @@ struct Sql {
     append: [AppendSql; 4],
     /// Several requests' appends in one statement (see [`Sql::group`]).
     append_group: String,
+    /// Several stream reads in one statement (see [`reads::statement`]).
+    read_batch: String,
+    /// `read_payloads` with at most $3 rows: a batched read that found nobody to share with.
+    read_payloads_first: String,
     find_ids: String,
     find_key: String,
     expire_keys: String,
@@ -1411,7 +1566,7 @@ impl Sql {
     fn new(schema: &SchemaName) -> Self {
         let s = schema.quoted();
         // Stream reads skip the partitions below the stream's first position.
-        let prune = crate::maintenance::stream_read_pruning(&s);
+        let prune = crate::maintenance::stream_read_pruning(&s, "$1");
         let insert_many = format!(
             "INSERT INTO {s}.events (stream_id, stream_version, event_id, event_type, \
                  schema_version, payload, metadata, correlation_id, causation_id) \
@@ -1500,6 +1655,13 @@ impl Sql {
                 keyed(true, &insert_one),
             ],
             append_group: Self::group(&s),
+            read_batch: reads::statement(&s),
+            read_payloads_first: format!(
+                "SELECT stream_version, event_type, schema_version, payload::text, recorded_at, \
+                 metadata::text, correlation_id, causation_id \
+                 FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 {prune} \
+                 ORDER BY stream_version LIMIT $3"
+            ),
             // The key's batch, as its events are stored (a repeat compares their ids).
             find_key: format!(
                 "SELECT k.stream_id, k.first_version, k.event_count, \
@@ -1617,14 +1779,10 @@ impl EventStore for PostgresStore {
             use futures_util::TryStreamExt as _;
             return Box::pin(self.read_stream(stream, after).map_ok(EventPayload::from));
         }
-        let rows = sqlx::query(sqlx::AssertSqlSafe(self.inner.sql.read_payloads.as_str()))
-            .bind(stream.as_str())
-            .bind(to_i64(after.get()))
-            .fetch(&self.inner.pool);
-        Box::pin(rows.map(move |row| {
-            let row = row.map_err(|e| to_error(e, "read stream"))?;
-            payload_from_row(stream, &row)
-        }))
+        if let Some(queue) = &self.inner.reads {
+            return self.batched_read(queue, stream, after);
+        }
+        self.read_payloads_alone(stream, after)
     }
 
     fn read_stream<'a>(&'a self, stream: &'a StreamId, after: StreamVersion) -> EventStream<'a> {

@@ -83,6 +83,66 @@ async fn raw_inserts(pool: &PgPool, clients: usize, per_client: usize, tag: &str
     .await
 }
 
+/// The raw ceiling of an uncached command: the bank workload's commands done by hand in raw sqlx,
+/// each a read of the account's rows from `raw.events` (the columns a load reads) and a
+/// single-row insert of the next version: the same two statements a command needs, without
+/// the store's guarantees (no version check, no stream row).
+async fn raw_commands(pool: &PgPool, clients: usize, per_client: usize, tag: &str) -> f64 {
+    run_clients(clients, per_client, |c| {
+        let pool = pool.clone();
+        let tag = tag.to_owned();
+        async move {
+            for (k, amount) in bank_workload(per_client, DEPOSITS_PER_ACCOUNT) {
+                let stream = format!("{tag}{c}x{k}");
+                let rows: Vec<(i64, String, i32, String, String)> = sqlx::query_as(
+                    "SELECT stream_version, event_type, schema_version, payload::text, metadata::text \
+                     FROM raw.events WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version",
+                )
+                .bind(&stream)
+                .bind(0i64)
+                .fetch_all(&pool)
+                .await
+                .expect("raw read");
+                // Decoded as a load decodes them: each payload and metadata parsed.
+                let balance: u64 = rows
+                    .iter()
+                    .map(|(_, _, _, payload, metadata)| {
+                        let _: Metadata = serde_json::from_str(metadata).expect("metadata");
+                        serde_json::from_str::<serde_json::Value>(payload).expect("payload")["amount"]
+                            .as_u64()
+                            .unwrap_or(0)
+                    })
+                    .sum();
+                sqlx::query(
+                    "INSERT INTO raw.events (stream_id, stream_version, event_id, event_type, \
+                     schema_version, payload) VALUES ($1, $2, $3, 'account.deposited', 1, $4::jsonb)",
+                )
+                .bind(&stream)
+                .bind(rows.len() as i64 + 1)
+                .bind(Uuid::now_v7())
+                .bind(format!(r#"{{"amount":{},"balance":{}}}"#, amount, balance + amount))
+                .execute(&pool)
+                .await
+                .expect("raw insert");
+            }
+        }
+    })
+    .await
+}
+
+/// Batched reads as the benchmarks use them: the default, or `FACTUM_BENCH_READS_IN_FLIGHT=N`
+/// statements in flight.
+fn batched_reads() -> factum_postgres::BatchedReads {
+    let reads = factum_postgres::BatchedReads::enabled();
+    match std::env::var("FACTUM_BENCH_READS_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(n) => reads.with_max_in_flight(n),
+        None => reads,
+    }
+}
+
 /// Single-event appends with an exact expected version through the store (no load, no decide).
 async fn factum_appends(
     store: &PostgresStore,
@@ -752,49 +812,78 @@ async fn main() {
         let store =
             db.store_with(factum_postgres::StoreOptions::default().with_group_commit(group));
         let repo = Arc::new(Repository::<Account, _>::new(store.clone()));
+        // Group commit and batched reads: both halves of an uncached command batched.
+        let both = db.store_with(
+            factum_postgres::StoreOptions::default()
+                .with_group_commit(group)
+                .with_batched_reads(batched_reads()),
+        );
+        let both_repo = Arc::new(Repository::<Account, _>::new(both.clone()));
         raw_inserts(&pool, 4, 20, "warm").await;
+        raw_commands(&pool, 4, 20, "warmr").await;
         factum_appends(&alone, 4, 20, "warma").await;
         factum_appends(&store, 4, 20, "warmg").await;
         factum_commands(&alone_repo, 4, 20, "warma").await;
         factum_commands(&repo, 4, 20, "warmg").await;
+        factum_commands(&both_repo, 4, 20, "warmb").await;
         header();
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
+        peer_commands(&cqrs, 4, 20, "warmp").await;
+        const ROWS: [(&str, &str); 7] = [
+            ("1-event appends, group commit off", "ev/s"),
+            ("1-event appends, group commit on", "ev/s"),
+            ("raw commands (raw read + raw insert)", "cmd/s"),
+            ("cqrs-es + postgres-es commands", "cmd/s"),
+            ("commands, group commit off", "cmd/s"),
+            ("commands, group commit on", "cmd/s"),
+            ("commands, group commit + batched reads", "cmd/s"),
+        ];
         for (clients, base) in [(1, 1000.0), (16, 400.0)] {
             let per = (n(base) / 10).max(1) * 10;
-            let mut ratios: [Vec<f64>; 4] = Default::default();
-            let mut rates: [Vec<f64>; 5] = Default::default();
+            let mut ratios: [Vec<f64>; ROWS.len()] = Default::default();
+            // Each command row also against the raw commands of the same run.
+            let mut to_raw_commands: [Vec<f64>; ROWS.len()] = Default::default();
+            let mut to_peer: [Vec<f64>; ROWS.len()] = Default::default();
+            let mut rates: [Vec<f64>; ROWS.len() + 1] = Default::default();
             for run in 0..3 {
                 let t = |what: &str| format!("{what}{clients}r{run}");
                 let raw = raw_inserts(&pool, clients, per, &t("raw")).await;
-                let a_off = factum_appends(&alone, clients, per, &t("aoff")).await;
-                let a_on = factum_appends(&store, clients, per, &t("aon")).await;
-                let c_off = factum_commands(&alone_repo, clients, per, &t("coff")).await;
-                let c_on = factum_commands(&repo, clients, per, &t("con")).await;
-                for (i, v) in [raw, a_off, a_on, c_off, c_on].into_iter().enumerate() {
-                    rates[i].push(v);
-                }
-                for (i, v) in [a_off, a_on, c_off, c_on].into_iter().enumerate() {
+                let figures = [
+                    factum_appends(&alone, clients, per, &t("aoff")).await,
+                    factum_appends(&store, clients, per, &t("aon")).await,
+                    raw_commands(&pool, clients, per, &t("rcmd")).await,
+                    peer_commands(&cqrs, clients, per, &t("peer")).await,
+                    factum_commands(&alone_repo, clients, per, &t("coff")).await,
+                    factum_commands(&repo, clients, per, &t("con")).await,
+                    factum_commands(&both_repo, clients, per, &t("cboth")).await,
+                ];
+                rates[0].push(raw);
+                for (i, v) in figures.into_iter().enumerate() {
+                    rates[i + 1].push(v);
                     ratios[i].push(v / raw);
+                    to_raw_commands[i].push(v / figures[2]);
+                    to_peer[i].push(v / figures[3]);
                 }
             }
             let raw = median(&mut rates[0]);
-            for (i, (what, unit)) in [
-                ("1-event appends, group commit off", "ev/s"),
-                ("1-event appends, group commit on", "ev/s"),
-                ("commands, group commit off", "cmd/s"),
-                ("commands, group commit on", "cmd/s"),
-            ]
-            .into_iter()
-            .enumerate()
-            {
+            for (i, (what, unit)) in ROWS.into_iter().enumerate() {
                 let ours = median(&mut rates[i + 1]);
                 let ratio = median(&mut ratios[i]);
                 ratios[i].sort_by(f64::total_cmp);
+                let against_raw_commands = if i > 3 {
+                    format!(
+                        "{:.0}% of raw commands, {:.2}x cqrs-es",
+                        median(&mut to_raw_commands[i]) * 100.0,
+                        median(&mut to_peer[i])
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "| {clients} client(s), {what} (median of 3) | {ours:.0} {unit} | raw inserts: {raw:.0} {unit} | {:.0}% ({:.0}%–{:.0}%) | |",
+                    "| {clients} client(s), {what} (median of 3) | {ours:.0} {unit} | raw inserts: {raw:.0} /s | {:.0}% ({:.0}%–{:.0}%) | {against_raw_commands} |",
                     ratio * 100.0,
                     ratios[i][0] * 100.0,
                     ratios[i][2] * 100.0
@@ -818,9 +907,17 @@ async fn main() {
                 .with_group_commit(factum_postgres::GroupCommit::enabled()),
         );
         factum_appends(&grouped, 4, 20, "warmg").await;
+        let batched = Arc::new(Repository::<Account, _>::new(
+            db.store_with(
+                factum_postgres::StoreOptions::default()
+                    .with_group_commit(factum_postgres::GroupCommit::enabled())
+                    .with_batched_reads(batched_reads()),
+            ),
+        ));
+        factum_commands(&batched, 4, 20, "warmb").await;
         let per = (n(400.0) / 10).max(1) * 10;
         let ops = 16 * per;
-        let mut figures: [Vec<[f64; 3]>; 5] = Default::default();
+        let mut figures: [Vec<[f64; 3]>; 7] = Default::default();
         for run in 0..3 {
             let t = |what: &str| format!("w{what}{run}");
             figures[0].push(with_cpus(ops, raw_inserts(&pool, 16, per, &t("raw"))).await);
@@ -828,6 +925,8 @@ async fn main() {
             figures[2].push(with_cpus(ops, factum_commands(&repo, 16, per, &t("cmd"))).await);
             figures[3].push(with_cpus(ops, factum_commands(&cached, 16, per, &t("cch"))).await);
             figures[4].push(with_cpus(ops, factum_appends(&grouped, 16, per, &t("grp"))).await);
+            figures[5].push(with_cpus(ops, raw_commands(&pool, 16, per, &t("rcm"))).await);
+            figures[6].push(with_cpus(ops, factum_commands(&batched, 16, per, &t("bat"))).await);
         }
         println!(
             "| 16 clients (median of 3) | ops/s | client CPU per op | server CPU per op | wall time per op and client |"
@@ -839,6 +938,8 @@ async fn main() {
             "uncached commands",
             "cached commands",
             "1-event appends, group commit on",
+            "raw commands (raw read + raw insert)",
+            "uncached commands, group commit + batched reads",
         ]
         .into_iter()
         .zip(&figures)
