@@ -44,7 +44,8 @@
 //! arrays. No row back means a conflict or a re-append; the ids are then looked up to apply the
 //! idempotent re-append rule of [`factum::EventStore`]. No sequence value is taken by a
 //! conflicting append. With [`GroupCommit`] (opt-in), concurrent appends to different streams can
-//! share one such statement, each keeping its own checks and outcome.
+//! share one such statement, each keeping its own checks and outcome; with [`BatchedReads`]
+//! (opt-in), concurrent stream reads (aggregate loads) share one read statement.
 //!
 //! Failures are classified once: a transaction the server rolled back (deadlock, serialization
 //! failure, too many connections...) is retried by the store's
