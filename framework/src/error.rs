@@ -363,8 +363,18 @@ impl<E> CommandError<E> {
     }
 }
 
-/// An error with its causes, `: `-separated (for a dead letter, a status, a health detail).
-pub(crate) fn render(error: &(dyn std::error::Error + 'static)) -> String {
+/// An error with its causes, on one line, `: `-separated: what factum writes into dead letters,
+/// statuses and health details, and what a log line or a test failure usually wants.
+///
+/// ```
+/// let error = factum::Error::transient("append", std::io::Error::other("connection refused"));
+/// assert_eq!(
+///     factum::error_chain(&error),
+///     "append failed with a transient backend error; nothing was stored, retrying may succeed: \
+///      connection refused"
+/// );
+/// ```
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

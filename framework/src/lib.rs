@@ -147,7 +147,7 @@ pub mod subscription;
 pub mod telemetry;
 
 pub use aggregate::{Aggregate, Command, Snapshot};
-pub use error::{BoxError, CommandError, Error, ErrorKind};
+pub use error::{BoxError, CommandError, Error, ErrorKind, error_chain};
 pub use event::{
     DecodeError, Decoded, DecodedIter, EncodeError, Envelope, Event, EventMetadata, Metadata,
     NewEvent, RecordedEvent, STREAM_DELETED, Stored, Upcast, decode_json, encode_json,

@@ -691,12 +691,7 @@ impl PostgresStore {
                     drop(slot);
                     match rows {
                         Ok(rows) => Some(rows),
-                        Err(e) => {
-                            let failed: PayloadStream<'a> = Box::pin(futures_util::stream::once(
-                                std::future::ready(Err(to_error(e, "read stream"))),
-                            ));
-                            return failed;
-                        }
+                        Err(e) => return failed_read(e),
                     }
                 }
                 Entry::Queued(reply) => match reply.await {
@@ -718,9 +713,7 @@ impl PostgresStore {
             let rest = match reads::last_version(&rows) {
                 Ok(Some(last)) if rows.len() >= limit => self.read_payloads_alone(stream, last),
                 Ok(_) => Box::pin(futures_util::stream::empty()),
-                Err(e) => Box::pin(futures_util::stream::once(std::future::ready(Err(
-                    to_error(e, "read stream"),
-                )))),
+                Err(e) => failed_read(e),
             };
             let batch =
                 futures_util::stream::iter(rows).map(move |row| payload_from_row(stream, &row));
@@ -1051,6 +1044,13 @@ impl Retries {
         self.count += 1;
         Some(delay)
     }
+}
+
+/// A stream read that failed with `error`: the stream yields it and ends.
+fn failed_read<'a>(error: sqlx::Error) -> PayloadStream<'a> {
+    Box::pin(futures_util::stream::once(std::future::ready(Err(
+        to_error(error, "read stream"),
+    ))))
 }
 
 fn to_i64(v: u64) -> i64 {

@@ -275,7 +275,7 @@ impl CompatibilityCheck<'_> {
                         event_type: sample.event_type.clone(),
                         schema_version: sample.schema_version,
                         decoder: decoder.type_name,
-                        error: error_chain(&error),
+                        error: factum::error_chain(&error),
                     }),
                 }
             }
@@ -336,18 +336,6 @@ impl CompatibilityCheck<'_> {
             Err(incompatible) => panic!("{incompatible}"),
         }
     }
-}
-
-/// The error and every source under it, on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// What a passing check covered.

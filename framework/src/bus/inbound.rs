@@ -727,7 +727,7 @@ impl<B: Bus, I: Inbox> InboundConsumer<B, I> {
                     }
                     tracing::error!(consumer = %name, %error, "parking a message that keeps failing");
                     let parked =
-                        ParkedMessage::new(&name, delivery, crate::error::render(&error), attempts);
+                        ParkedMessage::new(&name, delivery, crate::error_chain(&error), attempts);
                     if !self.park(parked, stop).await? {
                         return Ok(Outcome::Stopped);
                     }

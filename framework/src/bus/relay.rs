@@ -375,7 +375,7 @@ impl<B: Bus> Relay<B> {
 impl<B> Relay<B> {
     /// A batch that failed as a whole (the broker refused it): the state says so.
     fn failed(&self, error: BoxError) -> BatchFailure {
-        let why = crate::error::render(&*error);
+        let why = crate::error_chain(&*error);
         self.status
             .send_modify(|s| s.state = RelayState::Failed(why));
         BatchFailure::somewhere(error)
@@ -389,7 +389,7 @@ impl<B> Relay<B> {
             event.event_type,
             event.stream_id,
             event.position,
-            crate::error::render(&*error)
+            crate::error_chain(&*error)
         );
         self.status
             .send_modify(|s| s.state = RelayState::Failed(why));

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::telemetry::testing::TestRecorder;
 use super::*;
-use crate::{ExpectedVersion, StreamVersion};
+use crate::{ExpectedVersion, StreamVersion, error_chain};
 
 fn stream() -> StreamId {
     StreamId::new("account-1").expect("valid stream id")
@@ -339,18 +339,6 @@ async fn an_unsettled_unknown_outcome_stays_an_unknown_outcome() {
     )
     .await;
     assert!(result.expect_err("conflict").is_conflict());
-}
-
-/// Every message of an error's chain, joined.
-fn error_chain(error: &Error) -> String {
-    let mut chain = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        chain.push_str(" <- ");
-        chain.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    chain
 }
 
 #[tokio::test(start_paused = true)]

@@ -606,7 +606,7 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
         let may_pass = error
             .downcast_ref::<Error>()
             .is_some_and(|e| retries_after(e) || e.is_conflict());
-        let rendered = crate::error::render(&*error);
+        let rendered = crate::error_chain(&*error);
         let delay = may_pass
             .then(|| self.options.retry.backoff().nth(attempts as usize - 1))
             .flatten();
@@ -694,7 +694,7 @@ impl<S: Saga, St: SagaStore> SagaRuntime<S, St> {
                         claimed.key,
                         claimed.name,
                         claimed.due_at,
-                        crate::error::render(&*error)
+                        crate::error_chain(&*error)
                     ),
                 ));
             }

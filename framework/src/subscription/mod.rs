@@ -881,7 +881,7 @@ impl<S: EventStore, C: TransactionalCheckpoint, L: Lease> Subscription<S, C, L> 
         let parked = ParkedEvent {
             subscription: self.name.clone(),
             event: event.clone(),
-            error: crate::error::render(&*source),
+            error: crate::error_chain(&*source),
             attempts,
             parked_at: Utc::now(),
         };

@@ -229,12 +229,7 @@ async fn an_append_whose_outcome_stays_unknown_says_so() {
         .await
         .expect_err("never settled");
     assert_eq!(error.kind(), ErrorKind::UnknownOutcome, "{error}");
-    let mut chain = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        chain = format!("{chain} <- {cause}");
-        source = cause.source();
-    }
+    let chain = crate::error_chain(&error);
     assert!(
         !chain.contains("nothing was stored"),
         "an unknown outcome must not say nothing was stored: {chain}"
